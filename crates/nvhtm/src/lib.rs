@@ -1,0 +1,16 @@
+//! nvhtm: the persistent-memory style of programming in Rust.
+//!
+//! Durable data lives in ordinary in-memory data structures inside a mapped [`pool::Pool`],
+//! made durable through a [`persist::Domain`]: cache-line write-back on persistent memory,
+//! `msync` on ordinary files, nothing at all for baselines, or the crash simulator
+//! ([`sim::Sim`]) that proves each structure survives every crash the hardware allows.
+
+#![warn(missing_docs)]
+
+pub mod persist;
+pub mod pool;
+pub mod sim;
+
+pub use persist::{AutoDomain, Cpu, Domain, Msync, Volatile};
+pub use pool::{PPtr, Pool, PoolError, PoolOptions};
+pub use sim::{CrashTest, Sim};

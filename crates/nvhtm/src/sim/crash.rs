@@ -1,0 +1,499 @@
+//! Replaying a recording: crash points, crash images, the check, and the reports.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::ops::ControlFlow;
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::{Event, Recording, Sim};
+use crate::persist::{FlushInstr, Site, CACHE_LINE};
+
+/// One store piece: at most 8 bytes inside one aligned word.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    offset: u64,
+    len: u8,
+    bytes: [u8; 8],
+}
+
+impl Piece {
+    fn apply(&self, image: &mut [u8]) {
+        let at = self.offset as usize;
+        image[at..at + self.len as usize].copy_from_slice(&self.bytes[..self.len as usize]);
+    }
+}
+
+/// A line's stores since it was last persistent, and how many of them a flush covers.
+#[derive(Debug, Default)]
+struct LineLog {
+    stores: Vec<Piece>,
+    flushed: usize,
+}
+
+/// The persistent state while walking a recording: the persisted bytes plus, per dirty line,
+/// the stores that may or may not have reached persistent memory.
+struct Replay {
+    base: Vec<u8>,
+    lines: BTreeMap<u64, LineLog>,
+    marks: Vec<u64>,
+}
+
+impl Replay {
+    fn new(initial: &[u8], marks: &[u64]) -> Replay {
+        Replay { base: initial.to_vec(), lines: BTreeMap::new(), marks: marks.to_vec() }
+    }
+
+    fn persist_prefix(&mut self, line: u64, n: usize) {
+        if let Some(log) = self.lines.get_mut(&line) {
+            for piece in log.stores.drain(..n) {
+                piece.apply(&mut self.base);
+            }
+            log.flushed = 0;
+            if log.stores.is_empty() {
+                self.lines.remove(&line);
+            }
+        }
+    }
+
+    /// Applies one event; `disabled` flushes and fences have no effect (mutation testing).
+    fn step(&mut self, event: &Event, disabled: Option<Site>) {
+        match *event {
+            Event::Store { offset, len, bytes } => {
+                let line = offset - offset % CACHE_LINE as u64;
+                self.lines.entry(line).or_default().stores.push(Piece { offset, len, bytes });
+            }
+            Event::Flush { site, .. } | Event::Fence { site } if Some(site) == disabled => {}
+            Event::Flush { line, instr, .. } => {
+                let pending = self.lines.get(&line).map_or(0, |log| log.stores.len());
+                match instr {
+                    FlushInstr::Clflush => self.persist_prefix(line, pending),
+                    FlushInstr::Clwb | FlushInstr::Clflushopt => {
+                        if let Some(log) = self.lines.get_mut(&line) {
+                            log.flushed = pending;
+                        }
+                    }
+                }
+            }
+            Event::Fence { .. } => {
+                let flushed: Vec<(u64, usize)> =
+                    self.lines.iter().filter(|(_, l)| l.flushed > 0).map(|(&k, l)| (k, l.flushed)).collect();
+                for (line, n) in flushed {
+                    self.persist_prefix(line, n);
+                }
+            }
+            Event::Mark(value) => self.marks.push(value),
+            Event::Grow { len } => self.base.resize(len, 0),
+        }
+    }
+
+    /// Lines holding stores that may not be persistent, with how many.
+    fn dirty(&self) -> Vec<(u64, usize)> {
+        self.lines.iter().map(|(&line, log)| (line, log.stores.len())).collect()
+    }
+
+    /// The image where each dirty line kept the first `choice[i]` of its pending stores.
+    fn image(&self, dirty: &[(u64, usize)], choice: &[u32]) -> Vec<u8> {
+        let mut image = self.base.clone();
+        for (&(line, _), &k) in dirty.iter().zip(choice) {
+            for piece in &self.lines[&line].stores[..k as usize] {
+                piece.apply(&mut image);
+            }
+        }
+        image
+    }
+}
+
+/// Line offsets that still hold non-persistent stores at the end of `recording`.
+pub(crate) fn unpersisted_lines(recording: &Recording) -> Vec<u64> {
+    let mut replay = Replay::new(&recording.initial, &[]);
+    for event in &recording.events {
+        replay.step(event, None);
+    }
+    replay.dirty().into_iter().map(|(line, _)| line).collect()
+}
+
+/// Names one crash image: the crash point (the n-th fence, or the end) and how many pending
+/// stores each dirty line kept, in line order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageId {
+    /// Index of the crash point: fence `point` of the recording, or the end when past the last.
+    pub point: usize,
+    /// For each dirty line in offset order, the length of the prefix of its stores kept.
+    pub choice: Vec<u32>,
+}
+
+/// What the check knows about the crash it is judging.
+#[derive(Debug, Clone)]
+pub struct CrashContext {
+    /// Every mark the workload made before the crash point.
+    pub marks: Vec<u64>,
+    /// Index of the crash point.
+    pub point: usize,
+    /// The fence the crash happened just before (`None`: at the end of the recording).
+    pub fence: Option<Site>,
+    /// 0 for a crash of the workload, 1 for a crash during recovery of such an image, and so on.
+    pub depth: u32,
+}
+
+/// A crash image the check rejected, with everything needed to reproduce it.
+#[derive(Debug, Clone)]
+pub struct CrashFailure {
+    /// What the check said.
+    pub message: String,
+    /// The image at each depth: the workload's crash image, then recovery's, and so on.
+    pub path: Vec<ImageId>,
+    /// The fence of the last crash point (`None`: the end).
+    pub fence: Option<Site>,
+    /// Dirty lines of the last crash point: (line offset, stores kept, stores pending).
+    pub lines: Vec<(u64, u32, u32)>,
+    /// Marks made before the crash.
+    pub marks: usize,
+    /// The seed used for sampling.
+    pub seed: u64,
+}
+
+impl fmt::Display for CrashFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let last = self.path.last().map_or(0, |id| id.point);
+        writeln!(f, "crash image rejected: {}", self.message)?;
+        match self.fence {
+            Some(site) => write!(f, "  crash point {last}, just before the fence at {site}")?,
+            None => write!(f, "  crash point {last}, at the end of the recording")?,
+        }
+        writeln!(f, ", depth {}, after {} marks", self.path.len() - 1, self.marks)?;
+        let lines: Vec<String> =
+            self.lines.iter().map(|(line, kept, of)| format!("{line:#x}: {kept} of {of}")).collect();
+        writeln!(
+            f,
+            "  stores kept per dirty line: {}",
+            if lines.is_empty() { "none dirty".into() } else { lines.join(", ") }
+        )?;
+        write!(
+            f,
+            "  reproduce with CrashTest {{ seed: {:#x}, only: Some(vec!{:?}), .. }}",
+            self.seed, self.path
+        )
+    }
+}
+
+/// The outcome of replaying a recording.
+#[derive(Debug, Default, Clone)]
+pub struct CrashReport {
+    /// Crash points of the workload (fences plus the end).
+    pub crash_points: u64,
+    /// Crash points whose images were sampled rather than enumerated.
+    pub sampled_points: u64,
+    /// Images built, duplicates included.
+    pub images_built: u64,
+    /// Distinct workload images checked.
+    pub images_checked: u64,
+    /// Distinct images checked for crashes during recovery (depth ≥ 1).
+    pub recovery_images_checked: u64,
+    /// Images skipped because an identical one (with the same history) was checked.
+    pub duplicates: u64,
+    /// Every flush and fence site seen, recovery included.
+    pub sites: BTreeSet<Site>,
+    /// The images the check rejected.
+    pub failures: Vec<CrashFailure>,
+}
+
+impl CrashReport {
+    /// Whether every image passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// Panics with the first failure, fully described (for tests).
+    #[track_caller]
+    pub fn assert_passed(&self) {
+        if let Some(failure) = self.failures.first() {
+            panic!("{failure}\n({self})");
+        }
+    }
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} crash points ({} sampled), {} images built, {} distinct checked, {} during recovery, {} duplicates, {} failures",
+            self.crash_points,
+            self.sampled_points,
+            self.images_built,
+            self.images_checked,
+            self.recovery_images_checked,
+            self.duplicates,
+            self.failures.len()
+        )
+    }
+}
+
+/// What happened when one flush/fence site was switched off.
+#[derive(Debug, Clone)]
+pub struct SiteOutcome {
+    /// The site switched off.
+    pub site: Site,
+    /// Whether some image failed the check without it.
+    pub caught: bool,
+    /// Images checked in that run.
+    pub images_checked: u64,
+    /// The first failure's message, when caught.
+    pub failure: Option<String>,
+}
+
+/// The result of [`CrashTest::mutation_run`].
+#[derive(Debug, Clone)]
+pub struct MutationReport {
+    /// The run with every site on (must pass).
+    pub baseline: CrashReport,
+    /// One run per site.
+    pub sites: Vec<SiteOutcome>,
+}
+
+impl MutationReport {
+    /// Sites whose removal no image noticed.
+    pub fn missed(&self) -> Vec<Site> {
+        self.sites.iter().filter(|s| !s.caught).map(|s| s.site).collect()
+    }
+}
+
+impl fmt::Display for MutationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "baseline: {}", self.baseline)?;
+        for s in &self.sites {
+            let verdict = if s.caught { "caught" } else { "MISSED" };
+            writeln!(f, "  {verdict:6} {} ({} images)", s.site, s.images_checked)?;
+        }
+        write!(f, "{} of {} sites caught", self.sites.iter().filter(|s| s.caught).count(), self.sites.len())
+    }
+}
+
+/// How to replay a recording. Crash points are every fence (the crash happens just before it)
+/// and the end. At each, the images are enumerated while there are at most `exhaustive_limit`
+/// of them, and otherwise `samples` are drawn (plus the two extremes: nothing pending kept,
+/// everything kept) with a generator seeded from `seed` and the point. Images equal byte for
+/// byte and with the same marks are checked once.
+#[derive(Debug, Clone)]
+pub struct CrashTest {
+    /// Enumerate all images of a crash point when there are at most this many.
+    pub exhaustive_limit: u64,
+    /// Images drawn at a crash point with more than `exhaustive_limit`.
+    pub samples: usize,
+    /// Seed of the sampling.
+    pub seed: u64,
+    /// How deep to crash recovery: 1 also crashes the check's own recording (recovery) at each
+    /// of its fences and checks those images again, 2 crashes that recovery too, and so on.
+    pub recovery_depth: u32,
+    /// Stop at the first rejected image.
+    pub stop_at_first_failure: bool,
+    /// A flush/fence site whose effect is removed (persistence mutation testing).
+    pub disabled_site: Option<Site>,
+    /// Check only these images (one per depth), to reproduce a failure.
+    pub only: Option<Vec<ImageId>>,
+}
+
+impl Default for CrashTest {
+    fn default() -> CrashTest {
+        CrashTest {
+            exhaustive_limit: 4096,
+            samples: 512,
+            seed: 0x5eed_c0ff_ee00_0001,
+            recovery_depth: 0,
+            stop_at_first_failure: true,
+            disabled_site: None,
+            only: None,
+        }
+    }
+}
+
+impl CrashTest {
+    /// Replays `recording`, calling `check(sim, image, context)` on every distinct crash image.
+    /// The check opens the image with `sim` (so its recovery is recorded, for crashes during
+    /// recovery), recovers, and compares with its oracle; `Err` rejects the image.
+    pub fn run<C>(&self, recording: &Recording, check: C) -> CrashReport
+    where
+        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+    {
+        let mut report = CrashReport::default();
+        let _ = self.explore(recording, &check, 0, &[], &mut Vec::new(), &mut report);
+        report
+    }
+
+    /// Runs the test once with every site, then once with each flush/fence site switched off,
+    /// reporting which removals some crash image catches.
+    pub fn mutation_run<C>(&self, recording: &Recording, check: C) -> MutationReport
+    where
+        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+    {
+        let base = CrashTest { disabled_site: None, ..self.clone() };
+        let baseline = base.run(recording, &check);
+        let sites = baseline
+            .sites
+            .iter()
+            .map(|&site| {
+                let mutant =
+                    CrashTest { disabled_site: Some(site), stop_at_first_failure: true, ..base.clone() };
+                let report = mutant.run(recording, &check);
+                SiteOutcome {
+                    site,
+                    caught: !report.passed(),
+                    images_checked: report.images_checked + report.recovery_images_checked,
+                    failure: report.failures.first().map(|f| f.message.clone()),
+                }
+            })
+            .collect();
+        MutationReport { baseline, sites }
+    }
+
+    fn explore<C>(
+        &self,
+        recording: &Recording,
+        check: &C,
+        depth: u32,
+        marks: &[u64],
+        path: &mut Vec<ImageId>,
+        report: &mut CrashReport,
+    ) -> ControlFlow<()>
+    where
+        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+    {
+        let mut replay = Replay::new(&recording.initial, marks);
+        let mut seen = HashSet::new();
+        let mut point = 0;
+        for event in &recording.events {
+            match *event {
+                Event::Fence { site } => {
+                    report.sites.insert(site);
+                    self.crash_point(point, Some(site), &replay, &mut seen, check, depth, path, report)?;
+                    point += 1;
+                }
+                Event::Flush { site, .. } => {
+                    report.sites.insert(site);
+                }
+                _ => {}
+            }
+            replay.step(event, self.disabled_site);
+        }
+        self.crash_point(point, None, &replay, &mut seen, check, depth, path, report)
+    }
+
+    /// The prefix choices to try at one crash point.
+    fn choices(
+        &self,
+        point: usize,
+        depth: u32,
+        dirty: &[(u64, usize)],
+        report: &mut CrashReport,
+    ) -> Vec<Vec<u32>> {
+        let radix: Vec<u64> = dirty.iter().map(|&(_, n)| n as u64 + 1).collect();
+        let total = radix.iter().try_fold(1u64, |acc, &r| acc.checked_mul(r));
+        match total {
+            Some(total) if total <= self.exhaustive_limit => (0..total)
+                .map(|mut index| {
+                    radix
+                        .iter()
+                        .map(|&r| {
+                            let k = index % r;
+                            index /= r;
+                            k as u32
+                        })
+                        .collect()
+                })
+                .collect(),
+            _ => {
+                if depth == 0 {
+                    report.sampled_points += 1;
+                }
+                let mut rng = fastrand::Rng::with_seed(
+                    self.seed ^ (point as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(depth) << 56,
+                );
+                let mut choices = vec![vec![0; dirty.len()], dirty.iter().map(|&(_, n)| n as u32).collect()];
+                choices.extend(
+                    (0..self.samples).map(|_| dirty.iter().map(|&(_, n)| rng.u32(..=n as u32)).collect()),
+                );
+                choices
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn crash_point<C>(
+        &self,
+        point: usize,
+        fence: Option<Site>,
+        replay: &Replay,
+        seen: &mut HashSet<u64>,
+        check: &C,
+        depth: u32,
+        path: &mut Vec<ImageId>,
+        report: &mut CrashReport,
+    ) -> ControlFlow<()>
+    where
+        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+    {
+        let wanted = self.only.as_ref().map(|only| only.get(depth as usize));
+        if let Some(wanted) = wanted {
+            match wanted {
+                Some(id) if id.point == point => {}
+                _ => return ControlFlow::Continue(()),
+            }
+        }
+        if depth == 0 {
+            report.crash_points += 1;
+        }
+        let dirty = replay.dirty();
+        let choices = match wanted {
+            Some(Some(id)) if id.choice.len() == dirty.len() => vec![id.choice.clone()],
+            Some(_) => return ControlFlow::Continue(()),
+            None => self.choices(point, depth, &dirty, report),
+        };
+        let context = CrashContext { marks: replay.marks.clone(), point, fence, depth };
+        for choice in choices {
+            let image = replay.image(&dirty, &choice);
+            report.images_built += 1;
+            if !seen.insert(xxh3_64_with_seed(&image, replay.marks.len() as u64)) {
+                report.duplicates += 1;
+                continue;
+            }
+            if depth == 0 {
+                report.images_checked += 1;
+            } else {
+                report.recovery_images_checked += 1;
+            }
+            let sim = Sim::new();
+            path.push(ImageId { point, choice });
+            let verdict = check(&sim, &image, &context);
+            let flow = match verdict {
+                Err(message) => {
+                    let choice = &path[path.len() - 1].choice;
+                    report.failures.push(CrashFailure {
+                        message,
+                        path: path.clone(),
+                        fence,
+                        lines: dirty.iter().zip(choice).map(|(&(l, n), &k)| (l, k, n as u32)).collect(),
+                        marks: replay.marks.len(),
+                        seed: self.seed,
+                    });
+                    if self.stop_at_first_failure {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                }
+                Ok(()) if depth < self.recovery_depth => {
+                    let nested = sim.recording();
+                    if nested.initial.is_empty() {
+                        ControlFlow::Continue(())
+                    } else {
+                        self.explore(&nested, check, depth + 1, &replay.marks, path, report)
+                    }
+                }
+                Ok(()) => ControlFlow::Continue(()),
+            };
+            path.pop();
+            flow?;
+        }
+        ControlFlow::Continue(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The crash simulator: a persistence domain that records every store, write-back and fence,
+//! and a replay engine that builds every post-crash memory image the Px86 model allows.
+//!
+//! The model (Raad et al.'s Px86, as the architecture brief states it):
+//! - stores reach the cache in program order; a dirty 64-byte line may be written back at any
+//!   time, so after a crash each line holds *some prefix* of the stores made to it since it
+//!   was last known persistent, independently of other lines;
+//! - aligned 8-byte stores are failure-atomic, wider ones are split into 8-byte pieces;
+//! - `clwb`/`clflushopt` mark the line's stores so far as flushed, and a later `sfence` makes
+//!   them persistent; `clflush` persists them at once (it is ordered with later stores);
+//! - non-temporal stores ([`Domain::write_persistent`]) persist at the next fence.
+//!
+//! [`Sim`] records; [`CrashTest`] replays a [`Recording`] and runs a check (recovery plus an
+//! oracle) on each image, crashing at every fence and at the end.
+
+mod crash;
+pub mod litmus;
+
+pub use crash::{CrashContext, CrashFailure, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::persist::{self, Domain, DomainKind, FlushInstr, PersistError, Site, CACHE_LINE};
+
+/// One recorded event. Offsets are from the start of the simulated region.
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// A store of `len` bytes inside one aligned 8-byte word.
+    Store { offset: u64, len: u8, bytes: [u8; 8] },
+    /// A write-back of the line at `line` (a line-aligned offset).
+    Flush { line: u64, instr: FlushInstr, site: Site },
+    /// An `sfence`.
+    Fence { site: Site },
+    /// A point in the workload's history (for the oracle).
+    Mark(u64),
+    /// The region grew to `len` bytes (new bytes are zero and persistent).
+    Grow { len: usize },
+}
+
+/// What a workload did, from the moment recording started.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    pub(crate) initial: Vec<u8>,
+    pub(crate) events: Vec<Event>,
+}
+
+impl Recording {
+    /// The number of fences recorded (each is a crash point, plus one at the end).
+    pub fn fences(&self) -> usize {
+        self.events.iter().filter(|e| matches!(e, Event::Fence { .. })).count()
+    }
+
+    /// The number of stores (8-byte pieces) recorded.
+    pub fn stores(&self) -> usize {
+        self.events.iter().filter(|e| matches!(e, Event::Store { .. })).count()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Base address and length of the simulated region, once attached.
+    region: Option<(usize, usize)>,
+    recording: Recording,
+}
+
+/// The simulator's persistence domain. Cheap to clone: clones share one recording.
+#[derive(Clone)]
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+    instr: FlushInstr,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim").field("instr", &self.instr).finish_non_exhaustive()
+    }
+}
+
+impl Default for Sim {
+    fn default() -> Sim {
+        Sim::new()
+    }
+}
+
+impl Sim {
+    /// A simulator whose flushes behave like `clwb` (persistent at the next fence).
+    pub fn new() -> Sim {
+        Sim::with_instr(FlushInstr::Clwb)
+    }
+
+    /// A simulator whose flushes behave like `instr`.
+    pub fn with_instr(instr: FlushInstr) -> Sim {
+        Sim { state: Arc::default(), instr }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a point in the workload's history: the oracle sees every mark made before the
+    /// crash point it checks (typically "operation N completed").
+    pub fn mark(&self, value: u64) {
+        self.lock().recording.events.push(Event::Mark(value));
+    }
+
+    /// A copy of what was recorded so far.
+    pub fn recording(&self) -> Recording {
+        self.lock().recording.clone()
+    }
+
+    /// Forgets the events so far and takes the region's current contents as the persistent
+    /// starting state. Fails, recording nothing, if some store is not yet persistent (the
+    /// starting state would not be one the hardware guarantees).
+    pub fn restart_recording(&self) -> Result<(), String> {
+        let mut state = self.lock();
+        let Some((base, len)) = state.region else {
+            return Err("the simulator is not attached to a region yet".into());
+        };
+        let pending = crash::unpersisted_lines(&state.recording);
+        if !pending.is_empty() {
+            return Err(format!("lines at offsets {pending:#x?} hold stores that are not persistent yet"));
+        }
+        // SAFETY: base..base+len is the region the pool attached, mapped for the pool's life.
+        state.recording = Recording { initial: unsafe { snapshot(base, len) }, events: Vec::new() };
+        Ok(())
+    }
+
+    fn offset_of(state: &State, addr: usize, len: usize) -> u64 {
+        let (base, size) = state.region.expect("the Sim domain is used before a pool attached it");
+        assert!(
+            addr >= base && addr + len <= base + size,
+            "store at {addr:#x}+{len} is outside the simulated region {base:#x}+{size}"
+        );
+        (addr - base) as u64
+    }
+
+    /// Records `bytes` stored at region offset `offset`, split into 8-byte-word pieces.
+    fn record_store(state: &mut State, offset: u64, bytes: &[u8]) {
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let off = offset + at as u64;
+            let room = 8 - (off % 8) as usize;
+            let n = room.min(bytes.len() - at);
+            let mut piece = [0u8; 8];
+            piece[..n].copy_from_slice(&bytes[at..at + n]);
+            state.recording.events.push(Event::Store { offset: off, len: n as u8, bytes: piece });
+            at += n;
+        }
+    }
+}
+
+/// # Safety
+/// `base..base + len` is mapped and readable.
+unsafe fn snapshot(base: usize, len: usize) -> Vec<u8> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(base as *const u8, len) }.to_vec()
+}
+
+impl Domain for Sim {
+    fn kind(&self) -> DomainKind {
+        DomainKind::Sim
+    }
+
+    /// The first region attached is the one simulated; later calls with the same base tell of
+    /// growth. A simulator follows one region.
+    unsafe fn attach(&self, base: *mut u8, len: usize) {
+        let mut state = self.lock();
+        match state.region {
+            None => {
+                state.region = Some((base as usize, len));
+                // SAFETY: the caller guarantees base..base+len is mapped.
+                state.recording.initial = unsafe { snapshot(base as usize, len) };
+            }
+            Some((b, old)) => {
+                assert_eq!(b, base as usize, "a Sim domain follows a single region");
+                if len > old {
+                    state.region = Some((b, len));
+                    state.recording.events.push(Event::Grow { len });
+                }
+            }
+        }
+    }
+
+    unsafe fn write(&self, dst: *mut u8, src: &[u8]) {
+        let mut state = self.lock();
+        let offset = Sim::offset_of(&state, dst as usize, src.len());
+        // SAFETY: the caller guarantees dst..dst+len is writable; the lock orders the store
+        // with its record.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Sim::record_store(&mut state, offset, src);
+        drop(state);
+        persist::counters_add_bytes(src.len() as u64);
+    }
+
+    unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
+        let mut state = self.lock();
+        let offset = Sim::offset_of(&state, dst as usize, 8);
+        // SAFETY: the caller guarantees dst is aligned and valid.
+        unsafe { (*dst).store(value, order) };
+        Sim::record_store(&mut state, offset, &value.to_ne_bytes());
+        drop(state);
+        persist::counters_add_bytes(8);
+    }
+
+    unsafe fn compare_exchange_u64(
+        &self,
+        dst: *const AtomicU64,
+        current: u64,
+        new: u64,
+        order: Ordering,
+    ) -> Result<u64, u64> {
+        let mut state = self.lock();
+        let offset = Sim::offset_of(&state, dst as usize, 8);
+        // SAFETY: the caller guarantees dst is aligned and valid.
+        let result = unsafe { (*dst).compare_exchange(current, new, order, Ordering::Acquire) };
+        if result.is_ok() {
+            Sim::record_store(&mut state, offset, &new.to_ne_bytes());
+        }
+        result
+    }
+
+    #[track_caller]
+    unsafe fn flush(&self, addr: *const u8, len: usize) {
+        let site = Site::caller();
+        let mut state = self.lock();
+        let offset = Sim::offset_of(&state, addr as usize, len);
+        let first = offset / CACHE_LINE as u64;
+        let count = persist::line_count(offset as *const u8, len);
+        for line in first..first + count {
+            state.recording.events.push(Event::Flush {
+                line: line * CACHE_LINE as u64,
+                instr: self.instr,
+                site,
+            });
+        }
+        drop(state);
+        persist::counters_add_lines(count);
+    }
+
+    #[track_caller]
+    fn fence(&self) -> Result<(), PersistError> {
+        let site = Site::caller();
+        self.lock().recording.events.push(Event::Fence { site });
+        persist::counters_add_fence();
+        Ok(())
+    }
+}
