@@ -291,6 +291,9 @@ pub struct CrashTest {
     pub disabled_site: Option<Site>,
     /// Check only these images (one per depth), to reproduce a failure.
     pub only: Option<Vec<ImageId>>,
+    /// Skip an image identical to one already checked with the same marks. Switch off only to
+    /// see every crash point's full set of images.
+    pub deduplicate: bool,
 }
 
 impl Default for CrashTest {
@@ -303,6 +306,7 @@ impl Default for CrashTest {
             stop_at_first_failure: true,
             disabled_site: None,
             only: None,
+            deduplicate: true,
         }
     }
 }
@@ -452,7 +456,7 @@ impl CrashTest {
         for choice in choices {
             let image = replay.image(&dirty, &choice);
             report.images_built += 1;
-            if !seen.insert(xxh3_64_with_seed(&image, replay.marks.len() as u64)) {
+            if self.deduplicate && !seen.insert(xxh3_64_with_seed(&image, replay.marks.len() as u64)) {
                 report.duplicates += 1;
                 continue;
             }

@@ -1,0 +1,169 @@
+//! The simulator implements the Px86 model of the architecture brief: per-line prefixes,
+//! independent lines, flush-then-fence, ordered clflush, 8-byte failure atomicity, sampling
+//! beyond the budget, and site switching for mutation testing.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use nvhtm::persist::FlushInstr;
+use nvhtm::pool::{HEADER_SIZE, MIN_POOL_SIZE};
+use nvhtm::sim::{CrashTest, Recording, Sim};
+use nvhtm::{Pool, PoolOptions};
+
+const X: u64 = HEADER_SIZE; // a line
+const Y: u64 = HEADER_SIZE + 64; // another line
+
+fn opts() -> PoolOptions {
+    PoolOptions::layout("model").with_size(MIN_POOL_SIZE).with_max_size(MIN_POOL_SIZE)
+}
+
+/// Records `workload` on a fresh durable pool.
+fn record(instr: FlushInstr, workload: impl FnOnce(&Pool<Sim>)) -> Recording {
+    let sim = Sim::with_instr(instr);
+    let pool = Pool::create_in_memory(&opts(), sim.clone()).unwrap();
+    sim.restart_recording().unwrap();
+    workload(&pool);
+    sim.recording()
+}
+
+/// Every distinct image at every crash point, as the words at X..X+16 and Y.
+fn images(test: &CrashTest, recording: &Recording) -> Vec<(usize, [u64; 3])> {
+    let test = CrashTest { deduplicate: false, ..test.clone() };
+    let seen = Mutex::new(BTreeSet::new());
+    let report = test.run(recording, |_, image, ctx| {
+        let word = |at: u64| u64::from_ne_bytes(image[at as usize..at as usize + 8].try_into().unwrap());
+        seen.lock().unwrap().insert((ctx.point, [word(X), word(X + 8), word(Y)]));
+        Ok(())
+    });
+    assert!(report.passed());
+    seen.into_inner().unwrap().into_iter().collect()
+}
+
+fn at_end(images: &[(usize, [u64; 3])]) -> BTreeSet<[u64; 3]> {
+    let last = images.iter().map(|(p, _)| *p).max().unwrap();
+    images.iter().filter(|(p, _)| *p == last).map(|(_, w)| *w).collect()
+}
+
+#[test]
+fn each_line_keeps_a_prefix_of_its_stores_independently() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.write(X + 8, &2u64).unwrap();
+        pool.write(Y, &3u64).unwrap();
+    });
+    let end = at_end(&images(&CrashTest::default(), &rec));
+    let expected: BTreeSet<[u64; 3]> =
+        [[0, 0, 0], [1, 0, 0], [1, 2, 0], [0, 0, 3], [1, 0, 3], [1, 2, 3]].into_iter().collect();
+    assert_eq!(end, expected, "3 prefixes of X times 2 of Y; never X's second store without its first");
+}
+
+#[test]
+fn a_flush_needs_a_fence_and_covers_only_earlier_stores() {
+    let flushed_only = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+    });
+    assert!(at_end(&images(&CrashTest::default(), &flushed_only)).contains(&[0, 0, 0]));
+
+    let fenced = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.write(X + 8, &2u64).unwrap(); // after the flush: not covered by it
+        pool.fence().unwrap();
+    });
+    let end = at_end(&images(&CrashTest::default(), &fenced));
+    assert_eq!(end, [[1, 0, 0], [1, 2, 0]].into_iter().collect());
+}
+
+#[test]
+fn clflush_persists_at_once_and_clflushopt_waits_for_the_fence() {
+    let ordered = record(FlushInstr::Clflush, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.write(Y, &3u64).unwrap();
+    });
+    assert_eq!(
+        at_end(&images(&CrashTest::default(), &ordered)),
+        [[1, 0, 0], [1, 0, 3]].into_iter().collect()
+    );
+    let weak = record(FlushInstr::Clflushopt, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.write(Y, &3u64).unwrap();
+    });
+    assert_eq!(at_end(&images(&CrashTest::default(), &weak)).len(), 4);
+}
+
+#[test]
+fn non_temporal_stores_persist_at_the_next_fence() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write_persistent(X, &[9u8; 300]).unwrap();
+        pool.fence().unwrap();
+    });
+    let end = at_end(&images(&CrashTest::default(), &rec));
+    let nine = u64::from_ne_bytes([9; 8]);
+    assert_eq!(end, [[nine, nine, nine]].into_iter().collect());
+}
+
+#[test]
+fn only_aligned_eight_byte_words_are_failure_atomic() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &[5u64, 6u64]).unwrap(); // one 16-byte store
+        pool.store_u64(Y, u64::MAX, std::sync::atomic::Ordering::Release).unwrap();
+    });
+    let end = at_end(&images(&CrashTest::default(), &rec));
+    assert!(end.contains(&[5, 0, 0]), "the 16-byte store tears between its words");
+    assert!(end.iter().all(|w| w[2] == 0 || w[2] == u64::MAX), "an 8-byte store never tears");
+}
+
+#[test]
+fn beyond_the_budget_images_are_sampled_reproducibly() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        for line in 0..20 {
+            pool.write(X + line * 64, &1u64).unwrap();
+        }
+    });
+    let sampled = |seed| {
+        let test = CrashTest { exhaustive_limit: 1000, samples: 50, seed, ..CrashTest::default() };
+        let seen = Mutex::new(Vec::new());
+        let report = test.run(&rec, |_, image, _| {
+            seen.lock().unwrap().push(image.to_vec());
+            Ok(())
+        });
+        assert_eq!(report.sampled_points, 1, "2^20 images exceed the budget of 1000");
+        assert!(report.images_checked <= 52 && report.images_checked > 40, "{report}");
+        seen.into_inner().unwrap()
+    };
+    assert_eq!(sampled(1), sampled(1));
+    assert_ne!(sampled(1), sampled(2));
+    // The extremes are always among the samples: nothing pending kept, and everything kept.
+    let images = sampled(3);
+    let ones = |img: &Vec<u8>| (0..20).filter(|l| img[(X + l * 64) as usize] == 1).count();
+    assert!(images.iter().any(|i| ones(i) == 0) && images.iter().any(|i| ones(i) == 20));
+}
+
+#[test]
+fn a_switched_off_site_loses_its_effect() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.persist(X, 8).unwrap();
+    });
+    let on = CrashTest::default().run(&rec, |_, _, _| Ok(()));
+    let site = *on.sites.iter().next().unwrap();
+    assert!(site.file.ends_with("sim_model.rs"));
+    assert_eq!(at_end(&images(&CrashTest::default(), &rec)), [[1, 0, 0]].into_iter().collect());
+    let off = CrashTest { disabled_site: Some(site), ..CrashTest::default() };
+    assert_eq!(at_end(&images(&off, &rec)), [[0, 0, 0], [1, 0, 0]].into_iter().collect());
+}
+
+#[test]
+fn recording_restarts_only_from_a_durable_state() {
+    let sim = Sim::new();
+    let pool = Pool::create_in_memory(&opts(), sim.clone()).unwrap();
+    pool.write(X, &1u64).unwrap();
+    let err = sim.restart_recording().unwrap_err();
+    assert!(err.contains("0x1000"), "{err}");
+    pool.persist(X, 8).unwrap();
+    sim.restart_recording().unwrap();
+    assert_eq!(sim.recording().stores(), 0);
+}
