@@ -1,1 +1,83 @@
-fn main() {}
+//! The `nvhtm` command: create, inspect, grow and benchmark persistent-memory pools.
+
+mod bench;
+mod commands;
+mod format;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Persistent-memory pools: durable in-memory data structures in a mapped file.
+#[derive(Debug, Parser)]
+#[command(name = "nvhtm", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a pool file.
+    Create {
+        /// Path of the new pool (must not exist).
+        pool: PathBuf,
+        /// Pool size, e.g. 64MiB, 1G, 65536 (binary units).
+        #[arg(long, default_value = "64MiB", value_parser = format::parse_size)]
+        size: u64,
+        /// Application layout name stored in the header and checked on open.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+        /// Print the new pool's facts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a pool's header, size, layout, UUID, file system, DAX and shutdown state.
+    Info {
+        /// The pool file.
+        pool: PathBuf,
+        /// Fail unless the pool has this layout.
+        #[arg(long)]
+        layout: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a pool in place to a new size.
+    Grow {
+        /// The pool file.
+        pool: PathBuf,
+        /// New size, e.g. 128MiB.
+        #[arg(value_parser = format::parse_size)]
+        size: u64,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// Run the crash simulator on its litmus protocols: correct ones pass, broken ones are caught.
+    Litmus,
+    /// Measure the persistence layer and the crash simulator (ratios, side by side).
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: commands::CommandResult = match cli.command {
+        Command::Create { pool, size, layout, json } => commands::create(&pool, size, &layout, json),
+        Command::Info { pool, layout, json } => commands::info(&pool, layout.as_deref(), json),
+        Command::Grow { pool, size, layout } => commands::grow(&pool, size, &layout),
+        Command::Litmus => commands::litmus(),
+        Command::Bench { which } => bench::run(which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("nvhtm: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

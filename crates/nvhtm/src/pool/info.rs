@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use super::error::{PoolError, Result};
 use super::header::{FixedHeader, StateSlot};
 use super::region::linux_magic;
+use crate::persist::DomainKind;
 
 /// The facts about a pool: its header, its file and whether it is in use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +39,9 @@ pub struct PoolInfo {
     pub dax: bool,
     /// Whether a process holds the pool open.
     pub in_use: bool,
+    /// The persistence domain: the one in use for an open pool, otherwise the one opening it in
+    /// `Mode::Auto` picks (`cpu` on DAX and tmpfs, `msync` on other files).
+    pub domain: DomainKind,
 }
 
 fn format_uuid(u: &[u8; 16]) -> String {
@@ -74,6 +78,7 @@ fn supports_map_sync(file: &File) -> bool {
 }
 
 impl PoolInfo {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
         path: &Path,
         fixed: &FixedHeader,
@@ -82,6 +87,7 @@ impl PoolInfo {
         filesystem: String,
         dax: bool,
         in_use: bool,
+        domain: DomainKind,
     ) -> PoolInfo {
         PoolInfo {
             path: path.to_path_buf(),
@@ -98,6 +104,7 @@ impl PoolInfo {
             filesystem,
             dax,
             in_use,
+            domain,
         }
     }
 
@@ -114,14 +121,18 @@ impl PoolInfo {
             }
             Err(_) => true,
         };
+        let filesystem = filesystem_name(&file);
+        let dax = supports_map_sync(&file);
+        let domain = if dax || filesystem == "tmpfs" { DomainKind::Cpu } else { DomainKind::Msync };
         Ok(PoolInfo::from_parts(
             path,
             &header.fixed,
             &header.state,
             file_size,
-            filesystem_name(&file),
-            supports_map_sync(&file),
+            filesystem,
+            dax,
             in_use,
+            domain,
         ))
     }
 }

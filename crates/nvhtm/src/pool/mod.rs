@@ -303,6 +303,22 @@ impl<D: FileDomain> Pool<D> {
     /// of the header runs before anything is written.
     pub fn open(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
+        Pool::open_mapped(path, opts, |mapping| D::for_mapping(mapping, opts, path))
+    }
+}
+
+impl<D: Domain> Pool<D> {
+    /// Opens an existing pool file with a domain the caller chose, whatever the mapping turns
+    /// out to be (for benchmarks and experiments: no durability check is made).
+    pub fn open_with_domain(path: impl AsRef<Path>, opts: &PoolOptions, domain: D) -> Result<Pool<D>> {
+        Pool::open_mapped(path.as_ref(), opts, |_| Ok(domain))
+    }
+
+    fn open_mapped(
+        path: &Path,
+        opts: &PoolOptions,
+        domain_for: impl FnOnce(MappingKind) -> Result<D>,
+    ) -> Result<Pool<D>> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -314,7 +330,7 @@ impl<D: FileDomain> Pool<D> {
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
-        let domain = D::for_mapping(region.kind(), opts, path)?;
+        let domain = domain_for(region.kind())?;
         Pool::start(region, domain, Some(file), path, header)
     }
 }
@@ -520,7 +536,16 @@ impl<D: Domain> Pool<D> {
             None => ("memory".to_string(), self.size()),
         };
         let dax = self.mapping() == MappingKind::Dax;
-        PoolInfo::from_parts(&self.path, &self.fixed, &state, file_size, filesystem, dax, true)
+        PoolInfo::from_parts(
+            &self.path,
+            &self.fixed,
+            &state,
+            file_size,
+            filesystem,
+            dax,
+            true,
+            self.domain.kind(),
+        )
     }
 
     /// A copy of the pool's bytes.

@@ -133,15 +133,15 @@ impl Region {
     }
 
     fn protect(&self, from: u64, to: u64) -> io::Result<()> {
+        let start = self.base.as_ptr().wrapping_add(from as usize).cast();
+        let len = (to - from) as usize;
         // SAFETY: from..to lies inside our private anonymous reservation; making it writable
         // exposes zeroed pages that nothing else references.
-        unsafe {
-            rustix::mm::mprotect(
-                self.base.as_ptr().add(from as usize).cast(),
-                (to - from) as usize,
-                MprotectFlags::READ | MprotectFlags::WRITE,
-            )
-        }?;
+        unsafe { rustix::mm::mprotect(start, len, MprotectFlags::READ | MprotectFlags::WRITE) }?;
+        // Fault the pages in with one call rather than one fault per page (in-memory pools are
+        // small and are filled at once). Only a hint: older kernels lack it.
+        // SAFETY: the range is our own, now writable, mapping; populating does not change it.
+        let _ = unsafe { rustix::mm::madvise(start, len, rustix::mm::Advice::LinuxPopulateWrite) };
         Ok(())
     }
 

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::ops::ControlFlow;
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::{Event, Recording, Sim};
 use crate::persist::{FlushInstr, Site, CACHE_LINE};
@@ -34,20 +34,43 @@ struct LineLog {
 /// The persistent state while walking a recording: the persisted bytes plus, per dirty line,
 /// the stores that may or may not have reached persistent memory.
 struct Replay {
-    base: Vec<u8>,
+    /// The recording's starting bytes.
+    initial: Vec<u8>,
+    /// `None` when only the dirty lines matter (no image will be built).
+    base: Option<Vec<u8>>,
     lines: BTreeMap<u64, LineLog>,
+    /// Every line stored to since the start: images differ from the initial bytes only there.
+    touched: BTreeSet<u64>,
     marks: Vec<u64>,
 }
 
 impl Replay {
     fn new(initial: &[u8], marks: &[u64]) -> Replay {
-        Replay { base: initial.to_vec(), lines: BTreeMap::new(), marks: marks.to_vec() }
+        Replay {
+            initial: initial.to_vec(),
+            base: Some(initial.to_vec()),
+            lines: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            marks: marks.to_vec(),
+        }
+    }
+
+    fn lines_only() -> Replay {
+        Replay {
+            initial: Vec::new(),
+            base: None,
+            lines: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            marks: Vec::new(),
+        }
     }
 
     fn persist_prefix(&mut self, line: u64, n: usize) {
         if let Some(log) = self.lines.get_mut(&line) {
             for piece in log.stores.drain(..n) {
-                piece.apply(&mut self.base);
+                if let Some(base) = &mut self.base {
+                    piece.apply(base);
+                }
             }
             log.flushed = 0;
             if log.stores.is_empty() {
@@ -62,6 +85,7 @@ impl Replay {
             Event::Store { offset, len, bytes } => {
                 let line = offset - offset % CACHE_LINE as u64;
                 self.lines.entry(line).or_default().stores.push(Piece { offset, len, bytes });
+                self.touched.insert(line);
             }
             Event::Flush { site, .. } | Event::Fence { site } if Some(site) == disabled => {}
             Event::Flush { line, instr, .. } => {
@@ -83,7 +107,11 @@ impl Replay {
                 }
             }
             Event::Mark(value) => self.marks.push(value),
-            Event::Grow { len } => self.base.resize(len, 0),
+            Event::Grow { len } => {
+                if let Some(base) = &mut self.base {
+                    base.resize(len, 0);
+                }
+            }
         }
     }
 
@@ -92,21 +120,49 @@ impl Replay {
         self.lines.iter().map(|(&line, log)| (line, log.stores.len())).collect()
     }
 
-    /// The image where each dirty line kept the first `choice[i]` of its pending stores.
-    fn image(&self, dirty: &[(u64, usize)], choice: &[u32]) -> Vec<u8> {
-        let mut image = self.base.clone();
+    /// Turns `image` (a copy of the base) into the image where each dirty line kept the first
+    /// `choice[i]` of its pending stores.
+    fn apply_choice(&self, image: &mut [u8], dirty: &[(u64, usize)], choice: &[u32]) {
         for (&(line, _), &k) in dirty.iter().zip(choice) {
             for piece in &self.lines[&line].stores[..k as usize] {
-                piece.apply(&mut image);
+                piece.apply(image);
             }
         }
-        image
+    }
+
+    /// Puts the dirty lines of `image` back to the base.
+    fn reset(&self, image: &mut [u8], dirty: &[(u64, usize)]) {
+        if let Some(base) = &self.base {
+            for &(line, _) in dirty {
+                let range = line as usize..line as usize + CACHE_LINE;
+                image[range.clone()].copy_from_slice(&base[range]);
+            }
+        }
+    }
+
+    /// A key equal for equal images with equal histories, built from the lines that differ
+    /// from the initial bytes (only touched lines can), so it costs O(touched lines), not
+    /// O(image).
+    fn key(&self, image: &[u8]) -> u64 {
+        const ZERO: [u8; CACHE_LINE] = [0; CACHE_LINE];
+        let mut hasher = Xxh3::new();
+        hasher.update(&(image.len() as u64).to_le_bytes());
+        hasher.update(&(self.marks.len() as u64).to_le_bytes());
+        for &line in &self.touched {
+            let range = line as usize..line as usize + CACHE_LINE;
+            let initial = self.initial.get(range.clone()).unwrap_or(&ZERO);
+            if image[range.clone()] != *initial {
+                hasher.update(&line.to_le_bytes());
+                hasher.update(&image[range]);
+            }
+        }
+        hasher.digest()
     }
 }
 
 /// Line offsets that still hold non-persistent stores at the end of `recording`.
 pub(crate) fn unpersisted_lines(recording: &Recording) -> Vec<u64> {
-    let mut replay = Replay::new(&recording.initial, &[]);
+    let mut replay = Replay::lines_only();
     for event in &recording.events {
         replay.step(event, None);
     }
@@ -453,10 +509,12 @@ impl CrashTest {
             None => self.choices(point, depth, &dirty, report),
         };
         let context = CrashContext { marks: replay.marks.clone(), point, fence, depth };
+        let mut image = replay.base.clone().unwrap_or_default();
         for choice in choices {
-            let image = replay.image(&dirty, &choice);
+            replay.reset(&mut image, &dirty);
+            replay.apply_choice(&mut image, &dirty, &choice);
             report.images_built += 1;
-            if self.deduplicate && !seen.insert(xxh3_64_with_seed(&image, replay.marks.len() as u64)) {
+            if self.deduplicate && !seen.insert(replay.key(&image)) {
                 report.duplicates += 1;
                 continue;
             }
@@ -465,7 +523,8 @@ impl CrashTest {
             } else {
                 report.recovery_images_checked += 1;
             }
-            let sim = Sim::new();
+            // Only a check whose recovery will itself be crashed needs recording.
+            let sim = if depth < self.recovery_depth { Sim::new() } else { Sim::passive() };
             path.push(ImageId { point, choice });
             let verdict = check(&sim, &image, &context);
             let flow = match verdict {

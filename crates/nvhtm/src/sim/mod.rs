@@ -69,6 +69,8 @@ struct State {
 pub struct Sim {
     state: Arc<Mutex<State>>,
     instr: FlushInstr,
+    /// `false`: behave like a plain domain and record nothing (checks nobody will crash).
+    record: bool,
 }
 
 impl std::fmt::Debug for Sim {
@@ -91,7 +93,13 @@ impl Sim {
 
     /// A simulator whose flushes behave like `instr`.
     pub fn with_instr(instr: FlushInstr) -> Sim {
-        Sim { state: Arc::default(), instr }
+        Sim { state: Arc::default(), instr, record: true }
+    }
+
+    /// A simulator that records nothing: stores are plain stores. For checks whose recovery
+    /// will not be crashed.
+    pub fn passive() -> Sim {
+        Sim { record: false, ..Sim::new() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -101,7 +109,15 @@ impl Sim {
     /// Records a point in the workload's history: the oracle sees every mark made before the
     /// crash point it checks (typically "operation N completed").
     pub fn mark(&self, value: u64) {
+        if !self.record {
+            return;
+        }
         self.lock().recording.events.push(Event::Mark(value));
+    }
+
+    /// The number of events recorded so far.
+    pub fn events(&self) -> usize {
+        self.lock().recording.events.len()
     }
 
     /// A copy of what was recorded so far.
@@ -165,6 +181,9 @@ impl Domain for Sim {
     /// The first region attached is the one simulated; later calls with the same base tell of
     /// growth. A simulator follows one region.
     unsafe fn attach(&self, base: *mut u8, len: usize) {
+        if !self.record {
+            return;
+        }
         let mut state = self.lock();
         match state.region {
             None => {
@@ -183,6 +202,10 @@ impl Domain for Sim {
     }
 
     unsafe fn write(&self, dst: *mut u8, src: &[u8]) {
+        if !self.record {
+            // SAFETY: forwarded caller contract.
+            return unsafe { persist::copy_plain(dst, src) };
+        }
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, dst as usize, src.len());
         // SAFETY: the caller guarantees dst..dst+len is writable; the lock orders the store
@@ -194,6 +217,10 @@ impl Domain for Sim {
     }
 
     unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
+        if !self.record {
+            // SAFETY: forwarded caller contract.
+            return unsafe { persist::store_plain(dst, value, order) };
+        }
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, dst as usize, 8);
         // SAFETY: the caller guarantees dst is aligned and valid.
@@ -210,6 +237,10 @@ impl Domain for Sim {
         new: u64,
         order: Ordering,
     ) -> Result<u64, u64> {
+        if !self.record {
+            // SAFETY: forwarded caller contract.
+            return unsafe { persist::cas_plain(dst, current, new, order) };
+        }
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, dst as usize, 8);
         // SAFETY: the caller guarantees dst is aligned and valid.
@@ -222,6 +253,9 @@ impl Domain for Sim {
 
     #[track_caller]
     unsafe fn flush(&self, addr: *const u8, len: usize) {
+        if !self.record {
+            return;
+        }
         let site = Site::caller();
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, addr as usize, len);
@@ -240,8 +274,10 @@ impl Domain for Sim {
 
     #[track_caller]
     fn fence(&self) -> Result<(), PersistError> {
-        let site = Site::caller();
-        self.lock().recording.events.push(Event::Fence { site });
+        if self.record {
+            let site = Site::caller();
+            self.lock().recording.events.push(Event::Fence { site });
+        }
         persist::counters_add_fence();
         Ok(())
     }

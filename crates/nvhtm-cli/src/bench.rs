@@ -1,0 +1,419 @@
+//! `nvhtm bench`: measurements of the persistence layer, always side by side in one run and
+//! reported as ratios to a baseline measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use nvhtm::persist::{global_stats, Domain, FlushInstr, PersistStats};
+use nvhtm::pool::{PoolOptions, HEADER_SIZE};
+use nvhtm::sim::litmus::{self, Protocol};
+use nvhtm::sim::{CrashContext, CrashTest, Recording, Sim};
+use nvhtm::{Cpu, Msync, Pool, PoolError, Volatile};
+use serde::Serialize;
+
+use crate::commands::CommandResult;
+
+/// Which benchmark to run.
+#[derive(Debug, Subcommand)]
+pub enum Which {
+    /// Cost of persisting one cache line and 4 KiB in each persistence domain, as a ratio to
+    /// the Volatile domain (stores only).
+    Persist {
+        /// Directory on an ordinary (page-cache) file system for the msync pool.
+        #[arg(long, default_value = ".")]
+        disk_dir: PathBuf,
+        /// Directory on tmpfs (or DAX) for the cpu pools.
+        #[arg(long, default_value = "/dev/shm")]
+        pmem_dir: PathBuf,
+        /// Measuring time per case, in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        millis: u64,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Crash images the simulator checks per second, on the litmus protocols and on a
+    /// 200-record persistent log.
+    Sim {
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// The machine a result was measured on.
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    kernel: String,
+}
+
+impl Machine {
+    fn here() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+            .map_or_else(|| "unknown".into(), |s| s.trim().to_string());
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        Machine { cpu, cores: std::thread::available_parallelism().map_or(1, |n| n.get()), kernel }
+    }
+}
+
+pub fn run(which: Which) -> CommandResult {
+    match which {
+        Which::Persist { disk_dir, pmem_dir, millis, json } => {
+            persist(&disk_dir, &pmem_dir, Duration::from_millis(millis), json.as_deref())
+        }
+        Which::Sim { json } => sim(json.as_deref()),
+    }
+}
+
+fn write_json(path: Option<&Path>, value: &impl Serialize) -> CommandResult {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// One measured case of `bench persist`.
+#[derive(Debug, Serialize)]
+struct PersistResult {
+    domain: String,
+    medium: String,
+    op: &'static str,
+    ns_per_op: f64,
+    ratio_to_volatile: f64,
+    lines_flushed_per_op: f64,
+    fences_per_op: f64,
+    syncs_per_op: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct PersistReport {
+    bench: &'static str,
+    machine: Machine,
+    results: Vec<PersistResult>,
+}
+
+/// The operations measured: a store of `len` bytes at a rotating offset, made durable.
+#[derive(Clone, Copy)]
+enum Op {
+    Line,
+    Page,
+    PageNonTemporal,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Line => "persist 64 B",
+            Op::Page => "persist 4 KiB",
+            Op::PageNonTemporal => "persist 4 KiB (non-temporal)",
+        }
+    }
+
+    fn len(self) -> u64 {
+        match self {
+            Op::Line => 64,
+            Op::Page | Op::PageNonTemporal => 4096,
+        }
+    }
+}
+
+/// Working set the offsets rotate over: larger than the L2 cache, so lines are not all hot.
+const WORKING_SET: u64 = 8 << 20;
+
+/// Runs `op` repeatedly for `budget` (after a warm-up) and returns ns per op and work per op.
+fn measure<D: Domain>(
+    pool: &Pool<D>,
+    op: Op,
+    budget: Duration,
+    sim: Option<&Sim>,
+) -> Result<(f64, PersistStats, u64), PoolError> {
+    let data = vec![0xa5u8; op.len() as usize];
+    let slots = (WORKING_SET - HEADER_SIZE) / op.len() - 1;
+    let mut i = 0u64;
+    let step = |i: u64| -> Result<(), PoolError> {
+        let offset = HEADER_SIZE.next_multiple_of(op.len()) + (i * 7919 % slots) * op.len();
+        match op {
+            Op::PageNonTemporal => {
+                pool.write_persistent(offset, &data)?;
+                pool.fence()
+            }
+            _ => {
+                pool.write_bytes(offset, &data)?;
+                pool.persist(offset, op.len())
+            }
+        }
+    };
+    for _ in 0..1000 {
+        step(i)?;
+        i += 1;
+    }
+    let before = global_stats();
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed() < budget {
+        for _ in 0..64 {
+            step(i)?;
+            i += 1;
+        }
+        ops += 64;
+        if let Some(sim) = sim.filter(|sim| sim.events() > 1 << 20) {
+            // Keep the recording bounded: every store so far is durable.
+            sim.restart_recording().map_err(PoolError::Poisoned)?;
+        }
+    }
+    let elapsed = start.elapsed();
+    Ok((elapsed.as_nanos() as f64 / ops as f64, global_stats() - before, ops))
+}
+
+/// A scratch pool file, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(dir: &Path, name: &str) -> Scratch {
+        Scratch(dir.join(format!(".nvhtm-bench-{}-{name}.pool", std::process::id())))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+type Row = (String, String, Op, f64, PersistStats, u64);
+
+fn measure_all<D: Domain>(
+    rows: &mut Vec<Row>,
+    domain: &str,
+    pool: &Pool<D>,
+    ops: &[Op],
+    budget: Duration,
+    sim: Option<&Sim>,
+) -> CommandResult {
+    let medium = match pool.info().filesystem.as_str() {
+        "memory" => "memory".to_string(),
+        "tmpfs" => "tmpfs".to_string(),
+        fs => format!("{fs} file"),
+    };
+    for &op in ops {
+        let (ns, stats, n) = measure(pool, op, budget, sim)?;
+        rows.push((domain.to_string(), medium.clone(), op, ns, stats, n));
+    }
+    Ok(())
+}
+
+fn persist(disk_dir: &Path, pmem_dir: &Path, budget: Duration, json: Option<&Path>) -> CommandResult {
+    let opts = PoolOptions::layout("bench").with_size(WORKING_SET + (1 << 20));
+    let all = [Op::Line, Op::Page, Op::PageNonTemporal];
+    let mut rows: Vec<Row> = Vec::new();
+
+    let shm = Scratch::new(pmem_dir, "pmem");
+    Pool::<Volatile>::create(&shm.0, &opts)?.close()?;
+    let pool = Pool::<Volatile>::open(&shm.0, &opts)?;
+    measure_all(&mut rows, "volatile", &pool, &all, budget, None)?;
+    drop(pool);
+    for instr in FlushInstr::supported() {
+        let cpu = Cpu::with_instr(instr).ok_or("flush instruction not supported")?;
+        let pool = Pool::open_with_domain(&shm.0, &opts, cpu)?;
+        measure_all(&mut rows, &format!("cpu ({instr:?})").to_lowercase(), &pool, &all, budget, None)?;
+    }
+    let pool = Pool::<Msync>::open(&shm.0, &opts)?;
+    measure_all(&mut rows, "msync", &pool, &[Op::Line, Op::Page], budget, None)?;
+    drop(pool);
+
+    let disk = Scratch::new(disk_dir, "disk");
+    let pool = Pool::<Msync>::create(&disk.0, &opts)?;
+    measure_all(&mut rows, "msync", &pool, &[Op::Line, Op::Page], budget, None)?;
+    drop(pool);
+
+    let sim = Sim::new();
+    let pool = Pool::create_in_memory(&opts, sim.clone())?;
+    sim.restart_recording()?;
+    measure_all(&mut rows, "sim", &pool, &all, budget, Some(&sim))?;
+
+    let volatile_ns =
+        |op: Op| rows.iter().find(|r| r.0 == "volatile" && r.2.name() == op.name()).map_or(f64::NAN, |r| r.3);
+    let results: Vec<PersistResult> = rows
+        .iter()
+        .map(|(domain, medium, op, ns, stats, n)| PersistResult {
+            domain: domain.clone(),
+            medium: medium.clone(),
+            op: op.name(),
+            ns_per_op: *ns,
+            ratio_to_volatile: ns / volatile_ns(*op),
+            lines_flushed_per_op: stats.lines_flushed as f64 / *n as f64,
+            fences_per_op: stats.fences as f64 / *n as f64,
+            syncs_per_op: stats.syncs as f64 / *n as f64,
+        })
+        .collect();
+    let machine = Machine::here();
+    println!("persist cost on {} ({} cores, Linux {})", machine.cpu, machine.cores, machine.kernel);
+    println!(
+        "{:<18} {:<10} {:<30} {:>10} {:>10} {:>7} {:>7} {:>7}",
+        "domain", "medium", "op", "ns/op", "x volatile", "lines", "fences", "syncs"
+    );
+    for r in &results {
+        println!(
+            "{:<18} {:<10} {:<30} {:>10.1} {:>10.2} {:>7.2} {:>7.2} {:>7.2}",
+            r.domain,
+            r.medium,
+            r.op,
+            r.ns_per_op,
+            r.ratio_to_volatile,
+            r.lines_flushed_per_op,
+            r.fences_per_op,
+            r.syncs_per_op
+        );
+    }
+    write_json(json, &PersistReport { bench: "persist", machine, results })
+}
+
+/// One measured case of `bench sim`.
+#[derive(Debug, Serialize)]
+struct SimResult {
+    workload: String,
+    pool_bytes: usize,
+    recovery_depth: u32,
+    crash_points: u64,
+    images_checked: u64,
+    seconds: f64,
+    images_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct SimReport {
+    bench: &'static str,
+    machine: Machine,
+    results: Vec<SimResult>,
+}
+
+/// A persistent log: 100-byte records appended after the tail, then the tail word (8 bytes,
+/// its own line) moved past them. The oracle: the tail covers every completed append, and every
+/// record below the tail is whole.
+struct Log {
+    records: u64,
+}
+
+const LOG_TAIL: u64 = HEADER_SIZE;
+const LOG_START: u64 = HEADER_SIZE + 64;
+const RECORD: u64 = 100;
+
+fn log_record(i: u64) -> Vec<u8> {
+    (0..RECORD).map(|b| (i * 31 + b) as u8).collect()
+}
+
+impl Log {
+    fn opts(&self, size: u64) -> PoolOptions {
+        PoolOptions::layout("log").with_size(size).with_max_size(size)
+    }
+
+    fn record(&self, size: u64) -> Result<Recording, PoolError> {
+        let sim = Sim::new();
+        let pool = Pool::create_in_memory(&self.opts(size), sim.clone())?;
+        sim.restart_recording().map_err(PoolError::Poisoned)?;
+        for i in 0..self.records {
+            let at = LOG_START + i * RECORD;
+            pool.write_bytes(at, &log_record(i))?;
+            pool.persist(at, RECORD)?;
+            pool.store_u64(LOG_TAIL, i + 1, Ordering::Release)?;
+            pool.persist(LOG_TAIL, 8)?;
+            sim.mark(i);
+        }
+        Ok(sim.recording())
+    }
+
+    fn check(&self, size: u64, sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
+        let pool = Pool::open_image(image, &self.opts(size), sim.clone()).map_err(|e| e.to_string())?;
+        let tail = pool.load_u64(LOG_TAIL, Ordering::Acquire).map_err(|e| e.to_string())?;
+        let done = ctx.marks.len() as u64;
+        if tail < done || tail > done + 1 {
+            return Err(format!("tail {tail} with {done} appends completed"));
+        }
+        let mut buf = vec![0u8; RECORD as usize];
+        for i in 0..tail {
+            pool.read_into(LOG_START + i * RECORD, &mut buf).map_err(|e| e.to_string())?;
+            if buf != log_record(i) {
+                return Err(format!("record {i} below the tail is damaged"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn timed(
+    name: String,
+    pool_bytes: usize,
+    depth: u32,
+    run: impl FnOnce() -> nvhtm::sim::CrashReport,
+) -> Result<SimResult, String> {
+    let start = Instant::now();
+    let report = run();
+    let seconds = start.elapsed().as_secs_f64();
+    if !report.passed() {
+        return Err(format!("{name}: {}", report.failures[0]));
+    }
+    let images = report.images_checked + report.recovery_images_checked;
+    Ok(SimResult {
+        workload: name,
+        pool_bytes,
+        recovery_depth: depth,
+        crash_points: report.crash_points,
+        images_checked: images,
+        seconds,
+        images_per_second: images as f64 / seconds,
+    })
+}
+
+fn sim(json: Option<&Path>) -> CommandResult {
+    let mut results = Vec::new();
+    for protocol in Protocol::ALL.into_iter().filter(|p| p.is_correct()) {
+        let recording = protocol.record();
+        let test = CrashTest::default();
+        results.push(timed(format!("litmus {protocol:?}"), 65536, 0, || {
+            test.run(&recording, |s, i, c| protocol.check_image(s, i, c))
+        })?);
+    }
+    let undo = litmus::undo_log_recording();
+    let deep = CrashTest { recovery_depth: 2, ..CrashTest::default() };
+    results.push(timed("litmus undo log".into(), 65536, 2, || {
+        deep.run(&undo, |s, i, c| litmus::undo_log_check(s, i, c, true))
+    })?);
+    let log = Log { records: 200 };
+    for size in [64u64 << 10, 1 << 20] {
+        let recording = log.record(size)?;
+        for depth in [0, 1] {
+            let test = CrashTest { recovery_depth: depth, ..CrashTest::default() };
+            results.push(timed(format!("log of {} records", log.records), size as usize, depth, || {
+                test.run(&recording, |s, i, c| log.check(size, s, i, c))
+            })?);
+        }
+    }
+    let machine = Machine::here();
+    println!("crash simulator throughput on {} ({} cores)", machine.cpu, machine.cores);
+    println!(
+        "{:<28} {:>10} {:>6} {:>8} {:>10} {:>9} {:>12}",
+        "workload", "pool", "depth", "points", "images", "seconds", "images/s"
+    );
+    for r in &results {
+        println!(
+            "{:<28} {:>10} {:>6} {:>8} {:>10} {:>9.3} {:>12.0}",
+            r.workload,
+            r.pool_bytes,
+            r.recovery_depth,
+            r.crash_points,
+            r.images_checked,
+            r.seconds,
+            r.images_per_second
+        );
+    }
+    write_json(json, &SimReport { bench: "sim", machine, results })
+}

@@ -1,0 +1,179 @@
+//! The `nvhtm` command line: create, info, grow, and a specific error with a non-zero exit for
+//! every bad input.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nvhtm::{AutoDomain, Pool, PoolOptions};
+use tempfile::TempDir;
+
+fn nvhtm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nvhtm")).args(args).output().expect("run nvhtm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `nvhtm args`, expecting failure with exit status 1 and `message` on stderr.
+fn fails(args: &[&str], message: &str) {
+    let out = nvhtm(args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.starts_with("nvhtm: error: "), "{stderr}");
+    assert!(stderr.contains(message), "{args:?}: expected {message:?} in {stderr:?}");
+}
+
+fn shm() -> TempDir {
+    tempfile::Builder::new().prefix("nvhtm-cli-").tempdir_in("/dev/shm").unwrap()
+}
+
+fn disk() -> TempDir {
+    tempfile::Builder::new().prefix("nvhtm-cli-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+fn create(dir: &Path) -> PathBuf {
+    let path = dir.join("p.pool");
+    let out = nvhtm(&["create", path.to_str().unwrap(), "--size", "1MiB"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    path
+}
+
+#[test]
+fn create_then_info_in_text_and_json() {
+    let dir = shm();
+    let path = dir.path().join("demo.pool");
+    let p = path.to_str().unwrap();
+    let out = nvhtm(&["create", p, "--size", "2M", "--layout", "kv"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with(&format!("created {p}: 2.0 MiB, layout \"kv\", uuid ")), "{stdout}");
+    assert!(stdout.trim_end().ends_with("tmpfs (cpu domain)"), "{stdout}");
+
+    let out = nvhtm(&["info", p]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    for line in [
+        "layout      kv",
+        "size        2.0 MiB (2097152 bytes)",
+        "shutdown    clean",
+        "in use      no",
+        "filesystem  tmpfs",
+        "root        none",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+
+    let out = nvhtm(&["info", p, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["layout"], "kv");
+    assert_eq!(json["size"], 2097152);
+    assert_eq!(json["format_version"], 1);
+    assert_eq!(json["clean_shutdown"], true);
+    assert_eq!(json["dax"], false);
+    assert_eq!(json["domain"], "cpu");
+    assert_eq!(json["uuid"].as_str().unwrap().len(), 36);
+}
+
+#[test]
+fn info_reports_a_pool_in_use_and_not_clean() {
+    let dir = shm();
+    let path = create(dir.path());
+    let pool = Pool::<AutoDomain>::open(&path, &PoolOptions::default()).unwrap();
+    let out = nvhtm(&["info", path.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("in use      yes"), "{stdout}");
+    assert!(stdout.contains("shutdown    not clean"), "{stdout}");
+    // A second writer is refused while the first holds the pool.
+    fails(&["grow", path.to_str().unwrap(), "2MiB"], "locked: another process has this pool open");
+    drop(pool);
+}
+
+#[test]
+fn grow_extends_in_place_and_refuses_to_shrink() {
+    let dir = disk();
+    let path = create(dir.path());
+    let p = path.to_str().unwrap();
+    let out = nvhtm(&["grow", p, "3MiB"]);
+    assert_eq!(text(&out.stdout).trim(), format!("{p}: grew from 1.0 MiB to 3.0 MiB"));
+    let json: serde_json::Value = serde_json::from_slice(&nvhtm(&["info", p, "--json"]).stdout).unwrap();
+    assert_eq!(json["size"], 3 << 20);
+    assert_eq!(json["domain"], "msync");
+    fails(&["grow", p, "1MiB"], "pools grow but do not shrink");
+}
+
+#[test]
+fn every_bad_input_gets_a_specific_error() {
+    let dir = disk();
+    let pool = create(dir.path());
+    let p = pool.to_str().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+
+    // Size too small, unparsable size, bad layout, existing file.
+    fails(
+        &["create", &path("small"), "--size", "4k"],
+        "pool size 4096 bytes is too small: the minimum is 65536 bytes",
+    );
+    let out = nvhtm(&["create", &path("x"), "--size", "lots"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    assert!(text(&out.stderr).contains("invalid value 'lots'"));
+    fails(&["create", &path("y"), "--layout", "two words"], "invalid layout name \"two words\"");
+    fails(&["create", p], "already exists");
+
+    // Not a pool; missing.
+    std::fs::write(path("notes.txt"), "just some text, not a pool").unwrap();
+    fails(&["info", &path("notes.txt")], "not an nvhtm pool (magic is \"just som\"");
+    fails(&["info", &path("missing")], "missing: no such file");
+
+    // Wrong layout.
+    fails(&["info", p, "--layout", "other"], "pool layout is \"nvhtm\", expected \"other\"");
+
+    // Newer format version (with a valid checksum).
+    let mut bytes = std::fs::read(&pool).unwrap();
+    bytes[8..12].copy_from_slice(&7u32.to_ne_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&bytes[..248]);
+    bytes[248..256].copy_from_slice(&sum.to_ne_bytes());
+    std::fs::write(path("newer.pool"), &bytes).unwrap();
+    fails(&["info", &path("newer.pool")], "pool format version 7 is newer than this build supports (1)");
+
+    // Bad header checksum.
+    let mut bytes = std::fs::read(&pool).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(path("corrupt.pool"), &bytes).unwrap();
+    fails(&["info", &path("corrupt.pool")], "header checksum mismatch");
+
+    // Truncated; a failed open writes nothing.
+    let bytes = std::fs::read(&pool).unwrap();
+    std::fs::write(path("short.pool"), &bytes[..200_000]).unwrap();
+    fails(&["info", &path("short.pool")], "truncated: the pool needs 1048576 bytes but the file has 200000");
+    fails(&["grow", &path("short.pool"), "2MiB"], "truncated");
+    assert_eq!(std::fs::read(path("short.pool")).unwrap(), &bytes[..200_000]);
+}
+
+#[test]
+fn no_permission_is_reported_as_such() {
+    let dir = shm();
+    let pool = create(dir.path());
+    let root = rustix::process::geteuid().is_root();
+    // Only the owner may enter the directory; the test runs the command as someone else.
+    let mode = if root { 0o700 } else { 0o000 };
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(mode)).unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvhtm"));
+        cmd.args(args);
+        if root {
+            // Root may open anything: drop to an unprivileged user for this one command.
+            cmd.uid(65534).gid(65534);
+        }
+        cmd.output().unwrap()
+    };
+    let info = run(&["info", pool.to_str().unwrap()]);
+    let create = run(&["create", dir.path().join("new.pool").to_str().unwrap()]);
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o700)).unwrap();
+    assert_eq!(info.status.code(), Some(1));
+    assert!(text(&info.stderr).contains("permission denied (open)"), "{}", text(&info.stderr));
+    assert_eq!(create.status.code(), Some(1));
+    assert!(text(&create.stderr).contains("permission denied (create)"), "{}", text(&create.stderr));
+}
