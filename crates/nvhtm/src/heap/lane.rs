@@ -1,0 +1,210 @@
+//! Lanes: per-thread persistent logs. Each lane has a state word, a redo log and an undo log.
+//!
+//! The state word is `gen << 1 | active`. An operation with generation `gen`:
+//! 1. sets the state to `gen | active` (persisted with the first undo entry, or with step 2);
+//! 2. optionally appends undo entries (each persisted before the range it covers changes);
+//! 3. commits by writing its redo entries and the redo header `{gen, count, checksum}`: once that
+//!    header is persistent the operation is committed;
+//! 4. applies the redo entries (8-byte stores) and persists them;
+//! 5. retires by setting the state to `gen` (inactive).
+//!
+//! Recovery of a lane whose state is active: a valid redo header of the same generation means
+//! committed, so the redo entries are applied again (they are absolute values, and no other lane
+//! touched their words before retirement); otherwise the undo entries of that generation are
+//! restored, newest first. Both are idempotent, so a crash during recovery is recovered the same
+//! way.
+
+use std::sync::atomic::Ordering;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::error::{HeapError, Result};
+use super::layout::{REDO_CAP, REDO_ENTRIES, REDO_HEADER, UNDO_ENTRY_HEADER, UNDO_START};
+use crate::persist::Domain;
+use crate::pool::{Pool, HEADER_SIZE};
+
+/// Where a lane lives in the pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneLog {
+    pub base: u64,
+    pub size: u64,
+}
+
+/// What recovery did to a lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaneRecovery {
+    /// The lane was idle.
+    Idle,
+    /// A committed operation was completed: this many redo entries applied.
+    RolledForward(usize),
+    /// An uncommitted transaction was undone: this many snapshots restored.
+    RolledBack(usize),
+}
+
+fn redo_checksum(gen: u64, entries: &[(u64, u64)]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&gen.to_le_bytes());
+    h.update(&(entries.len() as u64).to_le_bytes());
+    for (off, value) in entries {
+        h.update(&off.to_le_bytes());
+        h.update(&value.to_le_bytes());
+    }
+    h.digest()
+}
+
+fn undo_checksum(gen: u64, offset: u64, data: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&gen.to_le_bytes());
+    h.update(&offset.to_le_bytes());
+    h.update(&(data.len() as u64).to_le_bytes());
+    h.update(data);
+    h.digest()
+}
+
+impl LaneLog {
+    pub fn undo_capacity(&self) -> u64 {
+        self.size - UNDO_START
+    }
+
+    /// `(generation, active)` from the state word.
+    pub fn state<D: Domain>(&self, pool: &Pool<D>) -> Result<(u64, bool)> {
+        let word = pool.load_u64(self.base, Ordering::Acquire)?;
+        Ok((word >> 1, word & 1 == 1))
+    }
+
+    /// Marks generation `gen` active (flushed, not fenced: the caller's next fence persists it).
+    #[track_caller]
+    pub fn activate<D: Domain>(&self, pool: &Pool<D>, gen: u64) -> Result<()> {
+        pool.store_u64(self.base, gen << 1 | 1, Ordering::Release)?;
+        Ok(pool.flush(self.base, 8)?)
+    }
+
+    /// Marks generation `gen` retired (flushed, not fenced).
+    #[track_caller]
+    pub fn retire<D: Domain>(&self, pool: &Pool<D>, gen: u64) -> Result<()> {
+        pool.store_u64(self.base, gen << 1, Ordering::Release)?;
+        Ok(pool.flush(self.base, 8)?)
+    }
+
+    /// Appends an undo entry at `*tail` (an offset in the undo area) and flushes it; the caller
+    /// fences before changing the range.
+    #[track_caller]
+    pub fn append_undo<D: Domain>(
+        &self,
+        pool: &Pool<D>,
+        gen: u64,
+        tail: &mut u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let len = data.len() as u64;
+        let needed = UNDO_ENTRY_HEADER + len.next_multiple_of(8);
+        if *tail + needed > self.undo_capacity() {
+            return Err(HeapError::UndoLogFull { needed: *tail + needed, capacity: self.undo_capacity() });
+        }
+        let at = self.base + UNDO_START + *tail;
+        let header = [gen, offset, len, undo_checksum(gen, offset, data)];
+        pool.write(at, &header)?;
+        pool.write_bytes(at + UNDO_ENTRY_HEADER, data)?;
+        pool.flush(at, needed)?;
+        *tail += needed;
+        Ok(())
+    }
+
+    /// Writes the redo entries and the header that commits them (flushed, not fenced).
+    #[track_caller]
+    pub fn write_redo<D: Domain>(&self, pool: &Pool<D>, gen: u64, entries: &[(u64, u64)]) -> Result<()> {
+        if entries.len() > REDO_CAP {
+            return Err(HeapError::RedoLogFull { needed: entries.len(), capacity: REDO_CAP });
+        }
+        let words: Vec<u64> = entries.iter().flat_map(|&(o, v)| [o, v]).collect();
+        if !words.is_empty() {
+            pool.write_bytes(self.base + REDO_ENTRIES, bytemuck::cast_slice(&words))?;
+            pool.flush(self.base + REDO_ENTRIES, words.len() as u64 * 8)?;
+        }
+        let header = [gen, entries.len() as u64, redo_checksum(gen, entries)];
+        pool.write(self.base + REDO_HEADER, &header)?;
+        Ok(pool.flush(self.base + REDO_HEADER, 24)?)
+    }
+
+    /// The committed redo entries of generation `gen`, if its header is valid.
+    fn committed_redo<D: Domain>(&self, pool: &Pool<D>, gen: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let [hgen, count, checksum]: [u64; 3] = pool.read(self.base + REDO_HEADER)?;
+        if hgen != gen || count as usize > REDO_CAP {
+            return Ok(None);
+        }
+        let mut words = vec![0u64; count as usize * 2];
+        pool.read_into(self.base + REDO_ENTRIES, bytemuck::cast_slice_mut(&mut words))?;
+        let entries: Vec<(u64, u64)> = words.chunks_exact(2).map(|w| (w[0], w[1])).collect();
+        Ok((redo_checksum(gen, &entries) == checksum).then_some(entries))
+    }
+
+    /// The valid undo entries of generation `gen`, oldest first.
+    fn undo_entries<D: Domain>(&self, pool: &Pool<D>, gen: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut entries = Vec::new();
+        let mut tail = 0;
+        while tail + UNDO_ENTRY_HEADER <= self.undo_capacity() {
+            let at = self.base + UNDO_START + tail;
+            let [egen, offset, len, checksum]: [u64; 4] = pool.read(at)?;
+            let needed = UNDO_ENTRY_HEADER + len.next_multiple_of(8);
+            if egen != gen || tail + needed > self.undo_capacity() {
+                break;
+            }
+            let mut data = vec![0u8; len as usize];
+            pool.read_into(at + UNDO_ENTRY_HEADER, &mut data)?;
+            if undo_checksum(gen, offset, &data) != checksum {
+                break; // torn: written when the crash came, so its range was never changed
+            }
+            entries.push((offset, data));
+            tail += needed;
+        }
+        Ok(entries)
+    }
+
+    /// Applies redo entries (flushed, not fenced).
+    #[track_caller]
+    pub fn apply<D: Domain>(pool: &Pool<D>, entries: &[(u64, u64)]) -> Result<()> {
+        for &(offset, value) in entries {
+            pool.store_u64(offset, value, Ordering::Release)?;
+            pool.flush(offset, 8)?;
+        }
+        Ok(())
+    }
+
+    /// Completes or undoes whatever the lane was doing when the pool was last closed or crashed,
+    /// and retires it. Returns the generation to continue from.
+    pub fn recover<D: Domain>(&self, pool: &Pool<D>) -> Result<(u64, LaneRecovery)> {
+        let (gen, active) = self.state(pool)?;
+        if !active {
+            return Ok((gen, LaneRecovery::Idle));
+        }
+        let corrupt = |what: String| HeapError::Corrupt(format!("lane at {:#x}: {what}", self.base));
+        let outcome = match self.committed_redo(pool, gen)? {
+            Some(entries) => {
+                for &(offset, _) in &entries {
+                    if offset % 8 != 0 || offset < HEADER_SIZE || offset + 8 > pool.size() {
+                        return Err(corrupt(format!("redo entry for offset {offset:#x}")));
+                    }
+                }
+                LaneLog::apply(pool, &entries)?;
+                LaneRecovery::RolledForward(entries.len())
+            }
+            None => {
+                let entries = self.undo_entries(pool, gen)?;
+                for (offset, data) in entries.iter().rev() {
+                    if *offset < HEADER_SIZE || offset + data.len() as u64 > pool.size() {
+                        return Err(corrupt(format!("undo entry for {offset:#x}+{}", data.len())));
+                    }
+                    pool.write_bytes(*offset, data)?;
+                    pool.flush(*offset, data.len() as u64)?;
+                }
+                LaneRecovery::RolledBack(entries.len())
+            }
+        };
+        pool.fence()?;
+        self.retire(pool, gen)?;
+        pool.fence()?;
+        Ok((gen, outcome))
+    }
+}
