@@ -167,3 +167,20 @@ fn recording_restarts_only_from_a_durable_state() {
     sim.restart_recording().unwrap();
     assert_eq!(sim.recording().stores(), 0);
 }
+
+#[test]
+fn a_fence_orders_only_its_own_threads_flushes() {
+    let sim = Sim::new();
+    let pool = Pool::create_in_memory(&opts(), sim.clone()).unwrap();
+    sim.restart_recording().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pool.write(X, &1u64).unwrap();
+            pool.flush(X, 8).unwrap();
+        });
+    });
+    pool.write(Y, &3u64).unwrap();
+    pool.persist(Y, 8).unwrap(); // this thread's fence: X was flushed by another thread
+    let end = at_end(&images(&CrashTest::default(), &sim.recording()));
+    assert_eq!(end, [[0, 0, 3], [1, 0, 3]].into_iter().collect(), "X may still be lost, Y may not");
+}

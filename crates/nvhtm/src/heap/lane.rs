@@ -87,6 +87,13 @@ impl LaneLog {
         Ok(pool.flush(self.base, 8)?)
     }
 
+    /// Marks generation `gen` retired without writing it back: for an operation whose redo log
+    /// is empty, where replaying it after a crash is harmless (the next activation or any
+    /// write-back makes it durable).
+    pub fn retire_lazily<D: Domain>(&self, pool: &Pool<D>, gen: u64) -> Result<()> {
+        Ok(pool.store_u64(self.base, gen << 1, Ordering::Release)?)
+    }
+
     /// Appends an undo entry at `*tail` (an offset in the undo area) and flushes it; the caller
     /// fences before changing the range.
     #[track_caller]

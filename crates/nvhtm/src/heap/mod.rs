@@ -533,7 +533,7 @@ impl<D: Domain> Heap<D> {
             // written only by the redo log (it may head a free element now).
             let start = self.chunk_offset(chunk) + 64;
             self.pool.write_bytes(start, &vec![0u8; (geo.data - 64) as usize])?;
-            self.pool.flush(start, geo.data - 64)?;
+            self.pool.persist(start, geo.data - 64)?;
             let writes = chunks.carve(chunk, 1, Head::Run(class)).map_err(HeapError::Corrupt)?;
             let entries: Vec<(u64, u64)> =
                 writes.iter().map(|&(c, h)| (self.chunk_offset(c), chunk::encode(h))).collect();
@@ -558,17 +558,7 @@ impl<D: Domain> Heap<D> {
     /// Reserves a block of `size` bytes for the owner of `lane`.
     fn reserve_in(&self, lane: &mut LaneSlot, size: u64) -> Result<Reservation> {
         let Some(class) = layout::class_for(size) else {
-            let chunks_needed = (size + 64).div_ceil(CHUNK);
-            let k = u32::try_from(chunks_needed).map_err(|_| HeapError::OutOfSpace {
-                requested: size,
-                why: "larger than a heap can hold".into(),
-            })?;
-            let chunk = self.take_chunks(&mut lock(&self.chunks), k, size)?;
-            return Ok(Reservation {
-                offset: self.chunk_offset(chunk) + 64,
-                size: u64::from(k) * CHUNK - 64,
-                kind: Block::Large { chunk, chunks: k },
-            });
+            return self.reserve_large(size);
         };
         loop {
             if let Some(chunk) = lane.current[class] {
@@ -600,6 +590,40 @@ impl<D: Domain> Heap<D> {
                 None => lane.current[class] = Some(self.create_run(class)?),
             }
         }
+    }
+
+    /// Reserves whole chunks for a large block. The block's bytes cover the heads of the chunks
+    /// after its first; so that writing into the reserved block cannot damage the persistent
+    /// partition before it is committed, the chunks are first made one free element on media
+    /// (on the heap's own lane) unless they already are.
+    fn reserve_large(&self, size: u64) -> Result<Reservation> {
+        let k = u32::try_from((size + 64).div_ceil(CHUNK)).map_err(|_| HeapError::OutOfSpace {
+            requested: size,
+            why: "larger than a heap can hold".into(),
+        })?;
+        let mut chunks = lock(&self.chunks);
+        let chunk = self.take_chunks(&mut chunks, k, size)?;
+        if chunks.mirror.get(&chunk) != Some(&Head::Free(k)) {
+            let merged = (|| -> Result<Vec<(u32, Head)>> {
+                let writes = chunks.carve(chunk, k, Head::Free(k)).map_err(HeapError::Corrupt)?;
+                let entries: Vec<(u64, u64)> =
+                    writes.iter().map(|&(c, h)| (self.chunk_offset(c), chunk::encode(h))).collect();
+                self.redo_op(&mut lock(&self.lanes[0]), &entries)?;
+                Ok(writes)
+            })();
+            match merged {
+                Ok(writes) => chunks.install(chunk, k, &writes),
+                Err(e) => {
+                    chunks.give_back(chunk, k);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Reservation {
+            offset: self.chunk_offset(chunk) + 64,
+            size: u64::from(k) * CHUNK - 64,
+            kind: Block::Large { chunk, chunks: k },
+        })
     }
 
     /// Makes a block available again in DRAM (a cancelled reservation, or a committed free).
@@ -715,9 +739,14 @@ impl<D: Domain> Heap<D> {
         if let Some(chunks) = chunks {
             for (chunk, k, allocate) in large {
                 if allocate {
-                    let writes = chunks.carve(chunk, k, Head::Large(k)).map_err(HeapError::Corrupt)?;
-                    entries.extend(writes.iter().map(|&(c, h)| (self.chunk_offset(c), chunk::encode(h))));
-                    chunks.install(chunk, k, &writes);
+                    // Reservation made the chunks exactly one free element.
+                    if chunks.mirror.get(&chunk) != Some(&Head::Free(k)) {
+                        return Err(HeapError::Corrupt(format!(
+                            "reserved chunks {chunk}+{k} are not one free element"
+                        )));
+                    }
+                    entries.push((self.chunk_offset(chunk), chunk::encode(Head::Large(k))));
+                    chunks.mirror.insert(chunk, Head::Large(k));
                 } else {
                     entries.push((self.chunk_offset(chunk), chunk::encode(Head::Free(k))));
                     chunks.mirror.insert(chunk, Head::Free(k));

@@ -199,9 +199,10 @@ impl<'h, D: Domain> Tx<'h, D> {
         self.snapshots.is_empty() && self.allocs.is_empty() && self.frees.is_empty() && self.words.is_empty()
     }
 
-    /// Commit: flush what was written; write the redo log (allocations, frees, redo words) and
-    /// fence — the commit point; apply it and fence; retire and fence. With an empty redo log
-    /// the retirement needs no fence of its own (replaying an empty log is harmless).
+    /// Commit: flush what was written and fence (the data must be durable before anything says
+    /// it is committed); write the redo log (allocations, frees, redo words) and fence — the
+    /// commit point; apply it and fence; retire and fence. With an empty redo log the retirement
+    /// needs no fence of its own (replaying an empty log is harmless).
     pub(super) fn commit(mut self) -> Result<()> {
         if self.is_empty() {
             return Ok(());
@@ -211,6 +212,9 @@ impl<'h, D: Domain> Tx<'h, D> {
         self.activate()?;
         for &(offset, len) in &self.dirty {
             pool.flush(offset, len)?;
+        }
+        if !self.dirty.is_empty() {
+            pool.fence()?;
         }
         let allocs: Vec<Block> = self.allocs.iter().map(|r| r.kind).collect();
         let touches_chunks = allocs.iter().chain(&self.frees).any(|b| matches!(b, Block::Large { .. }));
@@ -231,7 +235,7 @@ impl<'h, D: Domain> Tx<'h, D> {
         self.lane.log.write_redo(pool, self.gen, &entries)?;
         pool.fence()?;
         if entries.is_empty() {
-            self.lane.log.retire(pool, self.gen)?;
+            self.lane.log.retire_lazily(pool, self.gen)?;
         } else {
             LaneLog::apply(pool, &entries)?;
             pool.fence()?;

@@ -371,12 +371,13 @@ impl<D: Domain> Pool<D> {
         let path = Path::new("<image>");
         let header = header::parse(path, image, image.len() as u64)?;
         check_layout(&header, &opts.layout, path)?;
-        let len = page_round(image.len() as u64);
+        // Like a file, the pool is as long as its header says (the image may be longer).
+        let len = header.state.size;
         let region = Region::anonymous(len, page_round(opts.max_size.max(len)))
             .map_err(|e| PoolError::io(path, "mmap", e))?;
-        // SAFETY: the region was just mapped with `len >= image.len()` writable bytes and is
-        // not shared yet.
-        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), region.base(), image.len()) };
+        // SAFETY: the region was just mapped with `len` writable bytes, `len <= image.len()`
+        // (checked by `parse`), and it is not shared yet.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), region.base(), len as usize) };
         Pool::start(region, domain, None, path, header)
     }
 

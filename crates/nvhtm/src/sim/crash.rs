@@ -24,11 +24,12 @@ impl Piece {
     }
 }
 
-/// A line's stores since it was last persistent, and how many of them a flush covers.
+/// A line's stores since it was last persistent, and, per thread that flushed it, how many
+/// of them that flush covers (the thread's next fence persists them).
 #[derive(Debug, Default)]
 struct LineLog {
     stores: Vec<Piece>,
-    flushed: usize,
+    flushed: Vec<(u32, usize)>,
 }
 
 /// The persistent state while walking a recording: the persisted bytes plus, per dirty line,
@@ -72,7 +73,10 @@ impl Replay {
                     piece.apply(base);
                 }
             }
-            log.flushed = 0;
+            for (_, upto) in &mut log.flushed {
+                *upto = upto.saturating_sub(n);
+            }
+            log.flushed.retain(|&(_, upto)| upto > 0);
             if log.stores.is_empty() {
                 self.lines.remove(&line);
             }
@@ -87,21 +91,27 @@ impl Replay {
                 self.lines.entry(line).or_default().stores.push(Piece { offset, len, bytes });
                 self.touched.insert(line);
             }
-            Event::Flush { site, .. } | Event::Fence { site } if Some(site) == disabled => {}
-            Event::Flush { line, instr, .. } => {
+            Event::Flush { site, .. } | Event::Fence { site, .. } if Some(site) == disabled => {}
+            Event::Flush { line, instr, thread, .. } => {
                 let pending = self.lines.get(&line).map_or(0, |log| log.stores.len());
                 match instr {
                     FlushInstr::Clflush => self.persist_prefix(line, pending),
                     FlushInstr::Clwb | FlushInstr::Clflushopt => {
                         if let Some(log) = self.lines.get_mut(&line) {
-                            log.flushed = pending;
+                            log.flushed.retain(|&(t, _)| t != thread);
+                            log.flushed.push((thread, pending));
                         }
                     }
                 }
             }
-            Event::Fence { .. } => {
-                let flushed: Vec<(u64, usize)> =
-                    self.lines.iter().filter(|(_, l)| l.flushed > 0).map(|(&k, l)| (k, l.flushed)).collect();
+            Event::Fence { thread, .. } => {
+                let flushed: Vec<(u64, usize)> = self
+                    .lines
+                    .iter()
+                    .filter_map(|(&line, log)| {
+                        log.flushed.iter().find(|&&(t, _)| t == thread).map(|&(_, upto)| (line, upto))
+                    })
+                    .collect();
                 for (line, n) in flushed {
                     self.persist_prefix(line, n);
                 }
@@ -423,7 +433,7 @@ impl CrashTest {
         let mut point = 0;
         for event in &recording.events {
             match *event {
-                Event::Fence { site } => {
+                Event::Fence { site, .. } => {
                     report.sites.insert(site);
                     self.crash_point(point, Some(site), &replay, &mut seen, check, depth, path, report)?;
                     point += 1;

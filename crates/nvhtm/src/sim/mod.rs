@@ -28,10 +28,10 @@ use crate::persist::{self, Domain, DomainKind, FlushInstr, PersistError, Site, C
 pub(crate) enum Event {
     /// A store of `len` bytes inside one aligned 8-byte word.
     Store { offset: u64, len: u8, bytes: [u8; 8] },
-    /// A write-back of the line at `line` (a line-aligned offset).
-    Flush { line: u64, instr: FlushInstr, site: Site },
-    /// An `sfence`.
-    Fence { site: Site },
+    /// A write-back of the line at `line` (a line-aligned offset) by thread `thread`.
+    Flush { line: u64, instr: FlushInstr, site: Site, thread: u32 },
+    /// An `sfence` by thread `thread`: it orders only that thread's write-backs.
+    Fence { site: Site, thread: u32 },
     /// A point in the workload's history (for the oracle).
     Mark(u64),
     /// The region grew to `len` bytes (new bytes are zero and persistent).
@@ -166,6 +166,16 @@ impl Sim {
     }
 }
 
+/// A small id for the calling thread (fences order only their own thread's write-backs).
+fn thread_id() -> u32 {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static ID: u32 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    ID.with(|id| *id)
+}
+
 /// # Safety
 /// `base..base + len` is mapped and readable.
 unsafe fn snapshot(base: usize, len: usize) -> Vec<u8> {
@@ -257,16 +267,14 @@ impl Domain for Sim {
             return;
         }
         let site = Site::caller();
+        let thread = thread_id();
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, addr as usize, len);
         let first = offset / CACHE_LINE as u64;
         let count = persist::line_count(offset as *const u8, len);
         for line in first..first + count {
-            state.recording.events.push(Event::Flush {
-                line: line * CACHE_LINE as u64,
-                instr: self.instr,
-                site,
-            });
+            let line = line * CACHE_LINE as u64;
+            state.recording.events.push(Event::Flush { line, instr: self.instr, site, thread });
         }
         drop(state);
         persist::counters_add_lines(count);
@@ -276,7 +284,8 @@ impl Domain for Sim {
     fn fence(&self) -> Result<(), PersistError> {
         if self.record {
             let site = Site::caller();
-            self.lock().recording.events.push(Event::Fence { site });
+            let thread = thread_id();
+            self.lock().recording.events.push(Event::Fence { site, thread });
         }
         persist::counters_add_fence();
         Ok(())
