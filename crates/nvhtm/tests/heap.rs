@@ -200,8 +200,8 @@ fn persistence_work_per_operation_is_small_and_counted() {
     heap.transaction(|tx| tx.write(root, &[1, 2, 3, 4, 5, 6, 7, 8])).unwrap();
     let update = thread_stats() - before;
     println!("alloc+link tx: {alloc_and_link:?}; one-range update tx: {update:?}");
-    assert_eq!(alloc_and_link.fences, 4, "snapshot, commit, apply, retire");
-    assert_eq!(update.fences, 2, "snapshot, commit: no redo entries, no apply, no retire fence");
+    assert_eq!(alloc_and_link.fences, 5, "snapshot, data, commit, apply, retire");
+    assert_eq!(update.fences, 3, "snapshot, data, commit: no redo entries, no apply, no retire fence");
     assert!(alloc_and_link.lines_flushed <= 10, "{alloc_and_link:?}");
 }
 

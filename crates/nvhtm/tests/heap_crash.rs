@@ -82,13 +82,13 @@ fn workload<D: Domain>(
             // Update every occupied slot of ours in one transaction (several ranges).
             3 => {
                 heap.transaction(|tx| {
-                    for j in first..first + count {
-                        let [at, size, _] = model[j];
+                    for (j, slot) in model.iter_mut().enumerate().skip(first).take(count) {
+                        let [at, size, _] = *slot;
                         if at != 0 {
                             tx.write_bytes(at, &head(tag, size))?;
                             let off = root.offset() + (j * 24 + 16) as u64;
                             tx.write_bytes(off, &tag.to_ne_bytes())?;
-                            model[j][2] = tag;
+                            slot[2] = tag;
                         }
                     }
                     Ok::<_, HeapError>(())
