@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a pool file.
+    /// Create a pool file holding an empty heap.
     Create {
         /// Path of the new pool (must not exist).
         pool: PathBuf,
@@ -40,6 +40,21 @@ enum Command {
         /// Fail unless the pool has this layout.
         #[arg(long)]
         layout: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a pool's heap: every chunk and block accounted for, logs recoverable. Without
+    /// --repair nothing is written (recovery runs on a private copy-on-write mapping).
+    Check {
+        /// The pool file.
+        pool: PathBuf,
+        /// Apply recovery to the file (roll forward or back what a crash left in flight).
+        #[arg(long)]
+        repair: bool,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -69,6 +84,7 @@ fn main() -> ExitCode {
     let result: commands::CommandResult = match cli.command {
         Command::Create { pool, size, layout, json } => commands::create(&pool, size, &layout, json),
         Command::Info { pool, layout, json } => commands::info(&pool, layout.as_deref(), json),
+        Command::Check { pool, repair, layout, json } => commands::check(&pool, repair, &layout, json),
         Command::Grow { pool, size, layout } => commands::grow(&pool, size, &layout),
         Command::Litmus => commands::litmus(),
         Command::Bench { which } => bench::run(which),

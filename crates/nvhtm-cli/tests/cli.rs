@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nvhtm::{AutoDomain, Pool, PoolOptions};
+use nvhtm::{AutoDomain, Heap, Pool, PoolOptions};
 use tempfile::TempDir;
 
 fn nvhtm(args: &[&str]) -> Output {
@@ -61,7 +61,7 @@ fn create_then_info_in_text_and_json() {
         "shutdown    clean",
         "in use      no",
         "filesystem  tmpfs",
-        "root        none",
+        "root        0x1000 (64 bytes)",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
     }
@@ -149,7 +149,7 @@ fn every_bad_input_gets_a_specific_error() {
     std::fs::write(path("short.pool"), &bytes[..200_000]).unwrap();
     fails(&["info", &path("short.pool")], "truncated: the pool needs 1048576 bytes but the file has 200000");
     fails(&["grow", &path("short.pool"), "2MiB"], "truncated");
-    assert_eq!(std::fs::read(path("short.pool")).unwrap(), &bytes[..200_000]);
+    assert!(std::fs::read(path("short.pool")).unwrap() == bytes[..200_000], "a failed open wrote");
 }
 
 #[test]
@@ -176,4 +176,77 @@ fn no_permission_is_reported_as_such() {
     assert!(text(&info.stderr).contains("permission denied (open)"), "{}", text(&info.stderr));
     assert_eq!(create.status.code(), Some(1));
     assert!(text(&create.stderr).contains("permission denied (create)"), "{}", text(&create.stderr));
+}
+
+#[test]
+fn check_reports_clean_crashed_and_corrupt_pools_and_writes_only_with_repair() {
+    use nvhtm::heap::HeapError;
+    let dir = shm();
+    let pool = create(dir.path());
+    let p = pool.to_str().unwrap();
+    let out = nvhtm(&["check", p]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("recovery    nothing in flight"), "{stdout}");
+    assert!(stdout.contains("result      consistent"), "{stdout}");
+
+    // A crash in the middle of a transaction: copy the file while the transaction is in flight
+    // (what a process crash leaves: the page cache survives, the transaction did not finish).
+    let crashed = dir.path().join("crashed.pool");
+    {
+        let heap = Heap::<AutoDomain>::open(&pool, &PoolOptions::default()).unwrap();
+        let root = heap.root::<[u64; 4]>().unwrap();
+        heap.transaction(|tx| tx.write(root, &[1, 2, 3, 4])).unwrap();
+        let _: Result<(), HeapError> = heap.transaction(|tx| {
+            tx.write(root, &[9, 9, 9, 9])?;
+            tx.alloc_bytes(1000)?;
+            std::fs::copy(&pool, &crashed).unwrap();
+            Err(HeapError::Corrupt("stop here".into()))
+        });
+    }
+    let c = crashed.to_str().unwrap();
+    let before = std::fs::read(&crashed).unwrap();
+    let out = nvhtm(&["check", c]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("(last shutdown NOT clean)"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "roll back an unfinished transaction (1 snapshots) [not written: run with --repair to apply]"
+        ),
+        "{stdout}"
+    );
+    assert!(std::fs::read(&crashed).unwrap() == before, "check without --repair wrote to the pool");
+
+    let out = nvhtm(&["check", c, "--repair", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["repaired"], true);
+    assert!(json["recovery"].as_array().unwrap().iter().any(|r| r["rolled_back"] == 1), "{json}");
+    assert_eq!(json["report"]["small_blocks"], 1, "only the root is allocated: {json}");
+    let heap = Heap::<AutoDomain>::open(&crashed, &PoolOptions::default()).unwrap();
+    assert_eq!(heap.get(heap.root::<[u64; 4]>().unwrap()).unwrap(), [1, 2, 3, 4]);
+    drop(heap);
+    let out = nvhtm(&["check", c]);
+    assert!(text(&out.stdout).contains("recovery    nothing in flight"));
+
+    // Deliberate corruption: a chunk head overwritten with garbage.
+    let mut bytes = std::fs::read(&pool).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&nvhtm(&["check", p, "--json"]).stdout).unwrap();
+    let chunks = info["report"]["chunks"].as_u64().unwrap();
+    let last_chunk =
+        (info["report"]["chunks_offset"].as_u64().unwrap() + (chunks - 1) * nvhtm::heap::CHUNK) as usize;
+    bytes[last_chunk..last_chunk + 8].copy_from_slice(&0xdead_beef_u64.to_ne_bytes());
+    std::fs::write(&pool, &bytes).unwrap();
+    fails(&["check", p], "corrupt heap: chunk");
+    fails(&["check", p, "--repair"], "invalid head 0x00000000deadbeef");
+    assert!(std::fs::read(&pool).unwrap() == bytes, "nothing was written to the corrupt pool");
+
+    // A pool without a heap, and a pool held by another process.
+    let bare = dir.path().join("bare.pool");
+    Pool::<AutoDomain>::create(&bare, &PoolOptions::default().with_size(1 << 20)).unwrap().close().unwrap();
+    fails(&["check", bare.to_str().unwrap()], "the pool holds no nvhtm heap");
+    let held = Heap::<AutoDomain>::open(&crashed, &PoolOptions::default()).unwrap();
+    fails(&["check", c], "locked: another process has this pool open");
+    drop(held);
 }

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use nvhtm::heap::{CheckReport, LaneRecovery};
 use nvhtm::pool::{PoolInfo, PoolOptions};
-use nvhtm::{AutoDomain, Pool, PoolError};
+use nvhtm::{AutoDomain, Heap, Pool, PoolError};
 
 /// What a command returns: any error is printed as `nvhtm: error: …` with exit status 1.
 pub type CommandResult = Result<(), Box<dyn std::error::Error>>;
@@ -13,9 +14,9 @@ use crate::format::{human_size, utc};
 /// `nvhtm create`.
 pub fn create(path: &Path, size: u64, layout: &str, json: bool) -> CommandResult {
     let opts = PoolOptions::layout(layout).with_size(size);
-    let pool = Pool::<AutoDomain>::create(path, &opts)?;
-    let info = pool.info();
-    pool.close()?;
+    let heap = Heap::<AutoDomain>::create(path, &opts)?;
+    let info = heap.pool().info();
+    heap.close()?;
     if json {
         print_json(&info);
     } else {
@@ -153,5 +154,101 @@ pub fn litmus() -> CommandResult {
         Ok(())
     } else {
         Err(format!("the simulator misjudged: {}", wrong.join(", ")).into())
+    }
+}
+
+/// What `nvhtm check --json` prints.
+#[derive(serde::Serialize)]
+struct CheckOutput {
+    pool: std::path::PathBuf,
+    clean_shutdown: bool,
+    repaired: bool,
+    recovery: Vec<LaneRecovery>,
+    report: CheckReport,
+}
+
+/// `nvhtm check`.
+pub fn check(path: &Path, repair: bool, layout: &str, json: bool) -> CommandResult {
+    let clean_shutdown = PoolInfo::read(path)?.clean_shutdown;
+    let opts = PoolOptions::layout(layout);
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("checking {bar:40} {pos}/{len} chunks")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    // Always inspect first on a private mapping: a corrupt pool is reported, never written.
+    let (recovery, mut report) = {
+        let heap = Heap::open_private(path, &opts)?;
+        (heap.recovery().to_vec(), heap.check(&mut progress))
+    };
+    let pending = recovery.iter().any(|r| *r != LaneRecovery::Idle);
+    if repair && pending && report.is_consistent() {
+        let heap = Heap::<AutoDomain>::open(path, &opts)?;
+        report = heap.check(&mut progress);
+        heap.close()?;
+    }
+    bar.finish_and_clear();
+    let problems = report.problems.join("; ");
+    if json {
+        let out =
+            CheckOutput { pool: path.to_path_buf(), clean_shutdown, repaired: repair, recovery, report };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_check(path, clean_shutdown, repair, &recovery, &report);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: the heap is inconsistent: {problems}", path.display()).into())
+    }
+}
+
+fn print_check(path: &Path, clean: bool, repair: bool, recovery: &[LaneRecovery], report: &CheckReport) {
+    println!("pool        {} (last shutdown {})", path.display(), if clean { "clean" } else { "NOT clean" });
+    let pending: Vec<String> = recovery
+        .iter()
+        .enumerate()
+        .filter_map(|(lane, r)| match r {
+            LaneRecovery::Idle => None,
+            LaneRecovery::RolledForward(n) => {
+                Some(format!("lane {lane}: roll forward a committed operation ({n} words)"))
+            }
+            LaneRecovery::RolledBack(n) => {
+                Some(format!("lane {lane}: roll back an unfinished transaction ({n} snapshots)"))
+            }
+        })
+        .collect();
+    if pending.is_empty() {
+        println!("recovery    nothing in flight");
+    } else {
+        let how = if repair { "applied to the file" } else { "not written: run with --repair to apply" };
+        println!("recovery    {} [{how}]", pending.join("; "));
+    }
+    println!(
+        "heap        {} chunks of {} ({} free), {} large blocks ({} chunks), {} small blocks ({})",
+        report.chunks,
+        human_size(nvhtm::heap::CHUNK),
+        report.free_chunks,
+        report.large_blocks,
+        report.large_chunks,
+        report.small_blocks,
+        human_size(report.small_bytes)
+    );
+    for class in &report.classes {
+        println!(
+            "  class {:>5} B: {} runs, {}/{} blocks used",
+            class.block_size, class.runs, class.allocated, class.blocks
+        );
+    }
+    println!("lanes       {} ({} busy)", report.lanes, report.busy_lanes);
+    if report.problems.is_empty() {
+        println!("result      consistent");
+    } else {
+        for problem in &report.problems {
+            println!("PROBLEM     {problem}");
+        }
     }
 }

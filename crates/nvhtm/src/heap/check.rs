@@ -26,6 +26,8 @@ pub struct ClassUsage {
 pub struct CheckReport {
     /// Pool size in bytes.
     pub pool_size: u64,
+    /// Offset of chunk 0 in the pool.
+    pub chunks_offset: u64,
     /// Chunks in the heap.
     pub chunks: u64,
     /// Chunks in free elements.
@@ -62,6 +64,7 @@ impl<D: Domain> Heap<D> {
         let count = u64::from(self.chunk_count());
         let mut report = CheckReport {
             pool_size: self.pool.size(),
+            chunks_offset: self.header.chunks_offset,
             chunks: count,
             lanes: self.lanes.len() as u64,
             classes: CLASSES

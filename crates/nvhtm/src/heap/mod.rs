@@ -154,6 +154,17 @@ impl<D: FileDomain> Heap<D> {
     }
 }
 
+impl Heap<crate::persist::Volatile> {
+    /// Opens a pool file's heap copy-on-write ([`Pool::open_private`]): recovery runs in this
+    /// process's memory only, so the file is inspected exactly as a crash left it.
+    pub fn open_private(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+    ) -> Result<Heap<crate::persist::Volatile>> {
+        Heap::load(Pool::open_private(path, opts)?)
+    }
+}
+
 impl<D: Domain> Heap<D> {
     /// Creates an in-memory pool holding an empty heap (for the simulator and tests).
     pub fn create_in_memory(opts: &PoolOptions, domain: D) -> Result<Heap<D>> {

@@ -179,6 +179,12 @@ pub enum PoolError {
         /// Offset given.
         offset: u64,
     },
+    /// The pool was opened copy-on-write (to inspect it) and cannot grow.
+    #[error("{path}: opened read-only (copy-on-write, for inspection): it cannot grow")]
+    ReadOnly {
+        /// The pool file.
+        path: PathBuf,
+    },
     /// The stored root object has another size than the type asked for.
     #[error("root object is {stored} bytes, but the type asked for is {requested} bytes")]
     RootSize {

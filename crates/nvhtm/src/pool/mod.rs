@@ -335,6 +335,29 @@ impl<D: Domain> Pool<D> {
     }
 }
 
+impl Pool<Volatile> {
+    /// Opens a pool file copy-on-write, to inspect it: recovery and every other store change
+    /// only this process's memory, never the file. Refused while another process has the pool
+    /// open for writing.
+    pub fn open_private(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<Volatile>> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| PoolError::io(path, "open", e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(|e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                PoolError::Locked { path: path.to_path_buf() }
+            } else {
+                PoolError::io(path, "lock", e.into())
+            }
+        })?;
+        let header = read_header(&file, path)?;
+        check_layout(&header, &opts.layout, path)?;
+        let reserved = page_round(opts.max_size.max(header.state.size));
+        let region = Region::map_file_private(&file, header.state.size, reserved)
+            .map_err(|e| PoolError::io(path, "mmap", e))?;
+        Pool::start(region, Volatile, Some(file), path, header)
+    }
+}
+
 /// Reads and validates the header of an open pool file.
 pub(crate) fn read_header(file: &File, path: &Path) -> Result<Header> {
     let file_len = file.metadata().map_err(|e| PoolError::io(path, "stat", e))?.len();
@@ -589,6 +612,9 @@ impl<D: Domain> Pool<D> {
         }
         if new_size > self.region.reserved() {
             return Err(PoolError::GrowthLimit { requested: new_size, limit: self.region.reserved() });
+        }
+        if self.file.is_some() && self.region.is_private() {
+            return Err(PoolError::ReadOnly { path: self.path.clone() });
         }
         self.check_writable()?;
         if let Some(file) = &self.file {

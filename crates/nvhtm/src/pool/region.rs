@@ -101,6 +101,22 @@ impl Region {
         Ok(region)
     }
 
+    /// Maps `len` bytes of `file` copy-on-write: stores change only this process's memory,
+    /// never the file.
+    pub fn map_file_private(file: &File, len: u64, reserved: u64) -> io::Result<Region> {
+        let base = reserve(reserved)?;
+        let fs = rustix::fs::fstatfs(file)?;
+        let kind = if fs.f_type as u64 == u64::from(linux_magic::TMPFS) {
+            MappingKind::Tmpfs
+        } else {
+            MappingKind::File
+        };
+        let region = Region { base, reserved, len: AtomicU64::new(0), kind, file_flags: MapFlags::PRIVATE };
+        region.map_file_range(file, 0, len)?;
+        region.len.store(len, Ordering::Release);
+        Ok(region)
+    }
+
     /// Zeroed anonymous memory: `len` usable bytes in a reservation of `reserved`.
     pub fn anonymous(len: u64, reserved: u64) -> io::Result<Region> {
         let base = reserve(reserved)?;
@@ -179,9 +195,14 @@ impl Region {
         unsafe { std::slice::from_raw_parts(self.base(), self.len() as usize) }.to_vec()
     }
 
-    /// Writes the whole mapping back to the file (for a clean close); no-op for anonymous.
+    /// Whether stores stay in this process (anonymous or copy-on-write file mappings).
+    pub fn is_private(&self) -> bool {
+        self.kind == MappingKind::Memory || self.file_flags.contains(MapFlags::PRIVATE)
+    }
+
+    /// Writes the whole mapping back to the file (for a clean close); no-op for private ones.
     pub fn sync_all(&self) -> io::Result<()> {
-        if self.kind == MappingKind::Memory {
+        if self.is_private() {
             return Ok(());
         }
         // SAFETY: base..base+len is our live mapping; msync does not touch its contents.
