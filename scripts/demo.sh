@@ -14,6 +14,9 @@ echo
 echo "== nvhtm info $pool"
 "$nvhtm" info "$pool"
 echo
+echo "== nvhtm check $pool   (recovery on a private mapping, then a walk of the heap)"
+"$nvhtm" check "$pool"
+echo
 echo "== nvhtm grow $pool 256MiB   (in place: the mapping's address range is reserved, nothing is copied)"
 "$nvhtm" grow "$pool" 256MiB
 "$nvhtm" info "$pool" --json | grep -E '"(size|clean_shutdown|state_seq)"'
