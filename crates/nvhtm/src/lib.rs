@@ -8,11 +8,13 @@
 #![warn(missing_docs)]
 
 pub mod heap;
+pub mod map;
 pub mod persist;
 pub mod pool;
 pub mod sim;
 
 pub use heap::{Heap, HeapError, Tx};
+pub use map::{MapError, StrictMap, TypedMap};
 pub use persist::{AutoDomain, Cpu, Domain, Msync, Volatile};
 pub use pool::{PPtr, Pool, PoolError, PoolOptions};
 pub use sim::{CrashTest, Sim};

@@ -202,9 +202,10 @@ impl<'h, D: Domain> Tx<'h, D> {
         self.words.push((offset, value));
     }
 
-    /// Takes over a reservation made outside the transaction; its whole block is flushed at
-    /// commit.
-    pub(super) fn adopt(&mut self, reservation: Reservation) {
+    /// Takes over a reservation made outside the transaction: the block becomes allocated if
+    /// the transaction commits (its whole usable size is made durable first), and is given back
+    /// if it aborts.
+    pub fn adopt(&mut self, reservation: Reservation) {
         self.dirty.push((reservation.offset, reservation.size));
         self.allocs.push(reservation);
     }

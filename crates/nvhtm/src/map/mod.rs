@@ -1,0 +1,850 @@
+//! The NVM-friendly hash map with failure-atomic operations, in strict mode: every operation
+//! that returned is durable (durable linearizability).
+//!
+//! - **Layout** ([`layout`]): extendible hashing — a directory of segments, each one chunk of
+//!   255 buckets of 256 bytes (4 cache lines, 7 slots of 32 bytes, one-byte fingerprints, a meta
+//!   word holding the occupancy bits and a reach). A key lives in its home bucket or one of the
+//!   15 after it, no farther than the home bucket's reach, so most lookups read one bucket.
+//!   Keys up to 16 bytes with values up to 8 bytes are stored inline; others out of place in a
+//!   heap record.
+//! - **Commit**: an insert writes its slot and fingerprint, persists them (fence 1), then sets
+//!   its occupancy bit with one aligned 8-byte store and persists it (fence 2). The fingerprint
+//!   shares the meta word's cache line and is stored before it, so it is durable whenever the
+//!   bit is. An update of an inline value of the same length is one 8-byte store; other
+//!   updates write a new slot and flip both bits in one store when they share a bucket, or go
+//!   through the heap's redo log. Out-of-place records are allocated and linked in one heap
+//!   commit, and freed in one with their unlinking.
+//! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
+//!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
+//!   optimistically and retry if the version changed — so a reader never returns data that is
+//!   not yet durable. Locks and versions live in DRAM: recovery has none to reset.
+//! - **Resizing**: a full window splits its segment: the keys whose next hash bit is 1 are
+//!   copied into a new segment, and the directory entries (doubling the directory when needed),
+//!   both segments' depths and the new segment's allocation are committed in one heap
+//!   transaction. The old segment's copies become stale (it no longer owns their hashes) and
+//!   are cleared afterwards; a crash before that only leaves ignorable stale slots.
+//! - **Recovery**: nothing to do beyond the heap's lanes: opening costs the same for 10 keys and
+//!   10 million.
+
+mod layout;
+mod typed;
+
+pub use layout::{INLINE_KEY, INLINE_VALUE};
+pub use typed::TypedMap;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use crate::heap::{Heap, HeapError};
+use crate::persist::Domain;
+use crate::pool::{PPtr, PoolError};
+use layout::*;
+
+/// Longest key.
+pub const MAX_KEY: usize = 64 * 1024;
+/// Longest value.
+pub const MAX_VALUE: usize = 512 * 1024 * 1024;
+
+/// Errors of the map layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapError {
+    /// The heap (and below it the pool) failed.
+    #[error(transparent)]
+    Heap(#[from] HeapError),
+    /// A key longer than [`MAX_KEY`].
+    #[error("key of {len} bytes is longer than the {max}-byte limit")]
+    KeyTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value longer than [`MAX_VALUE`].
+    #[error("value of {len} bytes is longer than the {max}-byte limit")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The heap's root is not a map.
+    #[error("the pool holds no nvhtm map: {0}")]
+    NotAMap(String),
+    /// The map's structure is inconsistent.
+    #[error("corrupt map: {0}")]
+    Corrupt(String),
+}
+
+impl From<PoolError> for MapError {
+    fn from(e: PoolError) -> MapError {
+        MapError::Heap(HeapError::Pool(e))
+    }
+}
+
+/// The map layer's result.
+pub type Result<T, E = MapError> = std::result::Result<T, E>;
+
+/// DRAM lock and version of one segment.
+#[derive(Debug, Default)]
+struct SegLocks {
+    lock: Mutex<()>,
+    version: AtomicU64,
+}
+
+/// Segment locks by segment id, created on first use; lock-free to look up.
+struct SegTable {
+    pages: Vec<OnceLock<Box<[SegLocks]>>>,
+}
+
+const LOCK_PAGE: u64 = 1024;
+
+impl SegTable {
+    fn new() -> SegTable {
+        SegTable { pages: (0..4096).map(|_| OnceLock::new()).collect() }
+    }
+
+    fn get(&self, id: u64) -> Option<&SegLocks> {
+        let page = self.pages.get((id / LOCK_PAGE) as usize)?;
+        let page = page.get_or_init(|| (0..LOCK_PAGE).map(|_| SegLocks::default()).collect());
+        page.get((id % LOCK_PAGE) as usize)
+    }
+}
+
+/// Makes a segment's version even again when a writer is done, even on an error.
+struct Writing<'a>(&'a AtomicU64);
+
+impl<'a> Writing<'a> {
+    fn start(version: &'a AtomicU64) -> Writing<'a> {
+        version.fetch_add(1, Ordering::AcqRel);
+        Writing(version)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A segment as read from media.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    at: u64,
+    depth: u64,
+    pattern: u64,
+    id: u64,
+}
+
+impl Segment {
+    fn owns(&self, hash: Hash) -> bool {
+        hash.prefix(self.depth) == self.pattern
+    }
+}
+
+/// Where a key was found.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    bucket: u64,
+    slot: u64,
+    info: u64,
+    /// For an out-of-place record: its offset.
+    record: u64,
+}
+
+/// How a write ended: done, or the window is full and the segment must split first.
+enum Outcome<R> {
+    Done(R),
+    Split,
+}
+
+/// Counts of the map's shape.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MapStats {
+    /// Live entries.
+    pub entries: u64,
+    /// Segments.
+    pub segments: u64,
+    /// Directory depth.
+    pub global_depth: u64,
+    /// Entries over slots.
+    pub load_factor: f64,
+}
+
+/// The strict persistent hash map over a heap (its root object).
+pub struct StrictMap<D: Domain> {
+    heap: Heap<D>,
+    root: u64,
+    segments: SegTable,
+    resize: Mutex<()>,
+}
+
+impl<D: Domain> std::fmt::Debug for StrictMap<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StrictMap").field("heap", &self.heap).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    if key.len() > MAX_KEY {
+        return Err(MapError::KeyTooLarge { len: key.len(), max: MAX_KEY });
+    }
+    if let Some(value) = value {
+        if value.len() > MAX_VALUE {
+            return Err(MapError::ValueTooLarge { len: value.len(), max: MAX_VALUE });
+        }
+    }
+    Ok(())
+}
+
+fn is_inline(key: &[u8], value: &[u8]) -> bool {
+    key.len() <= INLINE_KEY && value.len() <= INLINE_VALUE
+}
+
+impl<D: Domain> StrictMap<D> {
+    /// Opens the map that is the heap's root object, creating an empty one in a new heap.
+    pub fn open(heap: Heap<D>) -> Result<StrictMap<D>> {
+        let root = heap.root::<[u64; 8]>().map_err(|e| match e {
+            HeapError::RootSize { .. } => MapError::NotAMap(e.to_string()),
+            e => MapError::Heap(e),
+        })?;
+        let map = StrictMap { heap, root: root.offset(), segments: SegTable::new(), resize: Mutex::new(()) };
+        match map.load(map.root + ROOT_MAGIC)? {
+            MAP_MAGIC => {}
+            0 => map.format()?,
+            other => return Err(MapError::NotAMap(format!("root magic {other:#018x}"))),
+        }
+        Ok(map)
+    }
+
+    /// The heap the map lives in.
+    pub fn heap(&self) -> &Heap<D> {
+        &self.heap
+    }
+
+    /// Closes the map, its heap and pool (a clean shutdown).
+    pub fn close(self) -> Result<()> {
+        Ok(self.heap.close()?)
+    }
+
+    fn load(&self, offset: u64) -> Result<u64> {
+        Ok(self.heap.pool().load_u64(offset, Ordering::Acquire)?)
+    }
+
+    /// An empty map: a directory of depth 0 and one segment, committed with the root.
+    fn format(&self) -> Result<()> {
+        let root = self.root;
+        self.heap.transaction(|tx| {
+            let segment = tx.alloc_bytes(SEGMENT_SIZE)?;
+            tx.write(PPtr::<[u64; 4]>::new(segment), &[SEG_MAGIC, 0, 0, 0])?;
+            let dir = tx.alloc_bytes(DIR_HEADER + 8)?;
+            tx.write(PPtr::<[u64; 3]>::new(dir), &[DIR_MAGIC, 0, segment])?;
+            tx.write(PPtr::<[u64; 3]>::new(root), &[MAP_MAGIC, dir, 1])?;
+            Ok::<_, HeapError>(())
+        })?;
+        Ok(())
+    }
+
+    /// Reads a segment header.
+    fn segment(&self, at: u64) -> Result<Segment> {
+        let [magic, depth, pattern, id]: [u64; 4] = self.heap.pool().read(at)?;
+        if magic != SEG_MAGIC || depth > 63 {
+            return Err(MapError::Corrupt(format!("no segment at {at:#x}")));
+        }
+        Ok(Segment { at, depth, pattern, id })
+    }
+
+    /// The segment the directory names for `hash` now (may be stale by the time it is used).
+    fn locate(&self, hash: Hash) -> Result<Segment> {
+        let dir = self.load(self.root + ROOT_DIR)?;
+        let [magic, depth]: [u64; 2] = self.heap.pool().read(dir)?;
+        if magic != DIR_MAGIC || depth > 40 {
+            return Err(MapError::Corrupt(format!("no directory at {dir:#x}")));
+        }
+        let at = self.load(dir + DIR_HEADER + 8 * hash.prefix(depth))?;
+        self.segment(at)
+    }
+
+    fn locks(&self, segment: &Segment) -> Result<&SegLocks> {
+        self.segments.get(segment.id).ok_or_else(|| MapError::Corrupt(format!("segment id {}", segment.id)))
+    }
+
+    /// Looks `key` up in `segment` (its owner), returning where and its value.
+    fn find(&self, segment: u64, hash: Hash, key: &[u8]) -> Result<Option<(Found, Vec<u8>)>> {
+        let pool = self.heap.pool();
+        let home = hash.home();
+        let reach = reach(self.load(bucket_offset(segment, home))?);
+        for i in 0..=reach {
+            let bucket = hash.bucket(i);
+            let at = bucket_offset(segment, bucket);
+            let meta = self.load(at)?;
+            let fingerprints = pool.load_u64(at + 8, Ordering::Acquire)?.to_le_bytes();
+            for slot in 0..SLOTS {
+                if meta & (1 << slot) == 0 || fingerprints[slot as usize] != hash.fingerprint() {
+                    continue;
+                }
+                let s = slot_offset(segment, bucket, slot);
+                let words = [self.load(s)?, self.load(s + 8)?, self.load(s + 16)?, self.load(s + 24)?];
+                let info = words[3];
+                match info_kind(info) {
+                    KIND_INLINE => {
+                        let stored: [u8; 16] = bytemuck::cast([words[0], words[1]]);
+                        if info_key_len(info) == key.len() && &stored[..key.len()] == key {
+                            let value = words[2].to_le_bytes()[..info_value_len(info)].to_vec();
+                            return Ok(Some((Found { bucket, slot, info, record: 0 }, value)));
+                        }
+                    }
+                    KIND_RECORD if words[0] == hash.0 => {
+                        let record = words[1];
+                        let [key_len, value_len]: [u32; 2] = pool.read(record)?;
+                        if key_len as usize == key.len() {
+                            let mut stored = vec![0u8; key.len()];
+                            pool.read_into(record + 8, &mut stored)?;
+                            if stored == key {
+                                let mut value = vec![0u8; value_len as usize];
+                                pool.read_into(record + 8 + u64::from(key_len), &mut value)?;
+                                return Ok(Some((Found { bucket, slot, info, record }, value)));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The value of `key`, if present. Lock-free: retries while a writer or a split holds the
+    /// segment, so it never returns a value whose commit is not yet durable.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        check_sizes(key, None)?;
+        let hash = Hash::of(key);
+        let mut failures = 0;
+        loop {
+            let attempt = (|| -> Result<Option<Option<Vec<u8>>>> {
+                let segment = self.locate(hash)?;
+                let locks = self.locks(&segment)?;
+                let before = locks.version.load(Ordering::Acquire);
+                if before & 1 == 1 {
+                    return Ok(None);
+                }
+                let segment = self.segment(segment.at)?;
+                if !segment.owns(hash) {
+                    return Ok(None);
+                }
+                let found = self.find(segment.at, hash, key)?;
+                std::sync::atomic::fence(Ordering::Acquire);
+                if locks.version.load(Ordering::Relaxed) != before {
+                    return Ok(None);
+                }
+                Ok(Some(found.map(|(_, value)| value)))
+            })();
+            match attempt {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => {}
+                // Reading a block freed under us can fail; a real corruption fails every time.
+                Err(e) if failures > 64 => return Err(e),
+                Err(_) => failures += 1,
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: &[u8]) -> Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Runs `op` on the segment owning `key`, locked and marked as being written; splits and
+    /// retries when `op` finds the window full.
+    fn write<R>(&self, key: &[u8], mut op: impl FnMut(&Segment, Hash) -> Result<Outcome<R>>) -> Result<R> {
+        let hash = Hash::of(key);
+        loop {
+            let located = self.locate(hash)?;
+            let locks = self.locks(&located)?;
+            let guard = lock(&locks.lock);
+            let segment = self.segment(located.at)?;
+            if !segment.owns(hash) {
+                drop(guard);
+                continue;
+            }
+            let outcome = {
+                let _writing = Writing::start(&locks.version);
+                op(&segment, hash)?
+            };
+            drop(guard);
+            match outcome {
+                Outcome::Done(r) => return Ok(r),
+                Outcome::Split => self.split(segment)?,
+            }
+        }
+    }
+
+    /// Inserts `key` if absent. Returns `false` (and changes nothing) if it was present.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        check_sizes(key, Some(value))?;
+        self.write(key, |segment, hash| match self.find(segment.at, hash, key)? {
+            Some(_) => Ok(Outcome::Done(false)),
+            None => Ok(match self.place(segment, hash, key, value, None)? {
+                true => Outcome::Done(true),
+                false => Outcome::Split,
+            }),
+        })
+    }
+
+    /// Inserts or replaces. Returns `true` if the key was new.
+    pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        check_sizes(key, Some(value))?;
+        self.write(key, |segment, hash| {
+            let found = self.find(segment.at, hash, key)?;
+            let is_new = found.is_none();
+            Ok(match self.place(segment, hash, key, value, found.map(|(f, _)| f))? {
+                true => Outcome::Done(is_new),
+                false => Outcome::Split,
+            })
+        })
+    }
+
+    /// Removes `key`. Returns whether it was present.
+    pub fn remove(&self, key: &[u8]) -> Result<bool> {
+        check_sizes(key, None)?;
+        self.write(key, |segment, hash| match self.find(segment.at, hash, key)? {
+            Some((found, _)) => {
+                self.unlink(segment, found)?;
+                Ok(Outcome::Done(true))
+            }
+            None => Ok(Outcome::Done(false)),
+        })
+    }
+
+    /// Atomically replaces the value of `key` with `new` (`None`: remove) if it is `expected`
+    /// (`None`: absent). Returns the current value when it was not.
+    pub fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>> {
+        check_sizes(key, new)?;
+        self.write(key, |segment, hash| {
+            let found = self.find(segment.at, hash, key)?;
+            let current = found.as_ref().map(|(_, v)| v.as_slice());
+            if current != expected {
+                return Ok(Outcome::Done(Err(found.map(|(_, v)| v))));
+            }
+            match (new, found) {
+                (Some(value), found) => {
+                    Ok(match self.place(segment, hash, key, value, found.map(|(f, _)| f))? {
+                        true => Outcome::Done(Ok(())),
+                        false => Outcome::Split,
+                    })
+                }
+                (None, Some((found, _))) => {
+                    self.unlink(segment, found)?;
+                    Ok(Outcome::Done(Ok(())))
+                }
+                (None, None) => Ok(Outcome::Done(Ok(()))),
+            }
+        })
+    }
+
+    /// A free slot of the window, clearing stale copies a split left behind if there is none.
+    fn free_slot(&self, segment: &Segment, hash: Hash) -> Result<Option<(u64, u64)>> {
+        for pass in 0..2 {
+            for bucket in (0..WINDOW).map(|i| hash.bucket(i)) {
+                let meta = self.load(bucket_offset(segment.at, bucket))?;
+                if let Some(slot) = (0..SLOTS).find(|s| meta & (1 << s) == 0) {
+                    return Ok(Some((bucket, slot)));
+                }
+            }
+            if pass == 0 && !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns.
+    /// Returns whether it cleared any.
+    fn clear_stale(&self, segment: &Segment, buckets: impl Iterator<Item = u64>) -> Result<bool> {
+        let pool = self.heap.pool();
+        let mut cleared = false;
+        for bucket in buckets {
+            let at = bucket_offset(segment.at, bucket);
+            let meta = self.load(at)?;
+            let mut stale = 0;
+            for slot in 0..SLOTS {
+                if meta & (1 << slot) != 0 && !segment.owns(self.slot_hash(segment.at, bucket, slot)?) {
+                    stale |= 1 << slot;
+                }
+            }
+            if stale != 0 {
+                pool.store_u64(at, meta & !stale, Ordering::Release)?;
+                pool.flush(at, 8)?;
+                cleared = true;
+            }
+        }
+        if cleared {
+            pool.fence()?;
+        }
+        Ok(cleared)
+    }
+
+    /// The hash of the key in a slot.
+    fn slot_hash(&self, segment: u64, bucket: u64, slot: u64) -> Result<Hash> {
+        let s = slot_offset(segment, bucket, slot);
+        let info = self.load(s + 24)?;
+        Ok(match info_kind(info) {
+            KIND_RECORD => Hash(self.load(s)?),
+            _ => {
+                let key: [u8; 16] = self.heap.pool().read(s)?;
+                Hash::of(&key[..info_key_len(info).min(INLINE_KEY)])
+            }
+        })
+    }
+
+    /// Writes `key`/`value` into a new slot of the window and commits it, replacing `old` if
+    /// given, failure-atomically. Returns `false` if the window is full.
+    fn place(
+        &self,
+        segment: &Segment,
+        hash: Hash,
+        key: &[u8],
+        value: &[u8],
+        old: Option<Found>,
+    ) -> Result<bool> {
+        let pool = self.heap.pool();
+        // An inline value of unchanged length: one 8-byte store.
+        if let Some(found) = old {
+            if info_kind(found.info) == KIND_INLINE
+                && is_inline(key, value)
+                && info_value_len(found.info) == value.len()
+            {
+                let at = slot_offset(segment.at, found.bucket, found.slot) + 16;
+                let mut word = [0u8; 8];
+                word[..value.len()].copy_from_slice(value);
+                pool.store_u64(at, u64::from_le_bytes(word), Ordering::Release)?;
+                pool.persist(at, 8)?;
+                return Ok(true);
+            }
+        }
+        let Some((bucket, slot)) = self.free_slot(segment, hash)? else {
+            return Ok(false);
+        };
+        let home = hash.home();
+        let record = if is_inline(key, value) {
+            None
+        } else {
+            let size = 8 + key.len() as u64 + value.len() as u64;
+            let reservation = self.heap.reserve(size)?;
+            let at = reservation.offset();
+            let header: [u32; 2] = [key.len() as u32, value.len() as u32];
+            let written = pool
+                .write(at, &header)
+                .and_then(|_| pool.write_bytes(at + 8, key))
+                .and_then(|_| pool.write_bytes(at + 8 + key.len() as u64, value));
+            if let Err(e) = written {
+                self.heap.cancel(reservation);
+                return Err(e.into());
+            }
+            Some(reservation)
+        };
+        // The slot, its fingerprint, and the home bucket's displaced count.
+        let s = slot_offset(segment.at, bucket, slot);
+        let words: [u64; 4] = match &record {
+            None => {
+                let mut key16 = [0u8; 16];
+                key16[..key.len()].copy_from_slice(key);
+                let mut value8 = [0u8; 8];
+                value8[..value.len()].copy_from_slice(value);
+                let [k0, k1]: [u64; 2] = bytemuck::cast(key16);
+                [k0, k1, u64::from_le_bytes(value8), info(KIND_INLINE, key.len(), value.len())]
+            }
+            Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
+        };
+        pool.write(s, &words)?;
+        pool.flush(s, 32)?;
+        let b = bucket_offset(segment.at, bucket);
+        pool.write(b + 8 + slot, &hash.fingerprint())?;
+        // Meta words to change at the commit: this bucket gains the slot, the old slot (if any)
+        // is released. A key placed past its home bucket's reach raises the reach first: it
+        // must be durable before the key can be found through it (a reach never shrinks until
+        // the segment splits; one that is too long only costs probes).
+        let mut metas: Vec<(u64, u64)> = vec![(bucket, self.load(b)? | 1 << slot)];
+        if let Some(found) = old {
+            match metas.iter_mut().find(|(bk, _)| *bk == found.bucket) {
+                Some(entry) => entry.1 &= !(1 << found.slot),
+                None => metas.push((
+                    found.bucket,
+                    self.load(bucket_offset(segment.at, found.bucket))? & !(1 << found.slot),
+                )),
+            }
+        }
+        let distance = distance(home, bucket);
+        if distance > 0 {
+            match metas.iter_mut().find(|(bk, _)| *bk == home) {
+                Some(entry) => entry.1 = with_reach(entry.1, distance),
+                None => {
+                    let homed = bucket_offset(segment.at, home);
+                    let meta = self.load(homed)?;
+                    if reach(meta) < distance {
+                        pool.store_u64(homed, with_reach(meta, distance), Ordering::Release)?;
+                        pool.flush(homed, 8)?;
+                    }
+                }
+            }
+        }
+        let old_record = old.map(|f| f.record).filter(|&r| r != 0);
+        match (metas.as_slice(), &record, old_record) {
+            // One word, no allocation change: the plain protocol, two fences.
+            ([(bucket, meta)], None, None) => {
+                pool.fence()?;
+                let at = bucket_offset(segment.at, *bucket);
+                pool.store_u64(at, *meta, Ordering::Release)?;
+                pool.persist(at, 8)?;
+            }
+            // Several words or an allocation: one heap commit (the redo log).
+            _ => {
+                let words: Vec<(u64, u64)> =
+                    metas.iter().map(|&(bucket, meta)| (bucket_offset(segment.at, bucket), meta)).collect();
+                self.heap.transaction(|tx| {
+                    if let Some(r) = record {
+                        tx.adopt(r);
+                    }
+                    if let Some(old) = old_record {
+                        tx.free(old)?;
+                    }
+                    for &(at, meta) in &words {
+                        tx.redo_store(at, meta)?;
+                    }
+                    Ok::<_, HeapError>(())
+                })?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit).
+    fn unlink(&self, segment: &Segment, found: Found) -> Result<()> {
+        let pool = self.heap.pool();
+        let at = bucket_offset(segment.at, found.bucket);
+        let meta = self.load(at)? & !(1 << found.slot);
+        if found.record == 0 {
+            pool.store_u64(at, meta, Ordering::Release)?;
+            pool.persist(at, 8)?;
+        } else {
+            self.heap.transaction(|tx| {
+                tx.free(found.record)?;
+                tx.redo_store(at, meta)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Splits `segment` (as it was seen when its window filled).
+    fn split(&self, seen: Segment) -> Result<()> {
+        let _resizing = lock(&self.resize);
+        let locks = self.locks(&seen)?;
+        let _guard = lock(&locks.lock);
+        let segment = self.segment(seen.at)?;
+        if segment.depth != seen.depth {
+            return Ok(()); // someone split it meanwhile
+        }
+        let _writing = Writing::start(&locks.version);
+        let pool = self.heap.pool();
+        let (depth, pattern) = (segment.depth, segment.pattern);
+        // The live entries that move: their next hash bit is 1.
+        let mut moving: Vec<(Hash, [u64; 4])> = Vec::new();
+        for bucket in 0..BUCKETS {
+            let meta = self.load(bucket_offset(segment.at, bucket))?;
+            for slot in 0..SLOTS {
+                if meta & (1 << slot) == 0 {
+                    continue;
+                }
+                let hash = self.slot_hash(segment.at, bucket, slot)?;
+                if segment.owns(hash) && hash.prefix(depth + 1) & 1 == 1 {
+                    moving.push((hash, pool.read(slot_offset(segment.at, bucket, slot))?));
+                }
+            }
+        }
+        let dir = self.load(self.root + ROOT_DIR)?;
+        let global = self.load(dir + 8)?;
+        let next_id = self.load(self.root + ROOT_NEXT_ID)?;
+        let (root, new_pattern) = (self.root, pattern << 1 | 1);
+        self.heap.transaction(|tx| {
+            let new = tx.alloc_bytes(SEGMENT_SIZE)?;
+            tx.write(PPtr::<[u64; 4]>::new(new), &[SEG_MAGIC, depth + 1, new_pattern, next_id])?;
+            let mut metas = vec![0u64; BUCKETS as usize];
+            let mut fingerprints = vec![[0u8; 8]; BUCKETS as usize];
+            for (hash, words) in &moving {
+                let home = hash.home();
+                let (bucket, slot) = (0..WINDOW)
+                    .map(|i| hash.bucket(i))
+                    .find_map(|b| (0..SLOTS).find(|s| metas[b as usize] & (1 << s) == 0).map(|s| (b, s)))
+                    .ok_or_else(|| HeapError::Corrupt("a split found no room for a moved key".into()))?;
+                tx.write(PPtr::<[u64; 4]>::new(slot_offset(new, bucket, slot)), words)?;
+                metas[bucket as usize] |= 1 << slot;
+                fingerprints[bucket as usize][slot as usize] = hash.fingerprint();
+                metas[home as usize] = with_reach(metas[home as usize], distance(home, bucket));
+            }
+            for bucket in 0..BUCKETS {
+                let at = bucket_offset(new, bucket);
+                tx.write(
+                    PPtr::<[u64; 2]>::new(at),
+                    &[metas[bucket as usize], u64::from_le_bytes(fingerprints[bucket as usize])],
+                )?;
+            }
+            tx.redo_store(segment.at + SEG_DEPTH, depth + 1)?;
+            tx.redo_store(segment.at + SEG_PATTERN, pattern << 1)?;
+            tx.redo_store(root + ROOT_NEXT_ID, next_id + 1)?;
+            // Directory entries whose prefix at depth + 1 is the new pattern point at the new
+            // segment; the directory doubles first when it is no deeper than the segment.
+            let new_global = global.max(depth + 1);
+            let first = new_pattern << (new_global - depth - 1);
+            let count = 1u64 << (new_global - depth - 1);
+            if new_global == global && count <= 64 {
+                for j in first..first + count {
+                    tx.redo_store(dir + DIR_HEADER + 8 * j, new)?;
+                }
+            } else {
+                let entries = 1u64 << new_global;
+                let copy = tx.alloc_bytes(DIR_HEADER + 8 * entries)?;
+                tx.write(PPtr::<[u64; 2]>::new(copy), &[DIR_MAGIC, new_global])?;
+                let shift = new_global - global;
+                let mut table = vec![0u64; entries as usize];
+                for (j, entry) in table.iter_mut().enumerate() {
+                    let j = j as u64;
+                    *entry = if j >= first && j < first + count {
+                        new
+                    } else {
+                        tx.heap().pool().load_u64(dir + DIR_HEADER + 8 * (j >> shift), Ordering::Acquire)?
+                    };
+                }
+                tx.write_bytes(copy + DIR_HEADER, bytemuck::cast_slice(&table))?;
+                tx.redo_store(root + ROOT_DIR, copy)?;
+                tx.free(dir)?;
+            }
+            Ok::<_, HeapError>(())
+        })?;
+        // The moved keys' old copies are stale now; clear their bits.
+        let segment = self.segment(segment.at)?;
+        self.clear_stale(&segment, 0..BUCKETS)?;
+        Ok(())
+    }
+
+    /// Calls `visit(key, value)` for every entry until it returns `false`. Weakly consistent
+    /// with concurrent writers; splits wait for it.
+    pub fn for_each(&self, mut visit: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+        let _no_splits = lock(&self.resize);
+        let pool = self.heap.pool();
+        let dir = self.load(self.root + ROOT_DIR)?;
+        let global = self.load(dir + 8)?;
+        for j in 0..1u64 << global {
+            let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
+            if j != segment.pattern << (global - segment.depth) {
+                continue; // visited at its first directory entry
+            }
+            let mut entries = Vec::new();
+            {
+                let locks = self.locks(&segment)?;
+                let _guard = lock(&locks.lock);
+                for bucket in 0..BUCKETS {
+                    let meta = self.load(bucket_offset(segment.at, bucket))?;
+                    for slot in 0..SLOTS {
+                        if meta & (1 << slot) == 0 || !segment.owns(self.slot_hash(segment.at, bucket, slot)?)
+                        {
+                            continue;
+                        }
+                        let s = slot_offset(segment.at, bucket, slot);
+                        let words: [u64; 4] = pool.read(s)?;
+                        let info = words[3];
+                        if info_kind(info) == KIND_INLINE {
+                            let key: [u8; 16] = bytemuck::cast([words[0], words[1]]);
+                            let value = words[2].to_le_bytes();
+                            entries.push((
+                                key[..info_key_len(info)].to_vec(),
+                                value[..info_value_len(info)].to_vec(),
+                            ));
+                        } else {
+                            let [key_len, value_len]: [u32; 2] = pool.read(words[1])?;
+                            let mut key = vec![0u8; key_len as usize];
+                            pool.read_into(words[1] + 8, &mut key)?;
+                            let mut value = vec![0u8; value_len as usize];
+                            pool.read_into(words[1] + 8 + u64::from(key_len), &mut value)?;
+                            entries.push((key, value));
+                        }
+                    }
+                }
+            }
+            for (key, value) in entries {
+                if !visit(&key, &value) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry, in no particular order.
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut all = Vec::new();
+        self.for_each(|k, v| {
+            all.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        Ok(all)
+    }
+
+    /// Counts the entries (a scan: O(entries)).
+    pub fn len(&self) -> Result<u64> {
+        let mut n = 0;
+        self.for_each(|_, _| {
+            n += 1;
+            true
+        })?;
+        Ok(n)
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> Result<bool> {
+        let mut empty = true;
+        self.for_each(|_, _| {
+            empty = false;
+            false
+        })?;
+        Ok(empty)
+    }
+
+    /// Removes every entry (each removal failure-atomic). Returns how many.
+    pub fn clear(&self) -> Result<u64> {
+        let keys: Vec<Vec<u8>> = self.entries()?.into_iter().map(|(k, _)| k).collect();
+        let mut removed = 0;
+        for key in keys {
+            removed += u64::from(self.remove(&key)?);
+        }
+        Ok(removed)
+    }
+
+    /// Counts of the map's shape.
+    pub fn stats(&self) -> Result<MapStats> {
+        let entries = self.len()?;
+        let _no_splits = lock(&self.resize);
+        let dir = self.load(self.root + ROOT_DIR)?;
+        let global = self.load(dir + 8)?;
+        let mut segments = 0;
+        for j in 0..1u64 << global {
+            let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
+            segments += u64::from(j == segment.pattern << (global - segment.depth));
+        }
+        Ok(MapStats {
+            entries,
+            segments,
+            global_depth: global,
+            load_factor: entries as f64 / (segments * BUCKETS * SLOTS) as f64,
+        })
+    }
+}

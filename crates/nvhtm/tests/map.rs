@@ -1,0 +1,171 @@
+//! The strict map without crashes: operations against a model, splits, records of every size,
+//! concurrency, the typed wrapper.
+
+use std::collections::BTreeMap;
+
+use nvhtm::map::{MapError, MAX_KEY};
+use nvhtm::{Heap, PoolOptions, StrictMap, TypedMap, Volatile};
+
+fn map(size: u64) -> StrictMap<Volatile> {
+    let opts = PoolOptions::layout("map-test").with_size(size).with_max_size(1 << 30);
+    StrictMap::open(Heap::create_in_memory(&opts, Volatile).unwrap()).unwrap()
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+#[test]
+fn random_operations_match_a_model_through_many_splits() {
+    let map = map(4 << 20);
+    let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for step in 0..60_000u64 {
+        let k = key(rng.u64(..20_000));
+        let value: Vec<u8> = match rng.u8(..4) {
+            0 => vec![],
+            1 => step.to_le_bytes().to_vec(),
+            2 => vec![step as u8; 100],
+            _ => vec![step as u8; rng.usize(1..3000)],
+        };
+        match rng.u8(..10) {
+            0..=4 => assert_eq!(map.upsert(&k, &value).unwrap(), model.insert(k.clone(), value).is_none()),
+            5 => {
+                let fresh = !model.contains_key(&k);
+                assert_eq!(map.insert(&k, &value).unwrap(), fresh);
+                if fresh {
+                    model.insert(k, value);
+                }
+            }
+            6 | 7 => assert_eq!(map.remove(&k).unwrap(), model.remove(&k).is_some()),
+            _ => assert_eq!(map.get(&k).unwrap(), model.get(&k).cloned(), "step {step}"),
+        }
+    }
+    let mut entries = map.entries().unwrap();
+    entries.sort();
+    assert_eq!(entries, model.clone().into_iter().collect::<Vec<_>>());
+    let stats = map.stats().unwrap();
+    println!("{stats:?}");
+    assert!(stats.segments > 4, "{stats:?}");
+    assert_eq!(stats.entries, model.len() as u64);
+    let heap = map.heap().check(&mut |_, _| {});
+    assert!(heap.is_consistent(), "{heap:?}");
+}
+
+#[test]
+fn the_load_factor_is_high_before_a_segment_splits() {
+    let map = map(4 << 20);
+    let mut i = 0u64;
+    while map.stats().unwrap().segments == 1 {
+        map.insert(&i.to_le_bytes(), &i.to_le_bytes()).unwrap();
+        i += 1;
+    }
+    // The first split happened at insert i; the one segment then held i - 1 keys.
+    let load = (i - 1) as f64 / (255.0 * 7.0);
+    println!("first split after {} keys: load factor {load:.3}", i - 1);
+    assert!(load > 0.85, "split at load factor {load:.3}");
+}
+
+#[test]
+fn compare_and_swap_and_clear() {
+    let map = map(1 << 20);
+    assert_eq!(map.compare_and_swap(b"k", None, Some(b"1")).unwrap(), Ok(()));
+    assert_eq!(map.compare_and_swap(b"k", None, Some(b"2")).unwrap(), Err(Some(b"1".to_vec())));
+    assert_eq!(
+        map.compare_and_swap(b"k", Some(b"1"), Some(b"a much longer value than eight bytes")).unwrap(),
+        Ok(())
+    );
+    assert_eq!(map.get(b"k").unwrap().unwrap(), b"a much longer value than eight bytes");
+    assert_eq!(
+        map.compare_and_swap(b"k", Some(b"a much longer value than eight bytes"), None).unwrap(),
+        Ok(())
+    );
+    assert_eq!(map.get(b"k").unwrap(), None);
+    for i in 0..100u64 {
+        map.insert(&key(i), &[1; 20]).unwrap();
+    }
+    assert_eq!(map.clear().unwrap(), 100);
+    assert!(map.is_empty().unwrap());
+    let report = map.heap().check(&mut |_, _| {});
+    assert_eq!(report.small_blocks, 2, "only the map root and the directory remain: {report:?}");
+}
+
+#[test]
+fn keys_and_values_of_every_size() {
+    let map = map(8 << 20);
+    let big = vec![7u8; 1 << 20];
+    map.upsert(b"big", &big).unwrap();
+    assert_eq!(map.get(b"big").unwrap().unwrap(), big);
+    let long_key = vec![b'k'; 1000];
+    map.upsert(&long_key, b"v").unwrap();
+    assert_eq!(map.get(&long_key).unwrap().unwrap(), b"v");
+    map.upsert(b"", b"empty key").unwrap();
+    assert_eq!(map.get(b"").unwrap().unwrap(), b"empty key");
+    let err = map.upsert(&vec![0u8; MAX_KEY + 1], b"v").unwrap_err();
+    assert!(matches!(err, MapError::KeyTooLarge { .. }), "{err}");
+    // Inline and out of place, back and forth.
+    for value in [&b"12345678"[..], b"123456789", b"1", b"", &[9; 500]] {
+        map.upsert(b"shape", value).unwrap();
+        assert_eq!(map.get(b"shape").unwrap().unwrap(), value);
+    }
+    assert!(map.remove(b"big").unwrap());
+    assert!(!map.remove(b"big").unwrap());
+}
+
+#[test]
+fn threads_write_and_read_concurrently() {
+    let map = map(16 << 20);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let map = &map;
+            s.spawn(move || {
+                for i in 0..5000u64 {
+                    let k = (t * 1_000_000 + i).to_le_bytes();
+                    map.insert(&k, &i.to_le_bytes()).unwrap();
+                    if i % 3 == 0 {
+                        map.upsert(&k, &(i + 1).to_le_bytes()).unwrap();
+                    }
+                    if i % 7 == 0 {
+                        map.remove(&k).unwrap();
+                    }
+                }
+            });
+        }
+        for r in 0..2u64 {
+            let map = &map;
+            s.spawn(move || {
+                for i in 0..20_000u64 {
+                    let k = ((i % 4) * 1_000_000 + (i * 7 + r) % 5000).to_le_bytes();
+                    if let Some(v) = map.get(&k).unwrap() {
+                        let v = u64::from_le_bytes(v.try_into().unwrap());
+                        let base = u64::from_le_bytes(k) % 1_000_000;
+                        assert!(v == base || v == base + 1, "read a value never written: {v} for {base}");
+                    }
+                }
+            });
+        }
+    });
+    for t in 0..4u64 {
+        for i in 0..5000u64 {
+            let k = (t * 1_000_000 + i).to_le_bytes();
+            let expected = if i % 7 == 0 {
+                None
+            } else if i % 3 == 0 {
+                Some(i + 1)
+            } else {
+                Some(i)
+            };
+            assert_eq!(map.get(&k).unwrap().map(|v| u64::from_le_bytes(v.try_into().unwrap())), expected);
+        }
+    }
+}
+
+#[test]
+fn the_typed_map_stores_plain_data() {
+    let typed: TypedMap<[u64; 2], u32, Volatile> = TypedMap::new(map(1 << 20));
+    assert!(typed.insert(&[1, 2], &3).unwrap());
+    assert!(!typed.upsert(&[1, 2], &4).unwrap());
+    assert_eq!(typed.get(&[1, 2]).unwrap(), Some(4));
+    assert_eq!(typed.entries().unwrap(), vec![([1, 2], 4)]);
+    assert!(typed.remove(&[1, 2]).unwrap());
+}
