@@ -197,6 +197,14 @@ impl<'h, D: Domain> Tx<'h, D> {
         Ok(())
     }
 
+    /// Makes `offset..offset + len` (written outside the transaction, e.g. a slot that a redo
+    /// word will publish) durable before the commit point.
+    pub fn flush_on_commit(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.dirty.push((offset, len));
+        Ok(())
+    }
+
     /// A redo word of the heap's own metadata (the root).
     pub(super) fn push_word(&mut self, offset: u64, value: u64) {
         self.words.push((offset, value));

@@ -461,6 +461,8 @@ impl<D: Domain> StrictMap<D> {
                     return Ok(Some((bucket, slot)));
                 }
             }
+            // No fence needed here: the insert that reuses a cleared slot fences (on this thread)
+            // before its payload can matter, which makes the clearing durable first.
             if pass == 0 && !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
                 break;
             }
@@ -468,8 +470,8 @@ impl<D: Domain> StrictMap<D> {
         Ok(None)
     }
 
-    /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns.
-    /// Returns whether it cleared any.
+    /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns
+    /// (flushed, not fenced). Returns whether it cleared any.
     fn clear_stale(&self, segment: &Segment, buckets: impl Iterator<Item = u64>) -> Result<bool> {
         let pool = self.heap.pool();
         let mut cleared = false;
@@ -487,9 +489,6 @@ impl<D: Domain> StrictMap<D> {
                 pool.flush(at, 8)?;
                 cleared = true;
             }
-        }
-        if cleared {
-            pool.fence()?;
         }
         Ok(cleared)
     }
@@ -570,6 +569,8 @@ impl<D: Domain> StrictMap<D> {
         pool.flush(s, 32)?;
         let b = bucket_offset(segment.at, bucket);
         pool.write(b + 8 + slot, &hash.fingerprint())?;
+        // Lines that must be durable before the commit (the slot; a raised reach).
+        let mut before_commit = vec![(s, 32)];
         // Meta words to change at the commit: this bucket gains the slot, the old slot (if any)
         // is released. A key placed past its home bucket's reach raises the reach first: it
         // must be durable before the key can be found through it (a reach never shrinks until
@@ -594,6 +595,7 @@ impl<D: Domain> StrictMap<D> {
                     if reach(meta) < distance {
                         pool.store_u64(homed, with_reach(meta, distance), Ordering::Release)?;
                         pool.flush(homed, 8)?;
+                        before_commit.push((homed, 8));
                     }
                 }
             }
@@ -607,11 +609,17 @@ impl<D: Domain> StrictMap<D> {
                 pool.store_u64(at, *meta, Ordering::Release)?;
                 pool.persist(at, 8)?;
             }
-            // Several words or an allocation: one heap commit (the redo log).
+            // Several words or an allocation: one heap commit (the redo log). Recovery may apply
+            // the meta word from the log, so the fingerprint cannot rely on being stored before
+            // it in the same line: it is made durable before the commit like the slot.
             _ => {
+                before_commit.push((b + 8, 8));
                 let words: Vec<(u64, u64)> =
                     metas.iter().map(|&(bucket, meta)| (bucket_offset(segment.at, bucket), meta)).collect();
                 self.heap.transaction(|tx| {
+                    for &(at, len) in &before_commit {
+                        tx.flush_on_commit(at, len)?;
+                    }
                     if let Some(r) = record {
                         tx.adopt(r);
                     }
@@ -730,9 +738,13 @@ impl<D: Domain> StrictMap<D> {
             }
             Ok::<_, HeapError>(())
         })?;
-        // The moved keys' old copies are stale now; clear their bits.
+        // The moved keys' old copies are stale now; clear their bits. Another thread may reuse
+        // a cleared slot as soon as the segment is unlocked, and its fence does not order this
+        // thread's flushes: make the clearing durable first.
         let segment = self.segment(segment.at)?;
-        self.clear_stale(&segment, 0..BUCKETS)?;
+        if self.clear_stale(&segment, 0..BUCKETS)? {
+            pool.fence()?; // cross-thread: see above
+        }
         Ok(())
     }
 
@@ -829,9 +841,8 @@ impl<D: Domain> StrictMap<D> {
         Ok(removed)
     }
 
-    /// Counts of the map's shape.
-    pub fn stats(&self) -> Result<MapStats> {
-        let entries = self.len()?;
+    /// The number of segments and the directory's depth (a walk of the directory).
+    pub fn shape(&self) -> Result<(u64, u64)> {
         let _no_splits = lock(&self.resize);
         let dir = self.load(self.root + ROOT_DIR)?;
         let global = self.load(dir + 8)?;
@@ -840,6 +851,13 @@ impl<D: Domain> StrictMap<D> {
             let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
             segments += u64::from(j == segment.pattern << (global - segment.depth));
         }
+        Ok((segments, global))
+    }
+
+    /// Counts of the map's shape.
+    pub fn stats(&self) -> Result<MapStats> {
+        let entries = self.len()?;
+        let (segments, global) = self.shape()?;
         Ok(MapStats {
             entries,
             segments,
