@@ -126,6 +126,13 @@ impl<D: Domain> Heap<D> {
             }
         }
         report.classes.retain(|usage| usage.runs > 0);
+        if !report.problems.is_empty() {
+            return report;
+        }
+        if let Err(e) = self.ensure_scanned() {
+            report.problems.push(e.to_string());
+            return report;
+        }
         match self.pool.load_u64(ROOT_WORD, Ordering::Acquire) {
             Ok(0) => {}
             Ok(root) => match self.locate(root) {

@@ -13,9 +13,9 @@
 //! - **Transactions**: [`Heap::transaction`] snapshots ranges into the lane's undo log before
 //!   they change, allocates and frees inside, and commits atomically; an error, a panic or a crash
 //!   rolls everything back.
-//! - **Recovery** at open replays or rolls back each lane (bounded by the lanes' size) and
-//!   rebuilds the allocator from the chunk heads and run bitmaps (bounded by the number of
-//!   chunks, not of objects).
+//! - **Recovery** at open replays or rolls back each lane (bounded by the lanes' size); the
+//!   allocator is rebuilt from the chunk heads and run bitmaps (bounded by the number of chunks,
+//!   not of objects) on the first allocation or free, so a large pool is readable at once.
 //!
 //! See `docs/design.md` §5 for the protocol and its correctness argument.
 
@@ -131,6 +131,11 @@ pub struct Heap<D: Domain> {
     classes: Vec<Mutex<Vec<u32>>>,
     root_lock: Mutex<()>,
     recovery: Vec<LaneRecovery>,
+    /// Whether the allocator's DRAM state was rebuilt from media. Opening recovers the lanes
+    /// only; the chunk scan waits for the first allocation or free, so reading a large pool
+    /// starts at once.
+    scanned: std::sync::atomic::AtomicBool,
+    scan_lock: Mutex<()>,
 }
 
 impl<D: Domain> std::fmt::Debug for Heap<D> {
@@ -258,8 +263,9 @@ impl<D: Domain> Heap<D> {
             classes: (0..CLASSES.len()).map(|_| Mutex::new(Vec::new())).collect(),
             root_lock: Mutex::new(()),
             recovery,
+            scanned: std::sync::atomic::AtomicBool::new(false),
+            scan_lock: Mutex::new(()),
         };
-        heap.scan()?;
         Ok(heap)
     }
 
@@ -291,6 +297,19 @@ impl<D: Domain> Heap<D> {
             return Err(HeapError::Corrupt(format!("run in chunk {chunk} marks blocks past its end")));
         }
         Ok(words)
+    }
+
+    /// Rebuilds the allocator's DRAM state on first need.
+    fn ensure_scanned(&self) -> Result<()> {
+        if self.scanned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_scanner = lock(&self.scan_lock);
+        if !self.scanned.load(Ordering::Acquire) {
+            self.scan()?;
+            self.scanned.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Rebuilds the volatile allocator state from media: O(chunks).
@@ -440,6 +459,7 @@ impl<D: Domain> Heap<D> {
 
     /// Usable bytes of the allocated block at `offset`.
     pub fn usable_size(&self, offset: u64) -> Result<u64> {
+        self.ensure_scanned()?;
         Ok(match self.locate(offset)? {
             Block::Small { chunk, .. } => {
                 let run = self.run(chunk).ok_or(HeapError::InvalidFree { offset, why: "not a block" })?;
@@ -451,7 +471,8 @@ impl<D: Domain> Heap<D> {
     }
 
     /// Counts from the allocator's volatile state.
-    pub fn stats(&self) -> HeapStats {
+    pub fn stats(&self) -> Result<HeapStats> {
+        self.ensure_scanned()?;
         let chunks = lock(&self.chunks);
         let runs = self.runs.read().unwrap_or_else(|e| e.into_inner());
         let mut stats = HeapStats {
@@ -465,7 +486,7 @@ impl<D: Domain> Heap<D> {
             stats.small_blocks += run.geo.blocks - run.available;
         }
         stats.large_blocks = chunks.mirror.values().filter(|h| matches!(h, Head::Large(_))).count() as u64;
-        stats
+        Ok(stats)
     }
 
     /// Closes the heap and its pool (a clean shutdown).
@@ -568,6 +589,7 @@ impl<D: Domain> Heap<D> {
 
     /// Reserves a block of `size` bytes for the owner of `lane`.
     fn reserve_in(&self, lane: &mut LaneSlot, size: u64) -> Result<Reservation> {
+        self.ensure_scanned()?;
         let Some(class) = layout::class_for(size) else {
             return self.reserve_large(size);
         };
@@ -680,6 +702,7 @@ impl<D: Domain> Heap<D> {
 
     /// Validates a free of `offset` and marks it pending.
     fn mark_free(&self, offset: u64) -> Result<Block> {
+        self.ensure_scanned()?;
         let block = self.locate(offset)?;
         let invalid = |why| HeapError::InvalidFree { offset, why };
         match block {
