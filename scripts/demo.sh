@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: build nvhtm, create a pool on /dev/shm (emulated persistent memory), inspect it,
-# grow it in place, and show the crash simulator catching broken persistence protocols.
+# The main job: build nvhtm, create a pool on /dev/shm (emulated persistent memory), inspect and
+# check it, grow it in place, show the crash simulator catching broken persistence protocols,
+# then the crash demo: a map survives 20 kill -9s with every acknowledged key intact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin nvhtm
@@ -26,3 +27,6 @@ echo "== nvhtm info on something that is not a pool (a specific error, exit stat
 echo
 echo "== nvhtm litmus: every crash image of small persistence protocols, correct and broken"
 "$nvhtm" litmus
+echo
+echo "== nvhtm demo: a writer process is killed with SIGKILL 20 times while inserting 10^6 keys"
+"$nvhtm" demo --keys 1000000 --rounds 20

@@ -59,6 +59,79 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set KEY to VALUE in the pool's map (created on first use).
+    Set {
+        /// The pool file.
+        pool: PathBuf,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// Print the value of KEY (exit status 1 if absent).
+    Get {
+        /// The pool file.
+        pool: PathBuf,
+        /// The key.
+        key: String,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// Remove KEY; prints 1 if it was there, 0 if not.
+    Del {
+        /// The pool file.
+        pool: PathBuf,
+        /// The key.
+        key: String,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// Load tab-separated key/value lines (\t \n \r \\ escaped) from FILE (- for stdin).
+    Load {
+        /// The pool file.
+        pool: PathBuf,
+        /// The input file.
+        file: PathBuf,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// Print every entry as a tab-separated line (the format load reads).
+    Dump {
+        /// The pool file.
+        pool: PathBuf,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+    },
+    /// The crash demo: a writer process inserts keys and is killed with SIGKILL at a random
+    /// moment in every round; each acknowledged key is verified after recovery.
+    Demo {
+        /// Keys in total (over all rounds).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Rounds (kills).
+        #[arg(long, default_value_t = 20)]
+        rounds: u64,
+        /// The pool file (default /dev/shm/nvhtm-demo-crash.pool; recreated).
+        #[arg(long)]
+        pool: Option<PathBuf>,
+    },
+    /// The demo's writer process.
+    #[command(hide = true)]
+    DemoWriter {
+        /// The pool file.
+        pool: PathBuf,
+        /// First key index.
+        start: u64,
+        /// Keys to write.
+        count: u64,
+    },
     /// Grow a pool in place to a new size.
     Grow {
         /// The pool file.
@@ -86,6 +159,13 @@ fn main() -> ExitCode {
         Command::Info { pool, layout, json } => commands::info(&pool, layout.as_deref(), json),
         Command::Check { pool, repair, layout, json } => commands::check(&pool, repair, &layout, json),
         Command::Grow { pool, size, layout } => commands::grow(&pool, size, &layout),
+        Command::Set { pool, key, value, layout } => commands::map::set(&pool, &key, &value, &layout),
+        Command::Get { pool, key, layout } => commands::map::get(&pool, &key, &layout),
+        Command::Del { pool, key, layout } => commands::map::del(&pool, &key, &layout),
+        Command::Load { pool, file, layout } => commands::map::load(&pool, &file, &layout),
+        Command::Dump { pool, layout } => commands::map::dump(&pool, &layout),
+        Command::Demo { keys, rounds, pool } => commands::demo::demo(keys, rounds, pool),
+        Command::DemoWriter { pool, start, count } => commands::demo::writer(&pool, start, count),
         Command::Litmus => commands::litmus(),
         Command::Bench { which } => bench::run(which),
     };

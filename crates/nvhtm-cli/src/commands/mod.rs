@@ -1,5 +1,8 @@
 //! The pool commands.
 
+pub mod demo;
+pub mod map;
+
 use std::path::Path;
 
 use nvhtm::heap::{CheckReport, LaneRecovery};
