@@ -47,6 +47,23 @@ pub enum Which {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The strict map against hashbrown and against itself on the Volatile domain: insert,
+    /// positive and negative get, update, remove, for 8/16-byte keys and 8/100-byte values, on
+    /// 1 and 2 threads; and open time as the key count grows.
+    Map {
+        /// Directory on tmpfs (or DAX) for the pools.
+        #[arg(long, default_value = "/dev/shm")]
+        pmem_dir: PathBuf,
+        /// Keys per case.
+        #[arg(long, default_value_t = 200_000)]
+        keys: u64,
+        /// Key counts whose open time is measured (the first is the baseline).
+        #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+        open_keys: Vec<u64>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Crash images the simulator checks per second, on the litmus protocols and on a
     /// 200-record persistent log.
     Sim {
@@ -85,6 +102,7 @@ pub fn run(which: Which) -> CommandResult {
         Which::Heap { pmem_dir, millis, json } => {
             heap(&pmem_dir, Duration::from_millis(millis), json.as_deref())
         }
+        Which::Map { pmem_dir, keys, open_keys, json } => map(&pmem_dir, keys, &open_keys, json.as_deref()),
         Which::Sim { json } => sim(json.as_deref()),
     }
 }
@@ -693,4 +711,187 @@ fn heap(pmem_dir: &Path, budget: Duration, json: Option<&Path>) -> CommandResult
         );
     }
     write_json(json, &HeapReport { bench: "heap", machine, results })
+}
+
+/// One measured case of `bench map`.
+#[derive(Debug, Serialize)]
+struct MapResult {
+    map: String,
+    threads: usize,
+    key_bytes: usize,
+    value_bytes: usize,
+    op: &'static str,
+    mops_per_second: f64,
+    ratio_to_hashbrown: f64,
+    lines_flushed_per_op: f64,
+    fences_per_op: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenResult {
+    keys: u64,
+    open_ms: f64,
+    ratio_to_first: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MapReport {
+    bench: &'static str,
+    machine: Machine,
+    results: Vec<MapResult>,
+    open: Vec<OpenResult>,
+}
+
+const MAP_OPS: [&str; 5] = ["insert", "get (hit)", "get (miss)", "update", "remove"];
+
+fn bench_key(i: u64, len: usize) -> Vec<u8> {
+    let mut k = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes().to_vec();
+    k.resize(len, (i >> 56) as u8 ^ 0x5a);
+    if len > 8 {
+        k[8..16].copy_from_slice(&i.to_le_bytes());
+    }
+    k
+}
+
+/// Runs `op(i)` for i in the thread's share of 0..keys on `threads` threads; returns Mops/s.
+fn run_threads(keys: u64, threads: usize, op: &(dyn Fn(u64) + Sync)) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads as u64 {
+            s.spawn(move || {
+                let mut i = t;
+                while i < keys {
+                    op(i);
+                    i += threads as u64;
+                }
+            });
+        }
+    });
+    keys as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// The five operations on a strict map.
+fn map_ops<D: Domain>(map: &nvhtm::StrictMap<D>, keys: u64, threads: usize, klen: usize, value: &[u8]) -> Vec<(f64, PersistStats)> {
+    let updated: Vec<u8> = value.iter().map(|b| b ^ 0xff).collect();
+    let mut out = Vec::new();
+    let measure = |op: &(dyn Fn(u64) + Sync)| {
+        let before = global_stats();
+        let mops = run_threads(keys, threads, op);
+        (mops, global_stats() - before)
+    };
+    out.push(measure(&|i| {
+        map.upsert(&bench_key(i, klen), value).expect("insert");
+    }));
+    out.push(measure(&|i| {
+        assert!(map.get(&bench_key(i, klen)).expect("get").is_some());
+    }));
+    out.push(measure(&|i| {
+        assert!(map.get(&bench_key(i + keys, klen)).expect("get").is_none());
+    }));
+    out.push(measure(&|i| {
+        map.upsert(&bench_key(i, klen), &updated).expect("update");
+    }));
+    out.push(measure(&|i| {
+        assert!(map.remove(&bench_key(i, klen)).expect("remove"));
+    }));
+    out
+}
+
+/// The five operations on hashbrown (one thread).
+fn hashbrown_ops(keys: u64, klen: usize, value: &[u8]) -> Vec<f64> {
+    let mut map: hashbrown::HashMap<Vec<u8>, Vec<u8>> = hashbrown::HashMap::new();
+    let updated: Vec<u8> = value.iter().map(|b| b ^ 0xff).collect();
+    let mut out = Vec::new();
+    let mut timed = |f: &mut dyn FnMut(u64)| {
+        let start = Instant::now();
+        for i in 0..keys {
+            f(i);
+        }
+        out.push(keys as f64 / start.elapsed().as_secs_f64() / 1e6);
+    };
+    timed(&mut |i| {
+        map.insert(bench_key(i, klen), value.to_vec());
+    });
+    timed(&mut |i| assert!(std::hint::black_box(map.get(&bench_key(i, klen))).is_some()));
+    timed(&mut |i| assert!(std::hint::black_box(map.get(&bench_key(i + keys, klen))).is_none()));
+    timed(&mut |i| {
+        map.insert(bench_key(i, klen), updated.clone());
+    });
+    timed(&mut |i| assert!(map.remove(&bench_key(i, klen)).is_some()));
+    out
+}
+
+fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> CommandResult {
+    let opts = PoolOptions::layout("bench").with_size(64 << 20);
+    let mut results = Vec::new();
+    for (klen, vlen) in [(8usize, 8usize), (16, 8), (8, 100), (16, 100)] {
+        let value = vec![0xabu8; vlen];
+        let base = hashbrown_ops(keys, klen, &value);
+        let mut push = |name: &str, threads: usize, ops: Vec<(f64, PersistStats)>| {
+            for (i, (mops, st)) in ops.into_iter().enumerate() {
+                results.push(MapResult {
+                    map: name.to_string(),
+                    threads,
+                    key_bytes: klen,
+                    value_bytes: vlen,
+                    op: MAP_OPS[i],
+                    mops_per_second: mops,
+                    ratio_to_hashbrown: mops / base[i],
+                    lines_flushed_per_op: st.lines_flushed as f64 / keys as f64,
+                    fences_per_op: st.fences as f64 / keys as f64,
+                });
+            }
+        };
+        push("hashbrown", 1, base.iter().map(|&m| (m, PersistStats::default())).collect());
+        for threads in [1, 2] {
+            let scratch = Scratch::new(pmem_dir, "map");
+            let map = nvhtm::StrictMap::open(nvhtm::Heap::<Cpu>::create(&scratch.0, &opts)?)?;
+            push("strict (cpu)", threads, map_ops(&map, keys, threads, klen, &value));
+            drop(map);
+            let scratch = Scratch::new(pmem_dir, "map-volatile");
+            let map = nvhtm::StrictMap::open(nvhtm::Heap::<Volatile>::create(&scratch.0, &opts)?)?;
+            push("strict (volatile)", threads, map_ops(&map, keys, threads, klen, &value));
+        }
+    }
+    // Open time as the map grows: the heap's lanes only; no scan of keys.
+    let mut open = Vec::new();
+    for &n in open_keys {
+        let scratch = Scratch::new(pmem_dir, "open");
+        let map = nvhtm::StrictMap::open(nvhtm::Heap::<Volatile>::create(&scratch.0, &opts)?)?;
+        for i in 0..n {
+            map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
+        }
+        map.close()?;
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| -> Result<f64, Box<dyn std::error::Error>> {
+                let start = Instant::now();
+                let map = nvhtm::StrictMap::open(nvhtm::Heap::<Cpu>::open(&scratch.0, &opts)?)?;
+                let found = map.get(&bench_key(n / 2, 8))?.is_some();
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                if !found && n > 0 {
+                    return Err("a key is missing after reopening".into());
+                }
+                map.close()?;
+                Ok(ms)
+            })
+            .collect::<Result<_, _>>()?;
+        times.sort_by(f64::total_cmp);
+        open.push((n, times[2]));
+    }
+    let open: Vec<OpenResult> =
+        open.iter().map(|&(keys, ms)| OpenResult { keys, open_ms: ms, ratio_to_first: ms / open[0].1 }).collect();
+
+    let machine = Machine::here();
+    println!("strict map, {keys} keys per case, on {} ({} cores)", machine.cpu, machine.cores);
+    println!("{:<18} {:>3} {:>4} {:>5} {:<11} {:>8} {:>11} {:>6} {:>6}", "map", "thr", "key", "value", "op", "Mops/s", "x hashbrown", "lines", "fences");
+    for r in &results {
+        println!(
+            "{:<18} {:>3} {:>4} {:>5} {:<11} {:>8.2} {:>11.2} {:>6.2} {:>6.2}",
+            r.map, r.threads, r.key_bytes, r.value_bytes, r.op, r.mops_per_second, r.ratio_to_hashbrown, r.lines_flushed_per_op, r.fences_per_op
+        );
+    }
+    for o in &open {
+        println!("open + first get of a map of {:>9} keys: {:>8.3} ms ({:.2}x)", o.keys, o.open_ms, o.ratio_to_first);
+    }
+    write_json(json, &MapReport { bench: "map", machine, results, open })
 }
