@@ -158,6 +158,16 @@ impl<'h, D: Domain> Tx<'h, D> {
         Ok(offset)
     }
 
+    /// Allocates a block of at least `size` bytes without initialising it: its bytes are
+    /// whatever a previous owner left. Only what the transaction writes into it (through
+    /// [`write_bytes`](Tx::write_bytes), which needs no snapshot there) is made durable.
+    pub fn alloc_uninit(&mut self, size: u64) -> Result<u64> {
+        let reservation = self.heap.reserve_in(&mut self.lane, size)?;
+        let offset = reservation.offset;
+        self.allocs.push(reservation);
+        Ok(offset)
+    }
+
     /// Allocates a block holding `value`.
     pub fn alloc<T: Pod>(&mut self, value: &T) -> Result<PPtr<T>> {
         let offset = self.alloc_bytes(std::mem::size_of::<T>() as u64)?;

@@ -152,6 +152,21 @@ struct Found {
     record: u64,
 }
 
+/// A value read from a slot: inline values are copied without allocating.
+enum Value {
+    Inline([u8; 8], usize),
+    Record(Vec<u8>),
+}
+
+impl Value {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Value::Inline(bytes, len) => &bytes[..*len],
+            Value::Record(bytes) => bytes,
+        }
+    }
+}
+
 /// How a write ended: done, or the window is full and the segment must split first.
 enum Outcome<R> {
     Done(R),
@@ -239,8 +254,11 @@ impl<D: Domain> StrictMap<D> {
     fn format(&self) -> Result<()> {
         let root = self.root;
         self.heap.transaction(|tx| {
-            let segment = tx.alloc_bytes(SEGMENT_SIZE)?;
+            let segment = tx.alloc_uninit(SEGMENT_SIZE)?;
             tx.write(PPtr::<[u64; 4]>::new(segment), &[SEG_MAGIC, 0, 0, 0])?;
+            for bucket in 0..BUCKETS {
+                tx.write(PPtr::<[u64; 2]>::new(bucket_offset(segment, bucket)), &[0, 0])?;
+            }
             let dir = tx.alloc_bytes(DIR_HEADER + 8)?;
             tx.write(PPtr::<[u64; 3]>::new(dir), &[DIR_MAGIC, 0, segment])?;
             tx.write(PPtr::<[u64; 3]>::new(root), &[MAP_MAGIC, dir, 1])?;
@@ -274,14 +292,13 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// Looks `key` up in `segment` (its owner), returning where and its value.
-    fn find(&self, segment: u64, hash: Hash, key: &[u8]) -> Result<Option<(Found, Vec<u8>)>> {
+    fn find(&self, segment: u64, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
         let pool = self.heap.pool();
-        let home = hash.home();
-        let reach = reach(self.load(bucket_offset(segment, home))?);
-        for i in 0..=reach {
+        let home_meta = self.load(bucket_offset(segment, hash.home()))?;
+        for i in 0..=reach(home_meta) {
             let bucket = hash.bucket(i);
             let at = bucket_offset(segment, bucket);
-            let meta = self.load(at)?;
+            let meta = if i == 0 { home_meta } else { self.load(at)? };
             let fingerprints = pool.load_u64(at + 8, Ordering::Acquire)?.to_le_bytes();
             for slot in 0..SLOTS {
                 if meta & (1 << slot) == 0 || fingerprints[slot as usize] != hash.fingerprint() {
@@ -294,7 +311,7 @@ impl<D: Domain> StrictMap<D> {
                     KIND_INLINE => {
                         let stored: [u8; 16] = bytemuck::cast([words[0], words[1]]);
                         if info_key_len(info) == key.len() && &stored[..key.len()] == key {
-                            let value = words[2].to_le_bytes()[..info_value_len(info)].to_vec();
+                            let value = Value::Inline(words[2].to_le_bytes(), info_value_len(info).min(8));
                             return Ok(Some((Found { bucket, slot, info, record: 0 }, value)));
                         }
                     }
@@ -307,7 +324,10 @@ impl<D: Domain> StrictMap<D> {
                             if stored == key {
                                 let mut value = vec![0u8; value_len as usize];
                                 pool.read_into(record + 8 + u64::from(key_len), &mut value)?;
-                                return Ok(Some((Found { bucket, slot, info, record }, value)));
+                                return Ok(Some((
+                                    Found { bucket, slot, info, record },
+                                    Value::Record(value),
+                                )));
                             }
                         }
                     }
@@ -321,11 +341,20 @@ impl<D: Domain> StrictMap<D> {
     /// The value of `key`, if present. Lock-free: retries while a writer or a split holds the
     /// segment, so it never returns a value whose commit is not yet durable.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_with(key, |value| value.to_vec())
+    }
+
+    /// Calls `read` on the value of `key`, if present, without allocating for inline values.
+    pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+        Ok(self.lookup(key)?.map(|value| read(value.as_slice())))
+    }
+
+    fn lookup(&self, key: &[u8]) -> Result<Option<Value>> {
         check_sizes(key, None)?;
         let hash = Hash::of(key);
         let mut failures = 0;
         loop {
-            let attempt = (|| -> Result<Option<Option<Vec<u8>>>> {
+            let attempt = (|| -> Result<Option<Option<Value>>> {
                 let segment = self.locate(hash)?;
                 let locks = self.locks(&segment)?;
                 let before = locks.version.load(Ordering::Acquire);
@@ -434,7 +463,7 @@ impl<D: Domain> StrictMap<D> {
             let found = self.find(segment.at, hash, key)?;
             let current = found.as_ref().map(|(_, v)| v.as_slice());
             if current != expected {
-                return Ok(Outcome::Done(Err(found.map(|(_, v)| v))));
+                return Ok(Outcome::Done(Err(found.map(|(_, v)| v.as_slice().to_vec()))));
             }
             match (new, found) {
                 (Some(value), found) => {
@@ -684,7 +713,9 @@ impl<D: Domain> StrictMap<D> {
         let next_id = self.load(self.root + ROOT_NEXT_ID)?;
         let (root, new_pattern) = (self.root, pattern << 1 | 1);
         self.heap.transaction(|tx| {
-            let new = tx.alloc_bytes(SEGMENT_SIZE)?;
+            // Only the header, the bucket headers and the moved slots need writing: a slot's
+            // bytes mean nothing while its occupancy bit is clear.
+            let new = tx.alloc_uninit(SEGMENT_SIZE)?;
             tx.write(PPtr::<[u64; 4]>::new(new), &[SEG_MAGIC, depth + 1, new_pattern, next_id])?;
             let mut metas = vec![0u64; BUCKETS as usize];
             let mut fingerprints = vec![[0u8; 8]; BUCKETS as usize];
