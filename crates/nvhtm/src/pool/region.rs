@@ -173,10 +173,12 @@ impl Region {
         Ok(())
     }
 
+    #[inline]
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
     }
 
+    #[inline]
     pub fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
