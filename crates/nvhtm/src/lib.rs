@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod fams;
 pub mod heap;
 pub mod map;
 pub mod persist;

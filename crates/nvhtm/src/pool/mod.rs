@@ -9,7 +9,7 @@ mod error;
 mod header;
 mod info;
 mod pptr;
-mod region;
+pub(crate) mod region;
 
 pub use error::{PoolError, Result};
 pub use header::{FORMAT_VERSION, HEADER_SIZE, MAX_LAYOUT_LEN, MIN_POOL_SIZE};

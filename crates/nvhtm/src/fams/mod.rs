@@ -1,0 +1,311 @@
+//! Failure-atomic msync (FAMS): the persistent-memory style on conventional files.
+//!
+//! A [`FamsFile`] keeps the file's contents in private memory. The program changes them with
+//! ordinary stores; [`FamsFile::sync`] commits every change since the previous sync atomically:
+//!
+//! 1. find the pages written since the last sync ([`dirty`]: userfaultfd write-protect and
+//!    `PAGEMAP_SCAN`, or page checksums);
+//! 2. write them to the journal with a header (sequence, page count, new file length, page size)
+//!    and a checksum over header and pages, then `fdatasync` the journal (and, the first time,
+//!    the directory, so the journal's entry is durable);
+//! 3. write the pages (and length) into the data file and `fdatasync` it;
+//! 4. retire the journal by clobbering its magic (no sync needed: replaying a complete journal
+//!    again is harmless, and the next sync overwrites it).
+//!
+//! Opening replays a complete journal (checksum valid) into the data file and discards an
+//! incomplete one, so the file is always the last synced state, or the one being synced when
+//! that sync's journal was already durable. Replay is idempotent, so a crash during recovery is
+//! recovered the same way. A failed write or sync poisons the file until it is reopened.
+
+mod dirty;
+mod storage;
+
+pub use dirty::TrackerKind;
+pub use storage::{journal_path, Fault, FileCrashReport, FileStorage, Role, SimStorage, Storage, SECTOR};
+
+use std::path::Path;
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::pool::region::Region;
+use dirty::Tracker;
+
+const JOURNAL_MAGIC: u64 = u64::from_le_bytes(*b"NVFAMSJ1");
+const JOURNAL_HEADER: u64 = 64;
+
+/// FAMS errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FamsError {
+    /// A storage call failed; the file refuses further syncs until reopened.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier failure left the file in an unknown (but recoverable) state.
+    #[error("the file refuses syncs until it is reopened: {0}")]
+    Poisoned(String),
+    /// A size of zero, or not a multiple of the page size.
+    #[error("invalid FAMS file size {0}: it must be a positive multiple of the page size")]
+    BadSize(u64),
+    /// Growth past the reserved address space.
+    #[error("cannot grow to {requested} bytes: {limit} bytes are reserved")]
+    GrowthLimit {
+        /// Size asked for.
+        requested: u64,
+        /// Reserved bytes.
+        limit: u64,
+    },
+}
+
+/// The FAMS result.
+pub type Result<T, E = FamsError> = std::result::Result<T, E>;
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> FamsError {
+    move |source| FamsError::Io { op, source }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    /// Pages committed.
+    pub pages: u64,
+    /// Bytes written to the journal.
+    pub journal_bytes: u64,
+}
+
+/// A file whose contents live in private memory and change on disk only at [`FamsFile::sync`],
+/// atomically.
+pub struct FamsFile<S: Storage> {
+    storage: S,
+    region: Region,
+    tracker: Tracker,
+    page: u64,
+    seq: u64,
+    /// The length the data file has on media (as of the last sync).
+    synced_len: u64,
+    dir_synced: bool,
+    poison: Option<String>,
+}
+
+impl<S: Storage> std::fmt::Debug for FamsFile<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FamsFile")
+            .field("len", &self.len())
+            .field("tracker", &self.tracker.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FamsFile<FileStorage> {
+    /// Creates a file of `len` bytes (zeros) at `path`, with `max_len` of address space for growth.
+    pub fn create(path: impl AsRef<Path>, len: u64, max_len: u64) -> Result<FamsFile<FileStorage>> {
+        let storage = FileStorage::open(path.as_ref(), true).map_err(io("create"))?;
+        storage.set_len(Role::Data, len).map_err(io("extend"))?;
+        storage.sync(Role::Data).map_err(io("fsync"))?;
+        FamsFile::open_storage(storage, max_len)
+    }
+
+    /// Opens `path`, recovering an interrupted sync.
+    pub fn open(path: impl AsRef<Path>, max_len: u64) -> Result<FamsFile<FileStorage>> {
+        FamsFile::open_storage(FileStorage::open(path.as_ref(), false).map_err(io("open"))?, max_len)
+    }
+}
+
+/// A complete journal read back from storage.
+struct Journal {
+    seq: u64,
+    file_len: u64,
+    /// (page index, page bytes)
+    entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// The journal, if it is complete.
+fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
+    let len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+    if len < JOURNAL_HEADER {
+        return Ok(None);
+    }
+    let mut header = [0u64; 8];
+    storage.read_at(Role::Journal, 0, bytemuck::cast_slice_mut(&mut header)).map_err(io("read journal"))?;
+    let [magic, seq, pages, file_len, page, checksum, ..] = header;
+    if magic != JOURNAL_MAGIC || page == 0 || page > 1 << 21 || pages > (len - JOURNAL_HEADER) / (8 + page) {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; (pages * (8 + page)) as usize];
+    storage.read_at(Role::Journal, JOURNAL_HEADER, &mut body).map_err(io("read journal"))?;
+    let mut h = Xxh3::new();
+    h.update(bytemuck::cast_slice(&header[..5]));
+    h.update(&body);
+    if h.digest() != checksum {
+        return Ok(None); // torn or never completed: the data file was not touched
+    }
+    let entries = body
+        .chunks_exact((8 + page) as usize)
+        .map(|e| (u64::from_le_bytes(e[..8].try_into().unwrap_or_default()), e[8..].to_vec()))
+        .collect();
+    Ok(Some(Journal { seq, file_len, entries }))
+}
+
+/// Writes journal entries into the data file and syncs it.
+fn apply<S: Storage>(storage: &S, file_len: u64, page: u64, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+    if storage.len(Role::Data).map_err(io("stat"))? != file_len {
+        storage.set_len(Role::Data, file_len).map_err(io("set length"))?;
+    }
+    for (index, data) in entries {
+        storage.write_at(Role::Data, index * page, data).map_err(io("write data"))?;
+    }
+    storage.sync(Role::Data).map_err(io("fsync data"))
+}
+
+impl<S: Storage> FamsFile<S> {
+    /// Opens the files behind `storage`: replays a complete journal, loads the data into
+    /// private memory and starts tracking writes.
+    pub fn open_storage(storage: S, max_len: u64) -> Result<FamsFile<S>> {
+        let page = rustix::param::page_size() as u64;
+        let mut seq = 0;
+        if let Some(journal) = read_journal(&storage)? {
+            apply(&storage, journal.file_len, page, &journal.entries)?;
+            storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
+            seq = journal.seq;
+        }
+        let len = storage.len(Role::Data).map_err(io("stat"))?;
+        if len == 0 || len % page != 0 {
+            return Err(FamsError::BadSize(len));
+        }
+        let region = Region::anonymous(len, max_len.max(len).next_multiple_of(page)).map_err(io("mmap"))?;
+        // SAFETY: the region was just mapped with `len` writable bytes and nothing else uses it.
+        let memory = unsafe { std::slice::from_raw_parts_mut(region.base(), len as usize) };
+        storage.read_at(Role::Data, 0, memory).map_err(io("read data"))?;
+        // SAFETY: the region stays mapped as long as the FamsFile, which owns the tracker.
+        let tracker = unsafe { Tracker::new(region.base(), len as usize) };
+        Ok(FamsFile { storage, region, tracker, page, seq, synced_len: len, dir_synced: false, poison: None })
+    }
+
+    /// The contents' length.
+    pub fn len(&self) -> u64 {
+        self.region.len()
+    }
+
+    /// Whether the file is empty (never: sizes are positive).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Start of the contents in memory. Change them with ordinary stores; `sync` commits.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.base()
+    }
+
+    /// The contents (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.region.to_vec()
+    }
+
+    /// Copies `data` into the contents at `offset` (panics outside the file: use the raw
+    /// pointer for unchecked access).
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let end = offset as usize + data.len();
+        assert!(end as u64 <= self.len(), "write past the end of a FAMS file");
+        // SAFETY: the range was checked against the mapped length; `&mut self` excludes others.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.region.base().add(offset as usize), data.len())
+        };
+    }
+
+    /// How dirty pages are found.
+    pub fn tracker(&self) -> TrackerKind {
+        self.tracker.kind()
+    }
+
+    /// The underlying storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Grows the contents (zeros); durable at the next sync.
+    pub fn grow(&mut self, new_len: u64) -> Result<()> {
+        if new_len % self.page != 0 {
+            return Err(FamsError::BadSize(new_len));
+        }
+        if new_len <= self.len() {
+            return Ok(());
+        }
+        if new_len > self.region.reserved() {
+            return Err(FamsError::GrowthLimit { requested: new_len, limit: self.region.reserved() });
+        }
+        self.region.grow(None, new_len).map_err(io("grow"))?;
+        // SAFETY: the grown region stays mapped as long as the tracker.
+        unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"))
+    }
+
+    /// Commits every change since the previous sync, atomically: after a crash at any point the
+    /// file holds either the previous synced state or this one (this one for certain once `sync`
+    /// returns `Ok`).
+    pub fn sync(&mut self) -> Result<SyncStats> {
+        if let Some(why) = &self.poison {
+            return Err(FamsError::Poisoned(why.clone()));
+        }
+        let result = self.commit();
+        if let Err(e) = &result {
+            self.poison = Some(e.to_string());
+        }
+        result
+    }
+
+    fn commit(&mut self) -> Result<SyncStats> {
+        let dirty = self.tracker.take_dirty().map_err(io("scan dirty pages"))?;
+        let len = self.len();
+        if dirty.is_empty() && len == self.synced_len {
+            return Ok(SyncStats::default());
+        }
+        let page = self.page;
+        let seq = self.seq + 1;
+        let mut journal = vec![0u8; (JOURNAL_HEADER + dirty.len() as u64 * (8 + page)) as usize];
+        for (i, &index) in dirty.iter().enumerate() {
+            let at = (JOURNAL_HEADER + i as u64 * (8 + page)) as usize;
+            journal[at..at + 8].copy_from_slice(&index.to_le_bytes());
+            // SAFETY: page `index` lies inside the mapped contents (the tracker reports only
+            // pages of the region).
+            let bytes = unsafe {
+                std::slice::from_raw_parts(self.region.base().add((index * page) as usize), page as usize)
+            };
+            journal[at + 8..at + 8 + page as usize].copy_from_slice(bytes);
+        }
+        let mut header = [JOURNAL_MAGIC, seq, dirty.len() as u64, len, page, 0, 0, 0];
+        let mut h = Xxh3::new();
+        h.update(bytemuck::cast_slice(&header[..5]));
+        h.update(&journal[JOURNAL_HEADER as usize..]);
+        header[5] = h.digest();
+        journal[..JOURNAL_HEADER as usize].copy_from_slice(bytemuck::cast_slice(&header));
+        let storage = &self.storage;
+        storage.write_at(Role::Journal, 0, &journal).map_err(io("write journal"))?;
+        storage.sync(Role::Journal).map_err(io("fsync journal"))?;
+        if !self.dir_synced {
+            storage.sync_dir().map_err(io("fsync directory"))?;
+            self.dir_synced = true;
+        }
+        let entries: Vec<(u64, Vec<u8>)> = dirty
+            .iter()
+            .enumerate()
+            .map(|(i, &index)| {
+                let at = (JOURNAL_HEADER + i as u64 * (8 + page) + 8) as usize;
+                (index, journal[at..at + page as usize].to_vec())
+            })
+            .collect();
+        apply(storage, len, page, &entries)?;
+        storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
+        self.seq = seq;
+        self.synced_len = len;
+        Ok(SyncStats { pages: dirty.len() as u64, journal_bytes: journal.len() as u64 })
+    }
+}
+
+/// A checksum of contents, for tests and tools comparing states.
+pub fn digest(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
