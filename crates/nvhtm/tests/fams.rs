@@ -162,3 +162,55 @@ fn real_files_commit_and_recover() {
     let err = FamsFile::open(&path, 1 << 20).unwrap_err();
     assert!(err.to_string().contains("open failed"), "a second opener is locked out: {err}");
 }
+
+mod pools {
+    use nvhtm::persist::thread_stats;
+    use nvhtm::pool::PoolInfo;
+    use nvhtm::{AutoDomain, Heap, Pool, PoolError, PoolOptions, StrictMap};
+
+    fn opts() -> PoolOptions {
+        PoolOptions::layout("fams").with_size(1 << 20).with_max_size(64 << 20)
+    }
+
+    #[test]
+    fn the_map_runs_unchanged_on_a_fams_pool_without_flushes() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let path = dir.path().join("map.pool");
+        let pool = Pool::<AutoDomain>::create_fams(&path, &opts()).unwrap();
+        assert!(pool.is_fams());
+        let map = StrictMap::open(Heap::format(pool, &Default::default()).unwrap()).unwrap();
+        let before = thread_stats();
+        for i in 0..20_000u64 {
+            map.upsert(format!("key{i}").as_bytes(), &i.to_le_bytes()).unwrap();
+        }
+        let work = thread_stats() - before;
+        assert_eq!(work.fences, 0, "no fence on the hot path of a FAMS pool");
+        assert_eq!(work.lines_flushed, 0);
+        map.heap().pool().sync().unwrap();
+        map.close().unwrap();
+
+        let info = PoolInfo::read(&path).unwrap();
+        assert!(info.fams && info.clean_shutdown, "{info:?}");
+        let err = Pool::<AutoDomain>::open(&path, &opts()).unwrap_err();
+        assert!(matches!(err, PoolError::FamsMode { .. }), "{err}");
+        assert!(err.to_string().contains("open it in FAMS mode"));
+
+        let map =
+            StrictMap::open(Heap::load(Pool::<AutoDomain>::open_fams(&path, &opts()).unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(map.len().unwrap(), 20_000);
+        assert_eq!(map.get(b"key12345").unwrap().unwrap(), 12345u64.to_le_bytes());
+        let report = map.heap().check(&mut |_, _| {});
+        assert!(report.is_consistent(), "{report:?}");
+        assert!(map.heap().pool().size() > 1 << 20, "the pool grew through FAMS");
+    }
+
+    #[test]
+    fn a_plain_pool_is_not_opened_as_fams() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let path = dir.path().join("plain.pool");
+        Pool::<AutoDomain>::create(&path, &opts()).unwrap().close().unwrap();
+        let err = Pool::<AutoDomain>::open_fams(&path, &opts()).unwrap_err();
+        assert!(err.to_string().contains("not a FAMS pool"), "{err}");
+    }
+}

@@ -78,44 +78,6 @@ pub struct SyncStats {
     pub journal_bytes: u64,
 }
 
-/// A file whose contents live in private memory and change on disk only at [`FamsFile::sync`],
-/// atomically.
-pub struct FamsFile<S: Storage> {
-    storage: S,
-    region: Region,
-    tracker: Tracker,
-    page: u64,
-    seq: u64,
-    /// The length the data file has on media (as of the last sync).
-    synced_len: u64,
-    dir_synced: bool,
-    poison: Option<String>,
-}
-
-impl<S: Storage> std::fmt::Debug for FamsFile<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FamsFile")
-            .field("len", &self.len())
-            .field("tracker", &self.tracker.kind())
-            .finish_non_exhaustive()
-    }
-}
-
-impl FamsFile<FileStorage> {
-    /// Creates a file of `len` bytes (zeros) at `path`, with `max_len` of address space for growth.
-    pub fn create(path: impl AsRef<Path>, len: u64, max_len: u64) -> Result<FamsFile<FileStorage>> {
-        let storage = FileStorage::open(path.as_ref(), true).map_err(io("create"))?;
-        storage.set_len(Role::Data, len).map_err(io("extend"))?;
-        storage.sync(Role::Data).map_err(io("fsync"))?;
-        FamsFile::open_storage(storage, max_len)
-    }
-
-    /// Opens `path`, recovering an interrupted sync.
-    pub fn open(path: impl AsRef<Path>, max_len: u64) -> Result<FamsFile<FileStorage>> {
-        FamsFile::open_storage(FileStorage::open(path.as_ref(), false).map_err(io("open"))?, max_len)
-    }
-}
-
 /// A complete journal read back from storage.
 struct Journal {
     seq: u64,
@@ -162,10 +124,23 @@ fn apply<S: Storage>(storage: &S, file_len: u64, page: u64, entries: &[(u64, Vec
     storage.sync(Role::Data).map_err(io("fsync data"))
 }
 
-impl<S: Storage> FamsFile<S> {
-    /// Opens the files behind `storage`: replays a complete journal, loads the data into
-    /// private memory and starts tracking writes.
-    pub fn open_storage(storage: S, max_len: u64) -> Result<FamsFile<S>> {
+/// The commit machinery of a FAMS file: its storage, dirty tracking and journal state. The
+/// memory it tracks (a [`Region`]) is owned by whoever uses it: a [`FamsFile`] or a pool.
+pub(crate) struct Committer<S: Storage> {
+    storage: S,
+    tracker: Tracker,
+    page: u64,
+    seq: u64,
+    /// The length the data file has on media (as of the last sync).
+    synced_len: u64,
+    dir_synced: bool,
+    poison: Option<String>,
+}
+
+impl<S: Storage> Committer<S> {
+    /// Replays a complete journal, loads the data file into fresh private memory reserved up to
+    /// `max_len`, and starts tracking writes to it.
+    pub fn open(storage: S, max_len: u64) -> Result<(Region, Committer<S>)> {
         let page = rustix::param::page_size() as u64;
         let mut seq = 0;
         if let Some(journal) = read_journal(&storage)? {
@@ -181,9 +156,136 @@ impl<S: Storage> FamsFile<S> {
         // SAFETY: the region was just mapped with `len` writable bytes and nothing else uses it.
         let memory = unsafe { std::slice::from_raw_parts_mut(region.base(), len as usize) };
         storage.read_at(Role::Data, 0, memory).map_err(io("read data"))?;
-        // SAFETY: the region stays mapped as long as the FamsFile, which owns the tracker.
+        // SAFETY: the caller keeps the region mapped as long as the committer (both are owned
+        // together by a FamsFile or a Pool, the region dropped after the committer).
         let tracker = unsafe { Tracker::new(region.base(), len as usize) };
-        Ok(FamsFile { storage, region, tracker, page, seq, synced_len: len, dir_synced: false, poison: None })
+        Ok((
+            region,
+            Committer { storage, tracker, page, seq, synced_len: len, dir_synced: false, poison: None },
+        ))
+    }
+
+    pub fn tracker(&self) -> TrackerKind {
+        self.tracker.kind()
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Grows `region` (the one this committer tracks).
+    pub fn grow(&mut self, region: &Region, new_len: u64) -> Result<()> {
+        if new_len % self.page != 0 {
+            return Err(FamsError::BadSize(new_len));
+        }
+        if new_len <= region.len() {
+            return Ok(());
+        }
+        if new_len > region.reserved() {
+            return Err(FamsError::GrowthLimit { requested: new_len, limit: region.reserved() });
+        }
+        region.grow(None, new_len).map_err(io("grow"))?;
+        // SAFETY: the grown region stays mapped as long as the tracker.
+        unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"))
+    }
+
+    /// Commits every change to `region` since the previous sync (see the module docs).
+    pub fn sync(&mut self, region: &Region) -> Result<SyncStats> {
+        if let Some(why) = &self.poison {
+            return Err(FamsError::Poisoned(why.clone()));
+        }
+        let result = self.commit(region);
+        if let Err(e) = &result {
+            self.poison = Some(e.to_string());
+        }
+        result
+    }
+
+    fn commit(&mut self, region: &Region) -> Result<SyncStats> {
+        let dirty = self.tracker.take_dirty().map_err(io("scan dirty pages"))?;
+        let len = region.len();
+        if dirty.is_empty() && len == self.synced_len {
+            return Ok(SyncStats::default());
+        }
+        let page = self.page;
+        let seq = self.seq + 1;
+        let mut journal = vec![0u8; (JOURNAL_HEADER + dirty.len() as u64 * (8 + page)) as usize];
+        for (i, &index) in dirty.iter().enumerate() {
+            let at = (JOURNAL_HEADER + i as u64 * (8 + page)) as usize;
+            journal[at..at + 8].copy_from_slice(&index.to_le_bytes());
+            // SAFETY: page `index` lies inside the mapped region (the tracker reports only pages
+            // of the region).
+            let bytes = unsafe {
+                std::slice::from_raw_parts(region.base().add((index * page) as usize), page as usize)
+            };
+            journal[at + 8..at + 8 + page as usize].copy_from_slice(bytes);
+        }
+        let mut header = [JOURNAL_MAGIC, seq, dirty.len() as u64, len, page, 0, 0, 0];
+        let mut h = Xxh3::new();
+        h.update(bytemuck::cast_slice(&header[..5]));
+        h.update(&journal[JOURNAL_HEADER as usize..]);
+        header[5] = h.digest();
+        journal[..JOURNAL_HEADER as usize].copy_from_slice(bytemuck::cast_slice(&header));
+        let storage = &self.storage;
+        storage.write_at(Role::Journal, 0, &journal).map_err(io("write journal"))?;
+        storage.sync(Role::Journal).map_err(io("fsync journal"))?;
+        if !self.dir_synced {
+            storage.sync_dir().map_err(io("fsync directory"))?;
+            self.dir_synced = true;
+        }
+        let entries: Vec<(u64, Vec<u8>)> = dirty
+            .iter()
+            .enumerate()
+            .map(|(i, &index)| {
+                let at = (JOURNAL_HEADER + i as u64 * (8 + page) + 8) as usize;
+                (index, journal[at..at + page as usize].to_vec())
+            })
+            .collect();
+        apply(storage, len, page, &entries)?;
+        storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
+        self.seq = seq;
+        self.synced_len = len;
+        Ok(SyncStats { pages: dirty.len() as u64, journal_bytes: journal.len() as u64 })
+    }
+}
+
+/// A file whose contents live in private memory and change on disk only at [`FamsFile::sync`],
+/// atomically.
+pub struct FamsFile<S: Storage> {
+    committer: Committer<S>,
+    region: Region,
+}
+
+impl<S: Storage> std::fmt::Debug for FamsFile<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FamsFile")
+            .field("len", &self.len())
+            .field("tracker", &self.tracker())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FamsFile<FileStorage> {
+    /// Creates a file of `len` bytes (zeros) at `path`, with `max_len` of address space for growth.
+    pub fn create(path: impl AsRef<Path>, len: u64, max_len: u64) -> Result<FamsFile<FileStorage>> {
+        let storage = FileStorage::open(path.as_ref(), true).map_err(io("create"))?;
+        storage.set_len(Role::Data, len).map_err(io("extend"))?;
+        storage.sync(Role::Data).map_err(io("fsync"))?;
+        FamsFile::open_storage(storage, max_len)
+    }
+
+    /// Opens `path`, recovering an interrupted sync.
+    pub fn open(path: impl AsRef<Path>, max_len: u64) -> Result<FamsFile<FileStorage>> {
+        FamsFile::open_storage(FileStorage::open(path.as_ref(), false).map_err(io("open"))?, max_len)
+    }
+}
+
+impl<S: Storage> FamsFile<S> {
+    /// Opens the files behind `storage`: replays a complete journal, loads the data into
+    /// private memory and starts tracking writes.
+    pub fn open_storage(storage: S, max_len: u64) -> Result<FamsFile<S>> {
+        let (region, committer) = Committer::open(storage, max_len)?;
+        Ok(FamsFile { committer, region })
     }
 
     /// The contents' length.
@@ -219,89 +321,24 @@ impl<S: Storage> FamsFile<S> {
 
     /// How dirty pages are found.
     pub fn tracker(&self) -> TrackerKind {
-        self.tracker.kind()
+        self.committer.tracker()
     }
 
     /// The underlying storage.
     pub fn storage(&self) -> &S {
-        &self.storage
+        self.committer.storage()
     }
 
     /// Grows the contents (zeros); durable at the next sync.
     pub fn grow(&mut self, new_len: u64) -> Result<()> {
-        if new_len % self.page != 0 {
-            return Err(FamsError::BadSize(new_len));
-        }
-        if new_len <= self.len() {
-            return Ok(());
-        }
-        if new_len > self.region.reserved() {
-            return Err(FamsError::GrowthLimit { requested: new_len, limit: self.region.reserved() });
-        }
-        self.region.grow(None, new_len).map_err(io("grow"))?;
-        // SAFETY: the grown region stays mapped as long as the tracker.
-        unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"))
+        self.committer.grow(&self.region, new_len)
     }
 
     /// Commits every change since the previous sync, atomically: after a crash at any point the
     /// file holds either the previous synced state or this one (this one for certain once `sync`
     /// returns `Ok`).
     pub fn sync(&mut self) -> Result<SyncStats> {
-        if let Some(why) = &self.poison {
-            return Err(FamsError::Poisoned(why.clone()));
-        }
-        let result = self.commit();
-        if let Err(e) = &result {
-            self.poison = Some(e.to_string());
-        }
-        result
-    }
-
-    fn commit(&mut self) -> Result<SyncStats> {
-        let dirty = self.tracker.take_dirty().map_err(io("scan dirty pages"))?;
-        let len = self.len();
-        if dirty.is_empty() && len == self.synced_len {
-            return Ok(SyncStats::default());
-        }
-        let page = self.page;
-        let seq = self.seq + 1;
-        let mut journal = vec![0u8; (JOURNAL_HEADER + dirty.len() as u64 * (8 + page)) as usize];
-        for (i, &index) in dirty.iter().enumerate() {
-            let at = (JOURNAL_HEADER + i as u64 * (8 + page)) as usize;
-            journal[at..at + 8].copy_from_slice(&index.to_le_bytes());
-            // SAFETY: page `index` lies inside the mapped contents (the tracker reports only
-            // pages of the region).
-            let bytes = unsafe {
-                std::slice::from_raw_parts(self.region.base().add((index * page) as usize), page as usize)
-            };
-            journal[at + 8..at + 8 + page as usize].copy_from_slice(bytes);
-        }
-        let mut header = [JOURNAL_MAGIC, seq, dirty.len() as u64, len, page, 0, 0, 0];
-        let mut h = Xxh3::new();
-        h.update(bytemuck::cast_slice(&header[..5]));
-        h.update(&journal[JOURNAL_HEADER as usize..]);
-        header[5] = h.digest();
-        journal[..JOURNAL_HEADER as usize].copy_from_slice(bytemuck::cast_slice(&header));
-        let storage = &self.storage;
-        storage.write_at(Role::Journal, 0, &journal).map_err(io("write journal"))?;
-        storage.sync(Role::Journal).map_err(io("fsync journal"))?;
-        if !self.dir_synced {
-            storage.sync_dir().map_err(io("fsync directory"))?;
-            self.dir_synced = true;
-        }
-        let entries: Vec<(u64, Vec<u8>)> = dirty
-            .iter()
-            .enumerate()
-            .map(|(i, &index)| {
-                let at = (JOURNAL_HEADER + i as u64 * (8 + page) + 8) as usize;
-                (index, journal[at..at + page as usize].to_vec())
-            })
-            .collect();
-        apply(storage, len, page, &entries)?;
-        storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
-        self.seq = seq;
-        self.synced_len = len;
-        Ok(SyncStats { pages: dirty.len() as u64, journal_bytes: journal.len() as u64 })
+        self.committer.sync(&self.region)
     }
 }
 

@@ -185,6 +185,17 @@ pub enum PoolError {
         /// The pool file.
         path: PathBuf,
     },
+    /// A FAMS pool opened without FAMS, or the other way round.
+    #[error("{path}: {what}")]
+    FamsMode {
+        /// The pool file.
+        path: PathBuf,
+        /// Which way round.
+        what: &'static str,
+    },
+    /// The failure-atomic msync layer failed.
+    #[error(transparent)]
+    Fams(#[from] crate::fams::FamsError),
     /// The stored root object has another size than the type asked for.
     #[error("root object is {stored} bytes, but the type asked for is {requested} bytes")]
     RootSize {

@@ -8,7 +8,7 @@
 //! 16      16    uuid
 //! 32      64    layout name, NUL padded
 //! 96      8     created (unix seconds)
-//! 104     8     incompat_flags (0: a set bit is a feature this build lacks)
+//! 104     8     incompat_flags (bit 0: FAMS pool; an unknown bit is a feature this build lacks)
 //! 112     136   reserved (0)
 //! 248     8     checksum: xxh3-64 of bytes 0..248
 //! 256     64    state slot 0  } seq, size, root_offset, root_size, clean_shutdown,
@@ -34,6 +34,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_SIZE: u64 = 4096;
 /// The smallest pool.
 pub const MIN_POOL_SIZE: u64 = 64 * 1024;
+/// Incompatible feature: the pool is committed by failure-atomic msync (it has a journal and
+/// must be opened in FAMS mode).
+pub const INCOMPAT_FAMS: u64 = 1;
+/// The incompatible features this build knows.
+const KNOWN_INCOMPAT: u64 = INCOMPAT_FAMS;
+
 /// Longest layout name, in bytes.
 pub const MAX_LAYOUT_LEN: usize = 63;
 
@@ -175,7 +181,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> 
     if u64::from(fixed.header_size) != HEADER_SIZE {
         return Err(corrupt(format!("header size is {}, expected {HEADER_SIZE}", fixed.header_size)));
     }
-    if fixed.incompat_flags != 0 {
+    if fixed.incompat_flags & !KNOWN_INCOMPAT != 0 {
         return Err(corrupt(format!(
             "unknown incompatible features {:#x} (written by a newer nvhtm?)",
             fixed.incompat_flags

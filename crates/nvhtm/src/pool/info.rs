@@ -39,6 +39,8 @@ pub struct PoolInfo {
     pub dax: bool,
     /// Whether a process holds the pool open.
     pub in_use: bool,
+    /// Whether the pool is committed by failure-atomic msync (opened in FAMS mode).
+    pub fams: bool,
     /// The persistence domain: the one in use for an open pool, otherwise the one opening it in
     /// `Mode::Auto` picks (`cpu` on DAX and tmpfs, `msync` on other files).
     pub domain: DomainKind,
@@ -104,6 +106,7 @@ impl PoolInfo {
             filesystem,
             dax,
             in_use,
+            fams: fixed.incompat_flags & super::header::INCOMPAT_FAMS != 0,
             domain,
         }
     }
@@ -123,7 +126,14 @@ impl PoolInfo {
         };
         let filesystem = filesystem_name(&file);
         let dax = supports_map_sync(&file);
-        let domain = if dax || filesystem == "tmpfs" { DomainKind::Cpu } else { DomainKind::Msync };
+        let fams = header.fixed.incompat_flags & super::header::INCOMPAT_FAMS != 0;
+        let domain = if fams {
+            DomainKind::Volatile
+        } else if dax || filesystem == "tmpfs" {
+            DomainKind::Cpu
+        } else {
+            DomainKind::Msync
+        };
         Ok(PoolInfo::from_parts(
             path,
             &header.fixed,

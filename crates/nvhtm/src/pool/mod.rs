@@ -12,7 +12,7 @@ mod pptr;
 pub(crate) mod region;
 
 pub use error::{PoolError, Result};
-pub use header::{FORMAT_VERSION, HEADER_SIZE, MAX_LAYOUT_LEN, MIN_POOL_SIZE};
+pub use header::{FORMAT_VERSION, HEADER_SIZE, INCOMPAT_FAMS, MAX_LAYOUT_LEN, MIN_POOL_SIZE};
 pub use info::PoolInfo;
 pub use pptr::PPtr;
 pub use region::MappingKind;
@@ -143,15 +143,18 @@ impl FileDomain for Volatile {
 impl FileDomain for AutoDomain {
     fn for_mapping(mapping: MappingKind, opts: &PoolOptions, path: &Path) -> Result<AutoDomain> {
         Ok(match (opts.mode, mapping) {
+            // A FAMS pool commits at sync: no flushing on the way.
+            (Mode::Auto, MappingKind::Fams) | (Mode::Volatile, _) => AutoDomain::Volatile(Volatile),
             (Mode::Auto, MappingKind::File) | (Mode::Msync, _) => AutoDomain::Msync(Msync::new()),
             (Mode::Auto, _) | (Mode::Cpu, _) => AutoDomain::Cpu(Cpu::for_mapping(mapping, opts, path)?),
-            (Mode::Volatile, _) => AutoDomain::Volatile(Volatile),
         })
     }
 }
 
 /// A mapped pool.
 pub struct Pool<D: Domain> {
+    /// For a FAMS pool: the commit machinery (dropped before the region it tracks).
+    fams: Option<Mutex<crate::fams::Committer<crate::fams::FileStorage>>>,
     region: Region,
     domain: D,
     /// The open file; holds the exclusive lock. `None` for in-memory pools.
@@ -327,11 +330,76 @@ impl<D: Domain> Pool<D> {
         lock_exclusive(&file, path)?;
         let header = read_header(&file, path)?;
         check_layout(&header, &opts.layout, path)?;
+        refuse_fams(&header, path)?;
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
         let domain = domain_for(region.kind())?;
         Pool::start(region, domain, Some(file), path, header)
+    }
+}
+
+impl<D: FileDomain> Pool<D> {
+    /// Creates a FAMS pool: its contents live in private memory and reach the file only at
+    /// [`Pool::sync`], atomically, through a journal beside the file (`PATH.journal`). Every
+    /// structure runs on it unchanged, without flushes (choose [`Volatile`], or
+    /// [`AutoDomain`] which picks it).
+    pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        let path = path.as_ref();
+        header::validate_layout(&opts.layout)?;
+        let size = validate_size(opts.size)?;
+        if path.symlink_metadata().is_ok() {
+            return Err(PoolError::AlreadyExists { path: path.to_path_buf() });
+        }
+        let storage =
+            crate::fams::FileStorage::open(path, true).map_err(|e| PoolError::io(path, "create", e))?;
+        let made = (|| {
+            use crate::fams::Storage;
+            storage.set_len(crate::fams::Role::Data, size).map_err(|e| PoolError::io(path, "extend", e))?;
+            storage.sync(crate::fams::Role::Data).map_err(|e| PoolError::io(path, "fsync", e))?;
+            let (mut region, committer) =
+                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size)))?;
+            region.mark_fams();
+            let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
+            let mut pool = Pool::format_with(region, domain, None, path, &opts.layout, INCOMPAT_FAMS)?;
+            pool.fams = Some(Mutex::new(committer));
+            pool.sync()?;
+            Ok(pool)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(crate::fams::journal_path(path));
+        }
+        made
+    }
+
+    /// Opens a FAMS pool, first completing a sync that a crash interrupted after its journal was
+    /// durable.
+    pub fn open_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        let path = path.as_ref();
+        let storage = crate::fams::FileStorage::open(path, false).map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::WOULDBLOCK.raw_os_error()) {
+                PoolError::Locked { path: path.to_path_buf() }
+            } else {
+                PoolError::io(path, "open", e)
+            }
+        })?;
+        let (mut region, committer) = crate::fams::Committer::open(storage, opts.max_size)?;
+        region.mark_fams();
+        // SAFETY: the region holds `len` initialised bytes (the file) and is not shared yet.
+        let bytes = unsafe { std::slice::from_raw_parts(region.base(), region.len() as usize) };
+        let header = header::parse(path, bytes, region.len())?;
+        check_layout(&header, &opts.layout, path)?;
+        if header.fixed.incompat_flags & INCOMPAT_FAMS == 0 {
+            return Err(PoolError::FamsMode {
+                path: path.to_path_buf(),
+                what: "not a FAMS pool: open it without FAMS mode",
+            });
+        }
+        let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
+        let mut pool = Pool::start(region, domain, None, path, header)?;
+        pool.fams = Some(Mutex::new(committer));
+        Ok(pool)
     }
 }
 
@@ -351,6 +419,7 @@ impl Pool<Volatile> {
         })?;
         let header = read_header(&file, path)?;
         check_layout(&header, &opts.layout, path)?;
+        refuse_fams(&header, path)?;
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file_private(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
@@ -364,6 +433,16 @@ pub(crate) fn read_header(file: &File, path: &Path) -> Result<Header> {
     let mut bytes = vec![0u8; HEADER_BYTES.min(file_len as usize)];
     file.read_exact_at(&mut bytes, 0).map_err(|e| PoolError::io(path, "read header", e))?;
     header::parse(path, &bytes, file_len)
+}
+
+fn refuse_fams(header: &Header, path: &Path) -> Result<()> {
+    if header.fixed.incompat_flags & INCOMPAT_FAMS != 0 {
+        return Err(PoolError::FamsMode {
+            path: path.to_path_buf(),
+            what: "a FAMS pool (committed by failure-atomic msync): open it in FAMS mode (--fams)",
+        });
+    }
+    Ok(())
 }
 
 fn check_layout(header: &Header, expected: &str, path: &Path) -> Result<()> {
@@ -406,7 +485,20 @@ impl<D: Domain> Pool<D> {
 
     /// Writes a fresh header into a new mapping.
     fn format(region: Region, domain: D, file: Option<File>, path: &Path, layout: &str) -> Result<Pool<D>> {
-        let fixed = FixedHeader::new(new_uuid(), layout, now_unix());
+        Pool::format_with(region, domain, file, path, layout, 0)
+    }
+
+    fn format_with(
+        region: Region,
+        domain: D,
+        file: Option<File>,
+        path: &Path,
+        layout: &str,
+        incompat: u64,
+    ) -> Result<Pool<D>> {
+        let mut fixed = FixedHeader::new(new_uuid(), layout, now_unix());
+        fixed.incompat_flags = incompat;
+        fixed.checksum = fixed.compute_checksum();
         let state = StateSlot { seq: 1, size: region.len(), ..StateSlot::zeroed() }.sealed(fixed.checksum);
         let pool = Pool::assemble(region, domain, file, path, Header { fixed, state }, true);
         pool.write_header_bytes(0, bytemuck::bytes_of(&fixed));
@@ -434,6 +526,7 @@ impl<D: Domain> Pool<D> {
         // SAFETY: the region stays mapped for as long as the pool (and so the domain) lives.
         unsafe { domain.attach(region.base(), region.len() as usize) };
         Pool {
+            fams: None,
             region,
             domain,
             file,
@@ -503,13 +596,32 @@ impl<D: Domain> Pool<D> {
 
     fn shutdown(&self) -> Result<()> {
         self.check_writable()?;
-        let synced = self.region.sync_all().map_err(|e| PoolError::io(&self.path, "msync", e));
-        if let Err(e) = synced {
-            let _ = self.poison.set(e.to_string());
-            return Err(e);
-        }
+        self.sync()?;
         self.update_state(|s| s.clean_shutdown = 1)?;
-        self.region.sync_all().map_err(|e| PoolError::io(&self.path, "msync", e))
+        self.sync()
+    }
+
+    /// Makes everything written so far durable: for a FAMS pool, the atomic commit of every
+    /// change since the previous sync; for a file pool, an `msync` of the whole mapping; for an
+    /// in-memory pool, nothing. A failure poisons the pool.
+    pub fn sync(&self) -> Result<()> {
+        self.check_writable()?;
+        let synced = match &self.fams {
+            Some(committer) => {
+                let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
+                committer.sync(&self.region).map(drop).map_err(PoolError::from)
+            }
+            None => self.region.sync_all().map_err(|e| PoolError::io(&self.path, "msync", e)),
+        };
+        if let Err(e) = &synced {
+            let _ = self.poison.set(e.to_string());
+        }
+        synced
+    }
+
+    /// Whether the pool is committed by failure-atomic msync.
+    pub fn is_fams(&self) -> bool {
+        self.fams.is_some()
     }
 
     /// The file this pool maps (`<memory>` or `<image>` for anonymous pools).
@@ -617,11 +729,18 @@ impl<D: Domain> Pool<D> {
             return Err(PoolError::ReadOnly { path: self.path.clone() });
         }
         self.check_writable()?;
-        if let Some(file) = &self.file {
-            allocate(file, &self.path, old, new_size - old)?;
-            file.sync_all().map_err(|e| PoolError::io(&self.path, "fsync", e))?;
+        if let Some(committer) = &self.fams {
+            // The file grows at the next sync, with the rest of the commit.
+            committer.lock().unwrap_or_else(|e| e.into_inner()).grow(&self.region, new_size)?;
+        } else {
+            if let Some(file) = &self.file {
+                allocate(file, &self.path, old, new_size - old)?;
+                file.sync_all().map_err(|e| PoolError::io(&self.path, "fsync", e))?;
+            }
+            self.region
+                .grow(self.file.as_ref(), new_size)
+                .map_err(|e| PoolError::io(&self.path, "mmap", e))?;
         }
-        self.region.grow(self.file.as_ref(), new_size).map_err(|e| PoolError::io(&self.path, "mmap", e))?;
         // SAFETY: the grown region stays mapped for the pool's lifetime.
         unsafe { self.domain.attach(self.region.base(), new_size as usize) };
         self.update_state_locked(&mut state, |s| s.size = new_size)

@@ -25,6 +25,8 @@ pub enum MappingKind {
     File,
     /// Anonymous memory (in-memory and simulated pools).
     Memory,
+    /// Private memory committed to the file by failure-atomic msync.
+    Fams,
 }
 
 impl std::fmt::Display for MappingKind {
@@ -34,6 +36,7 @@ impl std::fmt::Display for MappingKind {
             MappingKind::Tmpfs => "tmpfs",
             MappingKind::File => "page-cache file",
             MappingKind::Memory => "anonymous memory",
+            MappingKind::Fams => "private memory committed by sync (FAMS)",
         })
     }
 }
@@ -199,7 +202,13 @@ impl Region {
 
     /// Whether stores stay in this process (anonymous or copy-on-write file mappings).
     pub fn is_private(&self) -> bool {
-        self.kind == MappingKind::Memory || self.file_flags.contains(MapFlags::PRIVATE)
+        matches!(self.kind, MappingKind::Memory | MappingKind::Fams)
+            || self.file_flags.contains(MapFlags::PRIVATE)
+    }
+
+    /// Marks anonymous memory as the working copy of a FAMS file.
+    pub fn mark_fams(&mut self) {
+        self.kind = MappingKind::Fams;
     }
 
     /// Writes the whole mapping back to the file (for a clean close); no-op for private ones.
