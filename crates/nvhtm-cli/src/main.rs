@@ -29,6 +29,10 @@ enum Command {
         /// Application layout name stored in the header and checked on open.
         #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
         layout: String,
+        /// A FAMS pool: changes stay in private memory and reach the file atomically at each
+        /// sync (every command syncs before it exits), on any file system.
+        #[arg(long)]
+        fams: bool,
         /// Print the new pool's facts as JSON.
         #[arg(long)]
         json: bool,
@@ -118,9 +122,17 @@ enum Command {
         /// Rounds (kills).
         #[arg(long, default_value_t = 20)]
         rounds: u64,
-        /// The pool file (default /dev/shm/nvhtm-demo-crash.pool; recreated).
+        /// The pool file (default /dev/shm/nvhtm-demo-crash.pool, or /tmp/nvhtm-demo-fams.pool
+        /// with --fams; recreated).
         #[arg(long)]
         pool: Option<PathBuf>,
+        /// A FAMS pool: the writer syncs every --sync-every inserts and acknowledges each
+        /// completed sync.
+        #[arg(long)]
+        fams: bool,
+        /// Inserts between syncs with --fams.
+        #[arg(long, default_value_t = 1000)]
+        sync_every: u64,
     },
     /// The demo's writer process.
     #[command(hide = true)]
@@ -131,6 +143,8 @@ enum Command {
         start: u64,
         /// Keys to write.
         count: u64,
+        /// Sync (and acknowledge) every this many inserts; 0: acknowledge each insert.
+        sync_every: u64,
     },
     /// Grow a pool in place to a new size.
     Grow {
@@ -155,7 +169,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: commands::CommandResult = match cli.command {
-        Command::Create { pool, size, layout, json } => commands::create(&pool, size, &layout, json),
+        Command::Create { pool, size, layout, fams, json } => {
+            commands::create(&pool, size, &layout, fams, json)
+        }
         Command::Info { pool, layout, json } => commands::info(&pool, layout.as_deref(), json),
         Command::Check { pool, repair, layout, json } => commands::check(&pool, repair, &layout, json),
         Command::Grow { pool, size, layout } => commands::grow(&pool, size, &layout),
@@ -164,8 +180,12 @@ fn main() -> ExitCode {
         Command::Del { pool, key, layout } => commands::map::del(&pool, &key, &layout),
         Command::Load { pool, file, layout } => commands::map::load(&pool, &file, &layout),
         Command::Dump { pool, layout } => commands::map::dump(&pool, &layout),
-        Command::Demo { keys, rounds, pool } => commands::demo::demo(keys, rounds, pool),
-        Command::DemoWriter { pool, start, count } => commands::demo::writer(&pool, start, count),
+        Command::Demo { keys, rounds, pool, fams, sync_every } => {
+            commands::demo::demo(keys, rounds, pool, fams.then_some(sync_every.max(1)))
+        }
+        Command::DemoWriter { pool, start, count, sync_every } => {
+            commands::demo::writer(&pool, start, count, sync_every)
+        }
         Command::Litmus => commands::litmus(),
         Command::Bench { which } => bench::run(which),
     };

@@ -319,3 +319,37 @@ fn the_crash_demo_loses_no_acknowledged_key() {
     assert!(numbers[1] > 0 && numbers[1] == numbers[2], "{summary}");
     assert!(summary.contains(" 0 lost"), "{summary}");
 }
+
+#[test]
+fn fams_pools_work_through_the_cli_and_survive_kill_9() {
+    let dir = disk();
+    let pool = dir.path().join("f.pool");
+    let p = pool.to_str().unwrap();
+    let out = nvhtm(&["create", p, "--fams", "--size", "1MiB"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("(volatile domain)"), "{}", text(&out.stdout));
+    assert_eq!(text(&nvhtm(&["set", p, "k", "synced at exit"]).stdout), "OK\n");
+    assert_eq!(text(&nvhtm(&["get", p, "k"]).stdout), "synced at exit\n");
+    let info = text(&nvhtm(&["info", p]).stdout);
+    assert!(info.contains("fams        yes"), "{info}");
+    assert!(info.contains("FAMS: changes live in private memory"), "{info}");
+    fails(&["check", p], "a FAMS pool (committed by failure-atomic msync): open it in FAMS mode");
+
+    let demo_pool = dir.path().join("demo.pool");
+    let out = nvhtm(&[
+        "demo",
+        "--fams",
+        "--sync-every",
+        "500",
+        "--keys",
+        "20000",
+        "--rounds",
+        "3",
+        "--pool",
+        demo_pool.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let summary = stdout.lines().last().unwrap();
+    assert!(summary.starts_with("summary: 3 kills, ") && summary.contains(" 0 lost"), "{summary}");
+}

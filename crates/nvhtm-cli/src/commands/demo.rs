@@ -23,8 +23,9 @@ fn value(i: u64) -> [u8; 8] {
 }
 
 /// The writer (hidden subcommand): upserts keys `start..start + count`, printing each index
-/// once its upsert has returned (and so is durable).
-pub fn writer(pool: &Path, start: u64, count: u64) -> CommandResult {
+/// once it is durable: after its upsert returns (strict), or after the sync that follows every
+/// `sync_every` inserts (FAMS).
+pub fn writer(pool: &Path, start: u64, count: u64, sync_every: u64) -> CommandResult {
     use std::io::Write;
     let map = open(pool, nvhtm::pool::DEFAULT_LAYOUT)?;
     // Acknowledgements go out in small batches, so the writer spends most of its time inside
@@ -32,8 +33,14 @@ pub fn writer(pool: &Path, start: u64, count: u64) -> CommandResult {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for i in start..start + count {
         map.upsert(&key(i), &value(i))?;
-        writeln!(out, "{i}")?;
-        if i % 16 == 15 {
+        if sync_every == 0 {
+            writeln!(out, "{i}")?;
+            if i % 16 == 15 {
+                out.flush()?;
+            }
+        } else if (i - start + 1) % sync_every == 0 {
+            map.heap().pool().sync()?;
+            writeln!(out, "{i}")?;
             out.flush()?;
         }
     }
@@ -52,17 +59,26 @@ struct Round {
 }
 
 /// `nvhtm demo`.
-pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>) -> CommandResult {
-    let pool = pool.unwrap_or_else(|| PathBuf::from("/dev/shm/nvhtm-demo-crash.pool"));
+/// With `fams = Some(n)`, the pool is a FAMS pool and the writer syncs every `n` inserts.
+pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) -> CommandResult {
+    let default = if fams.is_some() { "/tmp/nvhtm-demo-fams.pool" } else { "/dev/shm/nvhtm-demo-crash.pool" };
+    let pool = pool.unwrap_or_else(|| PathBuf::from(default));
     let _ = std::fs::remove_file(&pool);
+    let _ = std::fs::remove_file(nvhtm::fams::journal_path(&pool));
     let opts = PoolOptions::default().with_size(64 << 20);
-    Heap::<AutoDomain>::create(&pool, &opts)?.close()?;
+    match fams {
+        Some(_) => Heap::format(nvhtm::Pool::<AutoDomain>::create_fams(&pool, &opts)?, &Default::default())?
+            .close()?,
+        None => Heap::<AutoDomain>::create(&pool, &opts)?.close()?,
+    }
+    let sync_every = fams.unwrap_or(0);
     let exe = std::env::current_exe()?;
     let per_round = (keys / rounds.max(1)).max(1);
     let mut rng = fastrand::Rng::new();
     println!(
-        "nvhtm demo: {rounds} rounds, about {per_round} keys each, pool {} (a writer process is killed with SIGKILL in every round)",
-        pool.display()
+        "nvhtm demo: {rounds} rounds, about {per_round} keys each, pool {} (a writer process is killed with SIGKILL in every round){}",
+        pool.display(),
+        if sync_every > 0 { format!("; FAMS, a sync every {sync_every} inserts acknowledges them") } else { String::new() }
     );
     println!(
         "{:>5} {:>10} {:>11} {:>10} {:>9} {:>12}",
@@ -73,9 +89,16 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>) -> CommandResult {
     for round in 1..=rounds {
         // Kill after a random number of acknowledgements: the writer is then in the middle of
         // its next insert, at a random point of it.
-        let kill_after = rng.u64(per_round / 2..=per_round * 3 / 2).max(1);
+        let acks_per_round = if sync_every == 0 { per_round } else { (per_round / sync_every).max(1) };
+        let kill_after = rng.u64(acks_per_round / 2..=acks_per_round * 3 / 2).max(1);
         let mut child = Command::new(&exe)
-            .args(["demo-writer", &pool.to_string_lossy(), &next.to_string(), &(per_round * 2).to_string()])
+            .args([
+                "demo-writer",
+                &pool.to_string_lossy(),
+                &next.to_string(),
+                &(per_round * 2).to_string(),
+                &sync_every.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -93,7 +116,7 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>) -> CommandResult {
         let status = child.wait()?;
         // Reopen, timing recovery, and verify.
         let start = Instant::now();
-        let map = StrictMap::open(Heap::<AutoDomain>::open(&pool, &opts)?)?;
+        let map = StrictMap::open(Heap::load(super::open_pool(&pool, &opts)?)?)?;
         let recovery_ms = start.elapsed().as_secs_f64() * 1e3;
         let last = acked.map_or(next, |a| a + 1);
         let mut verified = 0;

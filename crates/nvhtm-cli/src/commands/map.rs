@@ -8,9 +8,11 @@ use nvhtm::{AutoDomain, Heap, StrictMap};
 
 use super::CommandResult;
 
-/// Opens the map in a pool (creating it in a pool that holds an empty heap).
+/// Opens the map in a pool (creating it in a pool that holds an empty heap), in the pool's
+/// mode. Closing it (which every command does) makes its changes durable: for a FAMS pool,
+/// that is the sync that commits them.
 pub fn open(path: &Path, layout: &str) -> Result<StrictMap<AutoDomain>, Box<dyn std::error::Error>> {
-    let heap = Heap::<AutoDomain>::open(path, &PoolOptions::layout(layout))?;
+    let heap = Heap::load(super::open_pool(path, &PoolOptions::layout(layout))?)?;
     Ok(StrictMap::open(heap)?)
 }
 

@@ -14,10 +14,23 @@ pub type CommandResult = Result<(), Box<dyn std::error::Error>>;
 
 use crate::format::{human_size, utc};
 
+/// Opens a pool in the mode it was created in (FAMS or mapped).
+pub fn open_pool(path: &Path, opts: &PoolOptions) -> Result<Pool<AutoDomain>, PoolError> {
+    if PoolInfo::read(path)?.fams {
+        Pool::open_fams(path, opts)
+    } else {
+        Pool::open(path, opts)
+    }
+}
+
 /// `nvhtm create`.
-pub fn create(path: &Path, size: u64, layout: &str, json: bool) -> CommandResult {
+pub fn create(path: &Path, size: u64, layout: &str, fams: bool, json: bool) -> CommandResult {
     let opts = PoolOptions::layout(layout).with_size(size);
-    let heap = Heap::<AutoDomain>::create(path, &opts)?;
+    let heap = if fams {
+        Heap::format(Pool::<AutoDomain>::create_fams(path, &opts)?, &Default::default())?
+    } else {
+        Heap::<AutoDomain>::create(path, &opts)?
+    };
     let info = heap.pool().info();
     heap.close()?;
     if json {
@@ -59,6 +72,7 @@ pub fn info(path: &Path, layout: Option<&str>, json: bool) -> CommandResult {
     };
     let shutdown = if info.clean_shutdown { "clean" } else { "not clean (crashed, or open now)" };
     let durability = match (info.dax, info.filesystem.as_str()) {
+        _ if info.fams => "FAMS: changes live in private memory and reach the file atomically at each sync",
         (true, _) => "DAX with MAP_SYNC: cache flushes are durable (cpu domain)",
         (false, "tmpfs") => {
             "tmpfs: emulated persistent memory, survives process crashes, not power loss (cpu domain)"
@@ -77,6 +91,7 @@ pub fn info(path: &Path, layout: Option<&str>, json: bool) -> CommandResult {
         ("in use", if info.in_use { "yes, another process has it open" } else { "no" }.to_string()),
         ("created", utc(info.created_unix)),
         ("filesystem", info.filesystem.clone()),
+        ("fams", if info.fams { "yes (journal: PATH.journal)" } else { "no" }.to_string()),
         ("durability", durability.to_string()),
         ("header seq", info.state_seq.to_string()),
     ];
@@ -89,7 +104,7 @@ pub fn info(path: &Path, layout: Option<&str>, json: bool) -> CommandResult {
 /// `nvhtm grow`.
 pub fn grow(path: &Path, size: u64, layout: &str) -> CommandResult {
     let opts = PoolOptions::layout(layout);
-    let pool = Pool::<AutoDomain>::open(path, &opts.clone().with_max_size(opts.max_size.max(size)))?;
+    let pool = open_pool(path, &opts.clone().with_max_size(opts.max_size.max(size)))?;
     let before = pool.size();
     if size < before {
         return Err(format!(
