@@ -89,7 +89,7 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) ->
     for round in 1..=rounds {
         // Kill after a random number of acknowledgements: the writer is then in the middle of
         // its next insert, at a random point of it.
-        let acks_per_round = if sync_every == 0 { per_round } else { (per_round / sync_every).max(1) };
+        let acks_per_round = per_round.checked_div(sync_every).map_or(per_round, |n| n.max(1));
         let kill_after = rng.u64(acks_per_round / 2..=acks_per_round * 3 / 2).max(1);
         let mut child = Command::new(&exe)
             .args([
