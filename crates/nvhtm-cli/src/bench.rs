@@ -64,6 +64,17 @@ pub enum Which {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Failure-atomic msync: sync() against the physical floor (the same pages written and
+    /// fsynced once), dirty-page scan time per GiB, first-write cost, and the strict map on a
+    /// FAMS pool syncing every N operations against Msync per operation and Volatile.
+    Fams {
+        /// Directory on the file system to measure (an ordinary disk file system).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Crash images the simulator checks per second, on the litmus protocols and on a
     /// 200-record persistent log.
     Sim {
@@ -103,6 +114,7 @@ pub fn run(which: Which) -> CommandResult {
             heap(&pmem_dir, Duration::from_millis(millis), json.as_deref())
         }
         Which::Map { pmem_dir, keys, open_keys, json } => map(&pmem_dir, keys, &open_keys, json.as_deref()),
+        Which::Fams { dir, json } => fams(&dir, json.as_deref()),
         Which::Sim { json } => sim(json.as_deref()),
     }
 }
@@ -916,4 +928,191 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
         );
     }
     write_json(json, &MapReport { bench: "map", machine, results, open })
+}
+
+#[derive(Debug, Serialize)]
+struct FamsReport {
+    bench: &'static str,
+    machine: Machine,
+    tracker: String,
+    sync: Vec<FamsSyncResult>,
+    scan_ms_per_gib: f64,
+    first_write_ns_per_page: f64,
+    rewrite_ns_per_page: f64,
+    map: Vec<FamsMapResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct FamsSyncResult {
+    dirty_pages: u64,
+    sync_ms: f64,
+    floor_ms: f64,
+    ratio_to_floor: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct FamsMapResult {
+    case: String,
+    kops_per_second: f64,
+    ratio_to_volatile: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn fams(dir: &Path, json: Option<&Path>) -> CommandResult {
+    use nvhtm::fams::FamsFile;
+    use std::os::unix::fs::FileExt;
+    let page = rustix::param::page_size() as u64;
+    let mut results = Vec::new();
+    let data = Scratch::new(dir, "fams-sync");
+    let journal = nvhtm::fams::journal_path(&data.0);
+    let floor_file = Scratch::new(dir, "fams-floor");
+    let pages = 16_384u64; // a 64 MiB file
+    let mut file = FamsFile::create(&data.0, pages * page, pages * page)?;
+    let tracker = file.tracker().to_string();
+    let floor =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&floor_file.0)?;
+    floor.set_len(pages * page)?;
+    floor.sync_all()?;
+    let mut rng = fastrand::Rng::with_seed(1);
+    for dirty in [1u64, 100, 10_000] {
+        let mut sync_ms = Vec::new();
+        let mut floor_ms = Vec::new();
+        for round in 0..5u8 {
+            let chosen: Vec<u64> = rng.choose_multiple(0..pages, dirty as usize);
+            for &p in &chosen {
+                file.write(p * page + 8, &[round; 8]);
+            }
+            let start = Instant::now();
+            let stats = file.sync()?;
+            sync_ms.push(start.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(stats.pages, dirty);
+            // The floor: the same pages written in place and fsynced once.
+            let block = vec![round; page as usize];
+            let start = Instant::now();
+            for &p in &chosen {
+                floor.write_all_at(&block, p * page)?;
+            }
+            floor.sync_data()?;
+            floor_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let (s, f) = (median(sync_ms), median(floor_ms));
+        results.push(FamsSyncResult { dirty_pages: dirty, sync_ms: s, floor_ms: f, ratio_to_floor: s / f });
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&journal);
+
+    // Dirty scan with nothing dirty, and the first write to a page after a sync (a write-protect
+    // fault) against writing it again.
+    let scan_data = Scratch::new(dir, "fams-scan");
+    let scan_pages = (256u64 << 20) / page;
+    let mut file = FamsFile::create(&scan_data.0, scan_pages * page, scan_pages * page)?;
+    file.sync()?;
+    let scan_ms = median(
+        (0..5)
+            .map(|_| -> Result<f64, nvhtm::fams::FamsError> {
+                let start = Instant::now();
+                file.sync()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<_, _>>()?,
+    );
+    let base = file.as_ptr();
+    let touch = |n: u64| {
+        let start = Instant::now();
+        for p in 0..n {
+            // SAFETY: page p lies inside the file's mapped contents.
+            unsafe { std::ptr::write_volatile(base.add((p * page) as usize), p as u8) };
+        }
+        start.elapsed().as_nanos() as f64 / n as f64
+    };
+    let first = touch(scan_pages);
+    let again = touch(scan_pages);
+    file.sync()?;
+    drop(file);
+    let _ = std::fs::remove_file(nvhtm::fams::journal_path(&scan_data.0));
+
+    // The strict map: FAMS syncing every N inserts, Msync per insert, Volatile.
+    let mut map_results: Vec<(String, f64)> = Vec::new();
+    let opts = PoolOptions::layout("bench").with_size(16 << 20);
+    let keys = 20_000u64;
+    let volatile = Scratch::new(dir, "fams-map-volatile");
+    {
+        let map = nvhtm::StrictMap::open(nvhtm::Heap::<Volatile>::create(&volatile.0, &opts)?)?;
+        let start = Instant::now();
+        for i in 0..keys {
+            map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
+        }
+        map_results
+            .push(("volatile (no durability)".into(), keys as f64 / start.elapsed().as_secs_f64() / 1e3));
+    }
+    for every in [10_000u64, 1000, 100] {
+        let path = Scratch::new(dir, &format!("fams-map-{every}"));
+        let map = nvhtm::StrictMap::open(nvhtm::Heap::format(
+            nvhtm::Pool::<Volatile>::create_fams(&path.0, &opts)?,
+            &Default::default(),
+        )?)?;
+        let start = Instant::now();
+        for i in 0..keys {
+            map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
+            if (i + 1) % every == 0 {
+                map.heap().pool().sync()?;
+            }
+        }
+        map_results
+            .push((format!("FAMS, sync every {every}"), keys as f64 / start.elapsed().as_secs_f64() / 1e3));
+        drop(map);
+        let _ = std::fs::remove_file(nvhtm::fams::journal_path(&path.0));
+    }
+    {
+        let path = Scratch::new(dir, "fams-map-msync");
+        let map = nvhtm::StrictMap::open(nvhtm::Heap::<Msync>::create(&path.0, &opts)?)?;
+        let n = 1000u64;
+        let start = Instant::now();
+        for i in 0..n {
+            map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
+        }
+        map_results
+            .push(("msync per insert (strict)".into(), n as f64 / start.elapsed().as_secs_f64() / 1e3));
+    }
+    let volatile_kops = map_results[0].1;
+    let map: Vec<FamsMapResult> = map_results
+        .into_iter()
+        .map(|(case, k)| FamsMapResult { ratio_to_volatile: k / volatile_kops, case, kops_per_second: k })
+        .collect();
+
+    let machine = Machine::here();
+    println!(
+        "FAMS on {} ({} cores), files in {}, dirty tracking: {tracker}",
+        machine.cpu,
+        machine.cores,
+        dir.display()
+    );
+    println!("{:>12} {:>10} {:>10} {:>8}", "dirty pages", "sync ms", "floor ms", "x floor");
+    for r in &results {
+        println!("{:>12} {:>10.3} {:>10.3} {:>8.2}", r.dirty_pages, r.sync_ms, r.floor_ms, r.ratio_to_floor);
+    }
+    let per_gib = scan_ms * ((1u64 << 30) as f64 / (scan_pages * page) as f64);
+    println!("dirty scan: {per_gib:.2} ms per GiB mapped (nothing dirty)");
+    println!("first write to a page after a sync: {first:.0} ns; writing it again: {again:.0} ns");
+    println!("{:<28} {:>10} {:>10}", "strict map, 8 B keys", "kops/s", "x volatile");
+    for r in &map {
+        println!("{:<28} {:>10.1} {:>10.3}", r.case, r.kops_per_second, r.ratio_to_volatile);
+    }
+    write_json(
+        json,
+        &FamsReport {
+            bench: "fams",
+            machine,
+            tracker,
+            sync: results,
+            scan_ms_per_gib: per_gib,
+            first_write_ns_per_page: first,
+            rewrite_ns_per_page: again,
+            map,
+        },
+    )
 }
