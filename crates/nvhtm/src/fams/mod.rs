@@ -18,9 +18,11 @@
 //! recovered the same way. A failed write or sync poisons the file until it is reopened.
 
 mod dirty;
+mod snapshot;
 mod storage;
 
 pub use dirty::TrackerKind;
+pub use snapshot::{snapshot_paths, SnapshotFile};
 pub use storage::{journal_path, Fault, FileCrashReport, FileStorage, Role, SimStorage, Storage, SECTOR};
 
 use std::path::Path;
