@@ -71,6 +71,10 @@ pub enum Which {
         /// Directory on the file system to measure (an ordinary disk file system).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Directory on a file system with reflinks (XFS, Btrfs): also measure the snapshot
+        /// variant's sync cost as the working file's extent count grows.
+        #[arg(long)]
+        reflink_dir: Option<PathBuf>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -114,7 +118,7 @@ pub fn run(which: Which) -> CommandResult {
             heap(&pmem_dir, Duration::from_millis(millis), json.as_deref())
         }
         Which::Map { pmem_dir, keys, open_keys, json } => map(&pmem_dir, keys, &open_keys, json.as_deref()),
-        Which::Fams { dir, json } => fams(&dir, json.as_deref()),
+        Which::Fams { dir, reflink_dir, json } => fams(&dir, reflink_dir.as_deref(), json.as_deref()),
         Which::Sim { json } => sim(json.as_deref()),
     }
 }
@@ -940,6 +944,45 @@ struct FamsReport {
     first_write_ns_per_page: f64,
     rewrite_ns_per_page: f64,
     map: Vec<FamsMapResult>,
+    snapshot: Vec<SnapshotResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotResult {
+    extents: u64,
+    sync_ms: f64,
+}
+
+/// Extents of a file, as `filefrag` counts them.
+fn extents(path: &Path) -> Option<u64> {
+    let out = std::process::Command::new("filefrag").arg(path).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().rev().nth(2)?.parse().ok()
+}
+
+/// The snapshot variant: sync time as rewrites after clones fragment the working file.
+fn snapshot_growth(dir: &Path) -> Result<Vec<SnapshotResult>, Box<dyn std::error::Error>> {
+    let path = Scratch::new(dir, "snapshot");
+    let page = rustix::param::page_size() as u64;
+    let pages = (64u64 << 20) / page;
+    let mut file = nvhtm::fams::SnapshotFile::create(&path.0, pages * page)?;
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut out = Vec::new();
+    for round in 0..8u32 {
+        // Rewriting pages after a clone moves them to new blocks (copy on write): extents grow.
+        for _ in 0..(1u64 << round).min(pages) * 8 {
+            file.write(rng.u64(..pages) * page, &[round as u8; 64]);
+        }
+        let start = Instant::now();
+        file.sync()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        out.push(SnapshotResult { extents: extents(&path.0).unwrap_or(0), sync_ms: ms });
+    }
+    drop(file);
+    for p in nvhtm::fams::snapshot_paths(&path.0) {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -962,7 +1005,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn fams(dir: &Path, json: Option<&Path>) -> CommandResult {
+fn fams(dir: &Path, reflink_dir: Option<&Path>, json: Option<&Path>) -> CommandResult {
     use nvhtm::fams::FamsFile;
     use std::os::unix::fs::FileExt;
     let page = rustix::param::page_size() as u64;
@@ -1084,6 +1127,10 @@ fn fams(dir: &Path, json: Option<&Path>) -> CommandResult {
         .map(|(case, k)| FamsMapResult { ratio_to_volatile: k / volatile_kops, case, kops_per_second: k })
         .collect();
 
+    let snapshot = match reflink_dir {
+        Some(d) => snapshot_growth(d)?,
+        None => Vec::new(),
+    };
     let machine = Machine::here();
     println!(
         "FAMS on {} ({} cores), files in {}, dirty tracking: {tracker}",
@@ -1102,6 +1149,12 @@ fn fams(dir: &Path, json: Option<&Path>) -> CommandResult {
     for r in &map {
         println!("{:<28} {:>10.1} {:>10.3}", r.case, r.kops_per_second, r.ratio_to_volatile);
     }
+    if !snapshot.is_empty() {
+        println!("snapshot variant (64 MiB working file, FICLONE): {:>8} {:>9}", "extents", "sync ms");
+        for r in &snapshot {
+            println!("{:>57} {:>9.2}", r.extents, r.sync_ms);
+        }
+    }
     write_json(
         json,
         &FamsReport {
@@ -1113,6 +1166,7 @@ fn fams(dir: &Path, json: Option<&Path>) -> CommandResult {
             first_write_ns_per_page: first,
             rewrite_ns_per_page: again,
             map,
+            snapshot,
         },
     )
 }
