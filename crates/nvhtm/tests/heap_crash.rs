@@ -170,7 +170,10 @@ fn check_heap<D: Domain>(heap: &Heap<D>) -> Result<CheckReport, String> {
 }
 
 fn record(seed: u64, ops: usize) -> (Recording, Vec<Root>) {
-    let sim = Sim::new();
+    record_with(Sim::new(), seed, ops)
+}
+
+fn record_with(sim: Sim, seed: u64, ops: usize) -> (Recording, Vec<Root>) {
     let heap = Heap::create_in_memory(&opts(), sim.clone()).unwrap();
     heap.root::<Root>().unwrap();
     sim.restart_recording().unwrap();
@@ -278,4 +281,16 @@ fn concurrent_transactions_survive_sampled_crashes() {
         CrashTest { exhaustive_limit: 256, samples: 32, ..CrashTest::default() }.run(&recording, check);
     println!("two threads: {} fences, {report}", recording.fences());
     report.assert_passed();
+}
+
+/// The same protocols under the file model (the `Msync` domain's world): pages written back at
+/// any time, torn at 512-byte sectors, flushes covering whole pages.
+#[test]
+fn random_transactions_survive_the_file_model() {
+    let (recording, history) = record_with(Sim::file_model(), 11, 25);
+    let test = CrashTest { exhaustive_limit: 256, samples: 32, ..CrashTest::default() };
+    let report = test.run(&recording, single_thread_check(&history));
+    println!("file model: {} fences, {report}", recording.fences());
+    report.assert_passed();
+    assert!(report.images_checked > 300);
 }

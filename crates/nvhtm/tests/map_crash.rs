@@ -80,7 +80,16 @@ fn keys_before_first_split() -> u64 {
 /// split), then records `ops` random operations; returns the
 /// recording and the model after each operation (index 0: after the pre-fill).
 fn record(seed: u64, prefill: u64, ops: usize, threads: usize) -> (Recording, Vec<Vec<Model>>) {
-    let sim = Sim::new();
+    record_with(Sim::new(), seed, prefill, ops, threads)
+}
+
+fn record_with(
+    sim: Sim,
+    seed: u64,
+    prefill: u64,
+    ops: usize,
+    threads: usize,
+) -> (Recording, Vec<Vec<Model>>) {
     let map = StrictMap::open(Heap::create_in_memory(&opts(), sim.clone()).unwrap()).unwrap();
     let mut base = Model::new();
     let prefill = if prefill == u64::MAX { keys_before_first_split() - 5 } else { prefill };
@@ -267,4 +276,15 @@ fn every_map_flush_and_fence_is_needed() {
             line.trim()
         );
     }
+}
+
+/// The same operations under the file model (the `Msync` domain's world): pages written back at
+/// any time, torn at 512-byte sectors, flushes covering whole pages.
+#[test]
+fn operations_survive_the_file_model() {
+    let (recording, histories) = record_with(Sim::file_model(), 6, u64::MAX, 40, 1);
+    let test = CrashTest { exhaustive_limit: 64, samples: 12, ..CrashTest::default() };
+    let report = test.run(&recording, check(1, &histories));
+    println!("file model: {} fences, {report}", recording.fences());
+    report.assert_passed();
 }

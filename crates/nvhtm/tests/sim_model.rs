@@ -184,3 +184,33 @@ fn a_fence_orders_only_its_own_threads_flushes() {
     let end = at_end(&images(&CrashTest::default(), &sim.recording()));
     assert_eq!(end, [[0, 0, 3], [1, 0, 3]].into_iter().collect(), "X may still be lost, Y may not");
 }
+
+#[test]
+fn the_file_model_flushes_pages_and_tears_sectors() {
+    let sim = Sim::file_model();
+    let pool = Pool::create_in_memory(&opts(), sim.clone()).unwrap();
+    sim.restart_recording().unwrap();
+    pool.write(X, &1u64).unwrap();
+    pool.write(X + 1024, &2u64).unwrap(); // same page, another sector
+    pool.flush(X, 8).unwrap(); // flushes the whole page
+    pool.fence().unwrap();
+    pool.write_bytes(X + 2048 - 8, &[7u8; 16]).unwrap(); // crosses a sector boundary, unsynced
+    let images = Mutex::new(Vec::new());
+    let test = CrashTest { deduplicate: false, ..CrashTest::default() };
+    test.run(&sim.recording(), |_, image, ctx| {
+        if ctx.fence.is_none() {
+            images.lock().unwrap().push(image.to_vec());
+        }
+        Ok(())
+    });
+    let images = images.into_inner().unwrap();
+    let at = |img: &Vec<u8>, off: u64| img[off as usize];
+    assert!(
+        images.iter().all(|i| at(i, X) == 1 && at(i, X + 1024) == 2),
+        "the page flush covered both sectors"
+    );
+    assert!(
+        images.iter().any(|i| at(i, X + 2040) == 7 && at(i, X + 2048) == 0),
+        "a write tears at the sector boundary"
+    );
+}

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::{Event, Recording, Sim};
-use crate::persist::{FlushInstr, Site, CACHE_LINE};
+use crate::persist::{FlushInstr, Site};
 
 /// One store piece: at most 8 bytes inside one aligned word.
 #[derive(Debug, Clone, Copy)]
@@ -43,11 +43,14 @@ struct Replay {
     /// Every line stored to since the start: images differ from the initial bytes only there.
     touched: BTreeSet<u64>,
     marks: Vec<u64>,
+    /// The write-back unit (see [`Recording`]).
+    unit: u64,
 }
 
 impl Replay {
-    fn new(initial: &[u8], marks: &[u64]) -> Replay {
+    fn new(initial: &[u8], marks: &[u64], unit: u64) -> Replay {
         Replay {
+            unit,
             initial: initial.to_vec(),
             base: Some(initial.to_vec()),
             lines: BTreeMap::new(),
@@ -56,8 +59,9 @@ impl Replay {
         }
     }
 
-    fn lines_only() -> Replay {
+    fn lines_only(unit: u64) -> Replay {
         Replay {
+            unit,
             initial: Vec::new(),
             base: None,
             lines: BTreeMap::new(),
@@ -87,7 +91,7 @@ impl Replay {
     fn step(&mut self, event: &Event, disabled: Option<Site>) {
         match *event {
             Event::Store { offset, len, bytes } => {
-                let line = offset - offset % CACHE_LINE as u64;
+                let line = offset - offset % self.unit;
                 self.lines.entry(line).or_default().stores.push(Piece { offset, len, bytes });
                 self.touched.insert(line);
             }
@@ -144,7 +148,7 @@ impl Replay {
     fn reset(&self, image: &mut [u8], dirty: &[(u64, usize)]) {
         if let Some(base) = &self.base {
             for &(line, _) in dirty {
-                let range = line as usize..line as usize + CACHE_LINE;
+                let range = line as usize..(line + self.unit) as usize;
                 image[range.clone()].copy_from_slice(&base[range]);
             }
         }
@@ -154,13 +158,13 @@ impl Replay {
     /// from the initial bytes (only touched lines can), so it costs O(touched lines), not
     /// O(image).
     fn key(&self, image: &[u8]) -> u64 {
-        const ZERO: [u8; CACHE_LINE] = [0; CACHE_LINE];
+        let zero = vec![0u8; self.unit as usize];
         let mut hasher = Xxh3::new();
         hasher.update(&(image.len() as u64).to_le_bytes());
         hasher.update(&(self.marks.len() as u64).to_le_bytes());
         for &line in &self.touched {
-            let range = line as usize..line as usize + CACHE_LINE;
-            let initial = self.initial.get(range.clone()).unwrap_or(&ZERO);
+            let range = line as usize..(line + self.unit) as usize;
+            let initial = self.initial.get(range.clone()).unwrap_or(&zero);
             if image[range.clone()] != *initial {
                 hasher.update(&line.to_le_bytes());
                 hasher.update(&image[range]);
@@ -172,7 +176,7 @@ impl Replay {
 
 /// Line offsets that still hold non-persistent stores at the end of `recording`.
 pub(crate) fn unpersisted_lines(recording: &Recording) -> Vec<u64> {
-    let mut replay = Replay::lines_only();
+    let mut replay = Replay::lines_only(recording.unit);
     for event in &recording.events {
         replay.step(event, None);
     }
@@ -428,7 +432,7 @@ impl CrashTest {
     where
         C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
     {
-        let mut replay = Replay::new(&recording.initial, marks);
+        let mut replay = Replay::new(&recording.initial, marks, recording.unit);
         let mut seen = HashSet::new();
         let mut point = 0;
         for event in &recording.events {

@@ -39,10 +39,19 @@ pub(crate) enum Event {
 }
 
 /// What a workload did, from the moment recording started.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Recording {
     pub(crate) initial: Vec<u8>,
     pub(crate) events: Vec<Event>,
+    /// Bytes written back as a unit that keeps a prefix of its stores: 64 (a cache line) or
+    /// 512 (a disk sector, for the file model).
+    pub(crate) unit: u64,
+}
+
+impl Default for Recording {
+    fn default() -> Recording {
+        Recording { initial: Vec::new(), events: Vec::new(), unit: CACHE_LINE as u64 }
+    }
 }
 
 impl Recording {
@@ -69,6 +78,10 @@ struct State {
 pub struct Sim {
     state: Arc<Mutex<State>>,
     instr: FlushInstr,
+    /// The unit that keeps a prefix of its stores after a crash.
+    unit: u64,
+    /// Flushes cover whole blocks of this size (a page for the file model).
+    flush_align: u64,
     /// `false`: behave like a plain domain and record nothing (checks nobody will crash).
     record: bool,
 }
@@ -93,7 +106,22 @@ impl Sim {
 
     /// A simulator whose flushes behave like `instr`.
     pub fn with_instr(instr: FlushInstr) -> Sim {
-        Sim { state: Arc::default(), instr, record: true }
+        Sim {
+            state: Arc::default(),
+            instr,
+            unit: CACHE_LINE as u64,
+            flush_align: CACHE_LINE as u64,
+            record: true,
+        }
+    }
+
+    /// A simulator of the file model, for code that persists with `msync` (the `Msync`
+    /// domain): unsynced data reaches the file page by page at any time and tears at 512-byte
+    /// sectors (each sector keeps a prefix of its stores); a flush covers whole pages and the
+    /// fence that follows makes them durable.
+    pub fn file_model() -> Sim {
+        let page = rustix::param::page_size() as u64;
+        Sim { unit: 512, flush_align: page, ..Sim::new() }
     }
 
     /// A simulator that records nothing: stores are plain stores. For checks whose recovery
@@ -138,7 +166,8 @@ impl Sim {
             return Err(format!("lines at offsets {pending:#x?} hold stores that are not persistent yet"));
         }
         // SAFETY: base..base+len is the region the pool attached, mapped for the pool's life.
-        state.recording = Recording { initial: unsafe { snapshot(base, len) }, events: Vec::new() };
+        let initial = unsafe { snapshot(base, len) };
+        state.recording = Recording { initial, events: Vec::new(), unit: self.unit };
         Ok(())
     }
 
@@ -200,6 +229,7 @@ impl Domain for Sim {
                 state.region = Some((base as usize, len));
                 // SAFETY: the caller guarantees base..base+len is mapped.
                 state.recording.initial = unsafe { snapshot(base as usize, len) };
+                state.recording.unit = self.unit;
             }
             Some((b, old)) => {
                 assert_eq!(b, base as usize, "a Sim domain follows a single region");
@@ -270,14 +300,13 @@ impl Domain for Sim {
         let thread = thread_id();
         let mut state = self.lock();
         let offset = Sim::offset_of(&state, addr as usize, len);
-        let first = offset / CACHE_LINE as u64;
-        let count = persist::line_count(offset as *const u8, len);
-        for line in first..first + count {
-            let line = line * CACHE_LINE as u64;
-            state.recording.events.push(Event::Flush { line, instr: self.instr, site, thread });
+        let start = offset - offset % self.flush_align;
+        let end = (offset + len as u64).next_multiple_of(self.flush_align);
+        for unit in (start..end).step_by(self.unit as usize) {
+            state.recording.events.push(Event::Flush { line: unit, instr: self.instr, site, thread });
         }
         drop(state);
-        persist::counters_add_lines(count);
+        persist::counters_add_lines(persist::line_count(offset as *const u8, len));
     }
 
     #[track_caller]
