@@ -63,6 +63,11 @@ impl Hash {
         (u64::from(self.0 as u32) * BUCKETS) >> 32
     }
 
+    /// This key's bit in its home bucket's DRAM summary.
+    pub fn summary_bit(self) -> u16 {
+        1 << ((self.0 >> 40) & 15)
+    }
+
     /// The `i`-th bucket of the key's window.
     pub fn bucket(self, i: u64) -> u64 {
         (self.home() + i) % BUCKETS

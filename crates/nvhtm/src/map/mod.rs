@@ -14,6 +14,8 @@
 //!   updates write a new slot and flip both bits in one store when they share a bucket, or go
 //!   through the heap's redo log. Out-of-place records are allocated and linked in one heap
 //!   commit, and freed in one with their unlinking.
+//! - **DRAM summary**: per segment, per home bucket, 16 bits summarising the keys homed there,
+//!   built lazily from media and kept by writers: most misses never touch persistent memory.
 //! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
 //!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
 //!   optimistically and retry if the version changed — so a reader never returns data that is
@@ -32,7 +34,7 @@ mod typed;
 pub use layout::{INLINE_KEY, INLINE_VALUE};
 pub use typed::TypedMap;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::heap::{Heap, HeapError};
@@ -90,6 +92,11 @@ pub type Result<T, E = MapError> = std::result::Result<T, E>;
 struct SegLocks {
     lock: Mutex<()>,
     version: AtomicU64,
+    /// Per home bucket, a 16-bit summary of the keys homed there (one bit per 4 hash bits),
+    /// built from media on first use under the lock, kept by writers (bits are only ever set:
+    /// a stale bit costs a probe). A lookup whose bit is clear is a miss without touching
+    /// persistent memory.
+    homes: OnceLock<Box<[AtomicU16]>>,
 }
 
 /// Segment locks by segment id, created on first use; lock-free to look up.
@@ -291,6 +298,26 @@ impl<D: Domain> StrictMap<D> {
         self.segments.get(segment.id).ok_or_else(|| MapError::Corrupt(format!("segment id {}", segment.id)))
     }
 
+    /// The segment's summary, built from media if this is its first use. The caller holds the
+    /// segment's lock.
+    fn summary_locked<'a>(&self, segment: &Segment, locks: &'a SegLocks) -> Result<&'a [AtomicU16]> {
+        if let Some(homes) = locks.homes.get() {
+            return Ok(homes);
+        }
+        let homes: Box<[AtomicU16]> = (0..BUCKETS).map(|_| AtomicU16::new(0)).collect();
+        for bucket in 0..BUCKETS {
+            let meta = self.load(bucket_offset(segment.at, bucket))?;
+            for slot in (0..SLOTS).filter(|s| meta & (1 << s) != 0) {
+                let hash = self.slot_hash(segment.at, bucket, slot)?;
+                if segment.owns(hash) {
+                    homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = locks.homes.set(homes);
+        Ok(locks.homes.get().map(|h| &h[..]).unwrap_or(&[]))
+    }
+
     /// Looks `key` up in `segment` (its owner), returning where and its value.
     fn find(&self, segment: u64, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
         let pool = self.heap.pool();
@@ -365,7 +392,16 @@ impl<D: Domain> StrictMap<D> {
                 if !segment.owns(hash) {
                     return Ok(None);
                 }
-                let found = self.find(segment.at, hash, key)?;
+                let homes = match locks.homes.get() {
+                    Some(homes) => homes,
+                    None => {
+                        let _guard = lock(&locks.lock);
+                        self.summary_locked(&segment, locks)?;
+                        return Ok(None); // retry with the summary
+                    }
+                };
+                let maybe = homes[hash.home() as usize].load(Ordering::Acquire) & hash.summary_bit() != 0;
+                let found = if maybe { self.find(segment.at, hash, key)? } else { None };
                 std::sync::atomic::fence(Ordering::Acquire);
                 if locks.version.load(Ordering::Relaxed) != before {
                     return Ok(None);
@@ -401,6 +437,10 @@ impl<D: Domain> StrictMap<D> {
                 drop(guard);
                 continue;
             }
+            // Before the key can be committed, its home's summary covers it (set even if the
+            // operation turns out not to insert: a stale bit only costs a probe).
+            self.summary_locked(&segment, locks)?[hash.home() as usize]
+                .fetch_or(hash.summary_bit(), Ordering::Release);
             let outcome = {
                 let _writing = Writing::start(&locks.version);
                 op(&segment, hash)?
