@@ -848,8 +848,46 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
     let mut results = Vec::new();
     for (klen, vlen) in [(8usize, 8usize), (16, 8), (8, 100), (16, 100)] {
         let value = vec![0xabu8; vlen];
-        let base = hashbrown_ops(keys, klen, &value);
-        let mut push = |name: &str, threads: usize, ops: Vec<(f64, PersistStats)>| {
+        // Every case runs three times, interleaved with the others, and each operation's
+        // median is kept: this machine's speed drifts, and the ratio must compare like with
+        // like.
+        let median_of = |runs: Vec<Vec<(f64, PersistStats)>>| -> Vec<(f64, PersistStats)> {
+            (0..MAP_OPS.len())
+                .map(|i| {
+                    let mut op: Vec<(f64, PersistStats)> = runs.iter().map(|r| r[i]).collect();
+                    op.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    op[op.len() / 2]
+                })
+                .collect()
+        };
+        let mut runs: std::collections::BTreeMap<(&str, usize), Vec<Vec<(f64, PersistStats)>>> =
+            Default::default();
+        for _ in 0..3 {
+            let hb =
+                hashbrown_ops(keys, klen, &value).into_iter().map(|m| (m, PersistStats::default())).collect();
+            runs.entry(("hashbrown", 1)).or_default().push(hb);
+            for threads in [1, 2] {
+                let scratch = Scratch::new(pmem_dir, "map");
+                let map = nvhtm::StrictMap::open(nvhtm::Heap::<Cpu>::create(&scratch.0, &opts)?)?;
+                runs.entry(("strict (cpu)", threads))
+                    .or_default()
+                    .push(map_ops(&map, keys, threads, klen, &value));
+                drop(map);
+                let scratch = Scratch::new(pmem_dir, "map-volatile");
+                let map = nvhtm::StrictMap::open(nvhtm::Heap::<Volatile>::create(&scratch.0, &opts)?)?;
+                runs.entry(("strict (volatile)", threads))
+                    .or_default()
+                    .push(map_ops(&map, keys, threads, klen, &value));
+            }
+        }
+        let medians: Vec<((&str, usize), Vec<(f64, PersistStats)>)> =
+            runs.into_iter().map(|(case, r)| (case, median_of(r))).collect();
+        let base: Vec<f64> = medians
+            .iter()
+            .find(|(c, _)| c.0 == "hashbrown")
+            .map(|(_, m)| m.iter().map(|x| x.0).collect())
+            .unwrap_or_default();
+        for ((name, threads), ops) in medians {
             for (i, (mops, st)) in ops.into_iter().enumerate() {
                 results.push(MapResult {
                     map: name.to_string(),
@@ -863,16 +901,6 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
                     fences_per_op: st.fences as f64 / keys as f64,
                 });
             }
-        };
-        push("hashbrown", 1, base.iter().map(|&m| (m, PersistStats::default())).collect());
-        for threads in [1, 2] {
-            let scratch = Scratch::new(pmem_dir, "map");
-            let map = nvhtm::StrictMap::open(nvhtm::Heap::<Cpu>::create(&scratch.0, &opts)?)?;
-            push("strict (cpu)", threads, map_ops(&map, keys, threads, klen, &value));
-            drop(map);
-            let scratch = Scratch::new(pmem_dir, "map-volatile");
-            let map = nvhtm::StrictMap::open(nvhtm::Heap::<Volatile>::create(&scratch.0, &opts)?)?;
-            push("strict (volatile)", threads, map_ops(&map, keys, threads, klen, &value));
         }
     }
     // Open time as the map grows: the heap's lanes only; no scan of keys.
