@@ -760,6 +760,11 @@ struct MapReport {
 
 const MAP_OPS: [&str; 5] = ["insert", "get (hit)", "get (miss)", "update", "remove"];
 
+/// One run of the five operations: Mops/s and persistence work for each.
+type OpsRun = Vec<(f64, PersistStats)>;
+/// A map case: its name and thread count.
+type MapCase = (&'static str, usize);
+
 fn bench_key(i: u64, len: usize) -> Vec<u8> {
     let mut k = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes().to_vec();
     k.resize(len, (i >> 56) as u8 ^ 0x5a);
@@ -851,7 +856,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
         // Every case runs three times, interleaved with the others, and each operation's
         // median is kept: this machine's speed drifts, and the ratio must compare like with
         // like.
-        let median_of = |runs: Vec<Vec<(f64, PersistStats)>>| -> Vec<(f64, PersistStats)> {
+        let median_of = |runs: Vec<OpsRun>| -> OpsRun {
             (0..MAP_OPS.len())
                 .map(|i| {
                     let mut op: Vec<(f64, PersistStats)> = runs.iter().map(|r| r[i]).collect();
@@ -860,8 +865,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
                 })
                 .collect()
         };
-        let mut runs: std::collections::BTreeMap<(&str, usize), Vec<Vec<(f64, PersistStats)>>> =
-            Default::default();
+        let mut runs: std::collections::BTreeMap<MapCase, Vec<OpsRun>> = Default::default();
         for _ in 0..3 {
             let hb =
                 hashbrown_ops(keys, klen, &value).into_iter().map(|m| (m, PersistStats::default())).collect();
@@ -880,7 +884,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
                     .push(map_ops(&map, keys, threads, klen, &value));
             }
         }
-        let medians: Vec<((&str, usize), Vec<(f64, PersistStats)>)> =
+        let medians: Vec<(MapCase, OpsRun)> =
             runs.into_iter().map(|(case, r)| (case, median_of(r))).collect();
         let base: Vec<f64> = medians
             .iter()
