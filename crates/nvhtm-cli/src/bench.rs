@@ -1003,7 +1003,7 @@ fn snapshot_growth(dir: &Path) -> Result<Vec<SnapshotResult>, Box<dyn std::error
     for round in 0..8u32 {
         // Rewriting pages after a clone moves them to new blocks (copy on write): extents grow.
         for _ in 0..(1u64 << round).min(pages) * 8 {
-            file.write(rng.u64(..pages) * page, &[round as u8; 64]);
+            file.write(rng.u64(..pages) * page, &[round as u8; 64])?;
         }
         let start = Instant::now();
         file.sync()?;
@@ -1059,7 +1059,7 @@ fn fams(dir: &Path, reflink_dir: Option<&Path>, json: Option<&Path>) -> CommandR
         for round in 0..5u8 {
             let chosen: Vec<u64> = rng.choose_multiple(0..pages, dirty as usize);
             for &p in &chosen {
-                file.write(p * page + 8, &[round; 8]);
+                file.write(p * page + 8, &[round; 8])?;
             }
             let start = Instant::now();
             let stats = file.sync()?;

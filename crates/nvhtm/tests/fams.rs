@@ -24,12 +24,12 @@ fn workload(sim: &SimStorage, seed: u64, syncs: u64) -> Vec<u64> {
         for _ in 0..rng.usize(1..6) {
             let offset = rng.u64(..file.len() - 600);
             let byte = rng.u8(..);
-            file.write(offset, &vec![byte; rng.usize(1..600)]);
+            file.write(offset, &vec![byte; rng.usize(1..600)]).unwrap();
         }
         if k == syncs / 2 {
             file.grow(file.len() + 4 * PAGE).unwrap();
             let end = file.len() - 10;
-            file.write(end, b"grown file");
+            file.write(end, b"grown file").unwrap();
         }
         file.sync().unwrap();
         states.push(digest(&file.to_vec()));
@@ -120,11 +120,11 @@ fn injected_failures_poison_the_handle_and_reopening_recovers() {
         let sim = fresh(4);
         let mut file = FamsFile::open_storage(sim.clone(), 16 * PAGE).unwrap();
         let before = file.to_vec();
-        file.write(100, b"first change");
+        file.write(100, b"first change").unwrap();
         sim.inject(fault);
         let err = file.sync().unwrap_err();
         assert!(matches!(err, FamsError::Io { .. }), "{err}");
-        file.write(200, b"second change");
+        file.write(200, b"second change").unwrap();
         let again = file.sync().unwrap_err();
         assert!(matches!(again, FamsError::Poisoned(_)), "{again}");
         assert!(again.to_string().starts_with("the file refuses syncs until it is reopened"));
@@ -150,10 +150,12 @@ fn real_files_commit_and_recover() {
     let path = dir.path().join("data.fams");
     let mut file = FamsFile::create(&path, 16 * PAGE, 1 << 20).unwrap();
     println!("dirty tracking: {}", file.tracker());
-    file.write(5000, b"durable after sync");
+    file.write(5000, b"durable after sync").unwrap();
     let stats = file.sync().unwrap();
     assert_eq!(stats.pages, 1);
-    file.write(9000, b"never synced");
+    file.write(9000, b"never synced").unwrap();
+    let err = file.write(16 * PAGE - 2, b"abc").unwrap_err();
+    assert_eq!(err.to_string(), "range 0xfffe+3 is outside the file's 65536 bytes");
     drop(file);
     let file = FamsFile::open(&path, 1 << 20).unwrap();
     let bytes = file.to_vec();

@@ -53,12 +53,12 @@ fn snapshots_commit_atomically_and_restore_on_open() {
     let Some(fs) = xfs() else { return };
     let path = fs.mount.join("data");
     let mut file = SnapshotFile::create(&path, 1 << 20).unwrap();
-    file.write(100, b"first sync");
+    file.write(100, b"first sync").unwrap();
     file.sync().unwrap();
-    file.write(100, b"second syn");
-    file.write(5000, b"also second");
+    file.write(100, b"second syn").unwrap();
+    file.write(5000, b"also second").unwrap();
     file.sync().unwrap();
-    file.write(100, b"NOT SYNCED");
+    file.write(100, b"NOT SYNCED").unwrap();
     drop(file); // a crash: the working file holds unsynced changes
     let file = SnapshotFile::open(&path).unwrap();
     let bytes = file.to_vec();
@@ -73,9 +73,9 @@ fn a_snapshot_caught_mid_sync_is_ignored() {
     let Some(fs) = xfs() else { return };
     let path = fs.mount.join("data");
     let mut file = SnapshotFile::create(&path, 1 << 20).unwrap();
-    file.write(0, b"state one");
+    file.write(0, b"state one").unwrap();
     file.sync().unwrap();
-    file.write(0, b"state two");
+    file.write(0, b"state two").unwrap();
     file.sync().unwrap();
     drop(file);
     // A crash after step 1 of the next sync into the older snapshot... and one into the newer:

@@ -54,6 +54,16 @@ pub enum FamsError {
     /// A size of zero, or not a multiple of the page size.
     #[error("invalid FAMS file size {0}: it must be a positive multiple of the page size")]
     BadSize(u64),
+    /// A write past the end of the contents.
+    #[error("range {offset:#x}+{len} is outside the file's {size} bytes")]
+    OutOfBounds {
+        /// Offset given.
+        offset: u64,
+        /// Length given.
+        len: u64,
+        /// The contents' length.
+        size: u64,
+    },
     /// Growth past the reserved address space.
     #[error("cannot grow to {requested} bytes: {limit} bytes are reserved")]
     GrowthLimit {
@@ -310,15 +320,9 @@ impl<S: Storage> FamsFile<S> {
         self.region.to_vec()
     }
 
-    /// Copies `data` into the contents at `offset` (panics outside the file: use the raw
-    /// pointer for unchecked access).
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        let end = offset as usize + data.len();
-        assert!(end as u64 <= self.len(), "write past the end of a FAMS file");
-        // SAFETY: the range was checked against the mapped length; `&mut self` excludes others.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.region.base().add(offset as usize), data.len())
-        };
+    /// Copies `data` into the contents at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        write_checked(&self.region, offset, data)
     }
 
     /// How dirty pages are found.
@@ -341,6 +345,22 @@ impl<S: Storage> FamsFile<S> {
     /// returns `Ok`).
     pub fn sync(&mut self) -> Result<SyncStats> {
         self.committer.sync(&self.region)
+    }
+}
+
+/// Copies `data` into `region` at `offset`, refusing a range outside it.
+pub(crate) fn write_checked(region: &Region, offset: u64, data: &[u8]) -> Result<()> {
+    let len = data.len() as u64;
+    match offset.checked_add(len) {
+        Some(end) if end <= region.len() => {
+            // SAFETY: the range was checked against the mapped length; the owner's `&mut self`
+            // excludes other users.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), region.base().add(offset as usize), data.len())
+            };
+            Ok(())
+        }
+        _ => Err(FamsError::OutOfBounds { offset, len, size: region.len() }),
     }
 }
 

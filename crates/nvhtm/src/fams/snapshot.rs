@@ -187,14 +187,9 @@ impl SnapshotFile {
         self.region.to_vec()
     }
 
-    /// Copies `data` into the contents at `offset` (panics outside the file).
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        let end = offset as usize + data.len();
-        assert!(end as u64 <= self.len(), "write past the end of a snapshot file");
-        // SAFETY: the range was checked against the mapped length; `&mut self` excludes others.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.region.base().add(offset as usize), data.len())
-        };
+    /// Copies `data` into the contents at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        super::write_checked(&self.region, offset, data)
     }
 
     /// The snapshot files.
