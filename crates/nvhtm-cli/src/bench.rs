@@ -539,89 +539,50 @@ fn heap_cases<D: Domain>(
     // Transactions of k updates of 8 bytes in distinct lines vs the same stores unlogged.
     let block = heap.transaction(|tx| tx.alloc_bytes(16 * 64))?;
     for k in [1u64, 4, 16] {
-        let (ns, st, n) = time_op(budget, |i| {
-            heap.transaction(|tx| {
-                for j in 0..k {
-                    tx.write(nvhtm::PPtr::<u64>::new(block + j * 64), &i)?;
-                }
-                Ok(())
-            })
-        })?;
-        rows.push((
-            format!("tx of {k} updates"),
-            if k == 1 {
-                "1 store"
-            } else if k == 4 {
-                "4 stores"
-            } else {
-                "16 stores"
-            },
-            ns,
-            st,
-            n,
-        ));
-        let ranges: Vec<(u64, u64)> = (0..k).map(|j| (block + j * 64, 8)).collect();
-        let (ns, st, n) = time_op(budget, |i| {
-            heap.transaction(|tx| {
-                tx.add_ranges(&ranges)?;
-                for j in 0..k {
-                    tx.write(nvhtm::PPtr::<u64>::new(block + j * 64), &i)?;
-                }
-                Ok(())
-            })
-        })?;
-        rows.push((
-            format!("tx of {k} updates, one add_ranges"),
-            if k == 1 {
-                "1 store"
-            } else if k == 4 {
-                "4 stores"
-            } else {
-                "16 stores"
-            },
-            ns,
-            st,
-            n,
-        ));
-        let (ns, st, n) = time_op(budget, |i| {
-            for j in 0..k {
-                heap.pool().write(block + j * 64, &i)?;
-                heap.pool().flush(block + j * 64, 8)?;
-            }
-            Ok(heap.pool().fence()?)
-        })?;
-        rows.push((
-            format!("{k} stores + flush + 1 fence (not atomic)"),
-            if k == 1 {
-                "1 store"
-            } else if k == 4 {
-                "4 stores"
-            } else {
-                "16 stores"
-            },
-            ns,
-            st,
-            n,
-        ));
-        let (ns, st, n) = time_op(budget, |i| {
-            for j in 0..k {
-                heap.pool().write(block + j * 64, &i)?;
-            }
-            Ok(())
-        })?;
-        rows.push((
-            format!("{k} plain stores"),
-            if k == 1 {
-                "1 store"
-            } else if k == 4 {
-                "4 stores"
-            } else {
-                "16 stores"
-            },
-            ns,
-            st,
-            n,
-        ));
+        let baseline = match k {
+            1 => "1 store",
+            4 => "4 stores",
+            _ => "16 stores",
+        };
+        let words = || (0..k).map(|j| block + j * 64);
+        let ranges: Vec<(u64, u64)> = words().map(|at| (at, 8)).collect();
+        let cases: [(String, Box<dyn Fn(u64) -> Result<(), nvhtm::HeapError>>); 4] = [
+            (
+                format!("tx of {k} updates"),
+                Box::new(|i| {
+                    heap.transaction(|tx| {
+                        words().try_for_each(|at| tx.write(nvhtm::PPtr::<u64>::new(at), &i))
+                    })
+                }),
+            ),
+            (
+                format!("tx of {k} updates, one add_ranges"),
+                Box::new(|i| {
+                    heap.transaction(|tx| {
+                        tx.add_ranges(&ranges)?;
+                        words().try_for_each(|at| tx.write(nvhtm::PPtr::<u64>::new(at), &i))
+                    })
+                }),
+            ),
+            (
+                format!("{k} stores + flush + 1 fence (not atomic)"),
+                Box::new(|i| {
+                    for at in words() {
+                        heap.pool().write(at, &i)?;
+                        heap.pool().flush(at, 8)?;
+                    }
+                    Ok(heap.pool().fence()?)
+                }),
+            ),
+            (
+                format!("{k} plain stores"),
+                Box::new(|i| words().try_for_each(|at| Ok(heap.pool().write(at, &i)?))),
+            ),
+        ];
+        for (name, op) in cases {
+            let (ns, st, n) = time_op(budget, op)?;
+            rows.push((name, baseline, ns, st, n));
+        }
     }
     Ok(())
 }
