@@ -487,6 +487,9 @@ struct HeapReport {
     results: Vec<HeapResult>,
 }
 
+/// One benchmarked heap operation, given the iteration number.
+type HeapOp<'a> = dyn Fn(u64) -> Result<(), nvhtm::HeapError> + 'a;
+
 /// Runs `op` for `budget` after a warm-up; returns ns per op and persistence work per op.
 fn time_op(
     budget: Duration,
@@ -546,7 +549,7 @@ fn heap_cases<D: Domain>(
         };
         let words = || (0..k).map(|j| block + j * 64);
         let ranges: Vec<(u64, u64)> = words().map(|at| (at, 8)).collect();
-        let cases: [(String, Box<dyn Fn(u64) -> Result<(), nvhtm::HeapError>>); 4] = [
+        let cases: [(String, Box<HeapOp<'_>>); 4] = [
             (
                 format!("tx of {k} updates"),
                 Box::new(|i| {
