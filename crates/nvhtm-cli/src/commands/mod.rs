@@ -197,14 +197,17 @@ pub fn check(path: &Path, repair: bool, layout: &str, json: bool) -> CommandResu
         bar.set_length(total);
         bar.set_position(done);
     };
-    // Always inspect first on a private mapping: a corrupt pool is reported, never written.
+    // Always inspect first in private memory: a corrupt pool is reported, never written. A
+    // FAMS pool is inspected as it will be once opened (its journal applied in memory).
+    let fams = PoolInfo::read(path)?.fams;
     let (recovery, mut report) = {
-        let heap = Heap::open_private(path, &opts)?;
+        let heap =
+            if fams { Heap::open_fams_private(path, &opts)? } else { Heap::open_private(path, &opts)? };
         (heap.recovery().to_vec(), heap.check(&mut progress))
     };
     let pending = recovery.iter().any(|r| *r != LaneRecovery::Idle);
     if repair && pending && report.is_consistent() {
-        let heap = Heap::<AutoDomain>::open(path, &opts)?;
+        let heap = Heap::load(open_pool(path, &opts)?)?;
         report = heap.check(&mut progress);
         heap.close()?;
     }

@@ -364,6 +364,20 @@ pub(crate) fn write_checked(region: &Region, offset: u64, data: &[u8]) -> Result
     }
 }
 
+/// The contents `path` will have once opened — its data file with a complete journal applied —
+/// computed in memory without writing either file (for inspection tools).
+pub fn recovered_contents(path: &Path) -> Result<Vec<u8>> {
+    let data = std::fs::read(path).map_err(io("read"))?;
+    let journal = match std::fs::read(journal_path(path)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(FamsError::Io { op: "read journal", source: e }),
+    };
+    let len = data.len() as u64;
+    let file = FamsFile::open_storage(SimStorage::from_image(data, journal), len.max(1))?;
+    Ok(file.to_vec())
+}
+
 /// A checksum of contents, for tests and tools comparing states.
 pub fn digest(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)

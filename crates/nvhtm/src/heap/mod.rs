@@ -170,6 +170,18 @@ impl Heap<crate::persist::Volatile> {
     }
 }
 
+impl Heap<crate::persist::Volatile> {
+    /// The heap of a FAMS pool as it will be once opened (a complete journal applied), in this
+    /// process's memory only: the files are not written (for inspection).
+    pub fn open_fams_private(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+    ) -> Result<Heap<crate::persist::Volatile>> {
+        let image = crate::fams::recovered_contents(path.as_ref()).map_err(crate::pool::PoolError::from)?;
+        Heap::load(Pool::open_image(&image, opts, crate::persist::Volatile)?)
+    }
+}
+
 impl<D: Domain> Heap<D> {
     /// Creates an in-memory pool holding an empty heap (for the simulator and tests).
     pub fn create_in_memory(opts: &PoolOptions, domain: D) -> Result<Heap<D>> {
