@@ -273,3 +273,26 @@ fn typed_links_survive_in_transactions() {
     }
     assert_eq!(values, vec![5, 4, 3, 2, 1]);
 }
+
+#[test]
+fn a_transaction_too_big_for_the_redo_log_aborts_cleanly() {
+    let heap = heap(1 << 20);
+    let root = heap.root::<[u64; 200]>().unwrap();
+    let before = heap.check(&mut |_, _| {});
+    let err = heap
+        .transaction(|tx| {
+            tx.write(PPtr::<u64>::new(root.offset()), &7)?; // an undo-logged change
+            let block = tx.alloc_bytes(64)?;
+            for i in 1..200u64 {
+                tx.redo_store(root.offset() + 8 * i, block)?;
+            }
+            Ok::<_, HeapError>(())
+        })
+        .unwrap_err();
+    assert!(matches!(err, HeapError::RedoLogFull { .. }), "{err}");
+    assert_eq!(heap.get(root).unwrap(), [0u64; 200], "the undo-logged write was rolled back");
+    assert_eq!(heap.check(&mut |_, _| {}).small_blocks, before.small_blocks, "the allocation was given back");
+    // The lane is usable again.
+    heap.transaction(|tx| tx.write(PPtr::<u64>::new(root.offset()), &9)).unwrap();
+    assert_eq!(heap.get(root).unwrap()[0], 9);
+}

@@ -69,6 +69,12 @@ fn workload<D: Domain>(
                     .unwrap();
                 model[i] = slot;
             }
+            // Free through free_from: no snapshot, only redo words (the slot's offset word is
+            // cleared), so the commit has no data fence of its own.
+            2 if model[i][0] != 0 && rng.bool() => {
+                heap.free_from(slot_off).unwrap();
+                model[i][0] = 0;
+            }
             // Free.
             2 if model[i][0] != 0 => {
                 let old = model[i];
@@ -117,6 +123,32 @@ fn workload<D: Domain>(
         history.push(model);
         done(op);
     }
+    // Finally, always: a large block full of garbage, freed, and its chunks reused for a run of
+    // a class not used before, so run creation meets garbage where its bitmap and heads go.
+    let slot_off = root.offset() + (first * 24) as u64;
+    for (step, size) in [(ops, 150_000u64), (ops + 1, 0), (ops + 2, 7000)] {
+        let mut model = *history.last().unwrap();
+        let old = model[first];
+        let tag = (step as u64 % 250) + 1;
+        heap.transaction(|tx| {
+            if old[0] != 0 {
+                tx.free(old[0])?;
+            }
+            let slot = if size == 0 {
+                [0; 3]
+            } else {
+                let at = tx.alloc_bytes(size)?;
+                tx.write_bytes(at, &fill(tag, size))?;
+                [at, size, tag]
+            };
+            tx.write_bytes(slot_off, bytemuck::bytes_of(&slot))?;
+            model[first] = slot;
+            Ok::<_, HeapError>(())
+        })
+        .unwrap();
+        history.push(model);
+        done(step);
+    }
     history
 }
 
@@ -136,7 +168,7 @@ fn check_slots<D: Domain>(
         ));
     }
     for [at, size, tag] in &found[slots] {
-        if *at != 0 {
+        if *at != 0 && *size != 0 {
             let mut buf = vec![0u8; (*size).min(512) as usize];
             heap.pool().read_into(*at, &mut buf).map_err(|e| e.to_string())?;
             if buf != head(*tag, *size) {

@@ -154,8 +154,12 @@ impl LaneLog {
         while tail + UNDO_ENTRY_HEADER <= self.undo_capacity() {
             let at = self.base + UNDO_START + tail;
             let [egen, offset, len, checksum]: [u64; 4] = pool.read(at)?;
+            // Stale bytes of older generations can hold anything: check before computing.
+            if egen != gen || len > self.undo_capacity() {
+                break;
+            }
             let needed = UNDO_ENTRY_HEADER + len.next_multiple_of(8);
-            if egen != gen || tail + needed > self.undo_capacity() {
+            if tail + needed > self.undo_capacity() {
                 break;
             }
             let mut data = vec![0u8; len as usize];
@@ -187,6 +191,15 @@ impl LaneLog {
             return Ok((gen, LaneRecovery::Idle));
         }
         let corrupt = |what: String| HeapError::Corrupt(format!("lane at {:#x}: {what}", self.base));
+        // A redo header of a later generation proves this one finished: a lane starts an
+        // operation only after the previous one returned. (An operation with an empty redo log
+        // retires lazily, so its state word may still read active after the next one began.)
+        let [header_gen, ..]: [u64; 3] = pool.read(self.base + REDO_HEADER)?;
+        if header_gen > gen {
+            self.retire(pool, gen)?;
+            pool.fence()?;
+            return Ok((gen, LaneRecovery::Idle));
+        }
         let outcome = match self.committed_redo(pool, gen)? {
             Some(entries) => {
                 for &(offset, _) in &entries {

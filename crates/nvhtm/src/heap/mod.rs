@@ -335,7 +335,7 @@ impl<D: Domain> Heap<D> {
         let mut c = 0;
         while c < count {
             let head = self.head(c)?;
-            if c + head.len() > count {
+            if u64::from(c) + u64::from(head.len()) > u64::from(count) {
                 return Err(HeapError::Corrupt(format!(
                     "chunk {c}: {head:?} runs past the heap's {count} chunks"
                 )));
@@ -754,16 +754,15 @@ impl<D: Domain> Heap<D> {
         }
     }
 
-    /// The redo entries that make `allocs` allocated and `frees` free, given the locks held.
-    /// Large changes are installed in the chunk mirror at once (a failure after this poisons
-    /// the pool, so the mirror is never used again).
+    /// The redo entries that make `allocs` allocated and `frees` free, given the locks held,
+    /// and the chunk heads to record in the mirror once they are committed. Changes nothing.
     fn allocation_entries(
         &self,
-        chunks: Option<&mut Chunks>,
+        chunks: Option<&Chunks>,
         runs: &BTreeMap<u32, MutexGuard<'_, Run>>,
         allocs: &[Block],
         frees: &[Block],
-    ) -> Result<Vec<(u64, u64)>> {
+    ) -> Result<(Vec<(u64, u64)>, Vec<(u32, Head)>)> {
         let mut words: BTreeMap<(u32, u64), (u64, u64)> = BTreeMap::new();
         let mut entries = Vec::new();
         let mut large = Vec::new();
@@ -782,23 +781,20 @@ impl<D: Domain> Heap<D> {
             let word = self.pool.load_u64(at, Ordering::Acquire)?;
             entries.push((at, (word | set) & !clear));
         }
+        let mut heads = Vec::new();
         if let Some(chunks) = chunks {
             for (chunk, k, allocate) in large {
-                if allocate {
-                    // Reservation made the chunks exactly one free element.
-                    if chunks.mirror.get(&chunk) != Some(&Head::Free(k)) {
-                        return Err(HeapError::Corrupt(format!(
-                            "reserved chunks {chunk}+{k} are not one free element"
-                        )));
-                    }
-                    entries.push((self.chunk_offset(chunk), chunk::encode(Head::Large(k))));
-                    chunks.mirror.insert(chunk, Head::Large(k));
-                } else {
-                    entries.push((self.chunk_offset(chunk), chunk::encode(Head::Free(k))));
-                    chunks.mirror.insert(chunk, Head::Free(k));
+                let head = if allocate { Head::Large(k) } else { Head::Free(k) };
+                // Reservation made the chunks exactly one free element.
+                if allocate && chunks.mirror.get(&chunk) != Some(&Head::Free(k)) {
+                    return Err(HeapError::Corrupt(format!(
+                        "reserved chunks {chunk}+{k} are not one free element"
+                    )));
                 }
+                entries.push((self.chunk_offset(chunk), chunk::encode(head)));
+                heads.push((chunk, head));
             }
         }
-        Ok(entries)
+        Ok((entries, heads))
     }
 }

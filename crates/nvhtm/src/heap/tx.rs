@@ -7,6 +7,7 @@ use bytemuck::Pod;
 
 use super::error::{HeapError, Result};
 use super::lane::LaneLog;
+use super::layout::REDO_CAP;
 use super::space::Run;
 use super::{lock, Block, Heap, LaneSlot, Reservation};
 use crate::persist::Domain;
@@ -263,10 +264,33 @@ impl<'h, D: Domain> Tx<'h, D> {
         // Runs are locked in chunk order, after the chunk lock: no deadlock between commits.
         let mut runs: BTreeMap<u32, MutexGuard<'_, Run>> =
             arcs.iter().map(|(&c, run)| (c, lock(run))).collect();
-        let mut entries = heap.allocation_entries(chunks.as_deref_mut(), &runs, &allocs, &self.frees)?;
-        entries.extend_from_slice(&self.words);
+        // Everything that can fail for another reason than the device is checked before the
+        // commit point; such a failure aborts the transaction like an error of its body.
+        let prepared =
+            heap.allocation_entries(chunks.as_deref(), &runs, &allocs, &self.frees).and_then(|(mut e, h)| {
+                e.extend_from_slice(&self.words);
+                if e.len() > REDO_CAP {
+                    return Err(HeapError::RedoLogFull { needed: e.len(), capacity: REDO_CAP });
+                }
+                Ok((e, h))
+            });
+        let (entries, heads) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                drop(runs);
+                drop(chunks);
+                self.abort()?;
+                return Err(e);
+            }
+        };
         self.lane.log.write_redo(pool, self.gen, &entries)?;
         pool.fence()?;
+        // Committed: the chunk mirror follows the media.
+        if let Some(chunks) = chunks.as_deref_mut() {
+            for &(chunk, head) in &heads {
+                chunks.mirror.insert(chunk, head);
+            }
+        }
         if entries.is_empty() {
             self.lane.log.retire_lazily(pool, self.gen)?;
         } else {
@@ -313,7 +337,10 @@ impl<'h, D: Domain> Tx<'h, D> {
                 heap.pool.fence()?;
             }
             if self.began {
+                // Durable before another lane may change the restored ranges: otherwise a crash
+                // could replay this undo log over that lane's committed data.
                 self.lane.log.retire(&heap.pool, self.gen)?;
+                heap.pool.fence()?;
             }
             Ok(())
         })();

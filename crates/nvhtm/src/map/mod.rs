@@ -294,6 +294,24 @@ impl<D: Domain> StrictMap<D> {
         self.segment(at)
     }
 
+    /// The directory's depth, refused when it cannot be one.
+    fn dir_depth(&self, dir: u64) -> Result<u64> {
+        let depth = self.load(dir + 8)?;
+        if depth > 40 {
+            return Err(MapError::Corrupt(format!("directory depth {depth}")));
+        }
+        Ok(depth)
+    }
+
+    /// A segment named by directory entry `j` of a directory of depth `global`, checked.
+    fn entry_segment(&self, dir: u64, global: u64, j: u64) -> Result<Segment> {
+        let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
+        if segment.depth > global {
+            return Err(MapError::Corrupt(format!("segment {:#x} is deeper than the directory", segment.at)));
+        }
+        Ok(segment)
+    }
+
     fn locks(&self, segment: &Segment) -> Result<&SegLocks> {
         self.segments.get(segment.id).ok_or_else(|| MapError::Corrupt(format!("segment id {}", segment.id)))
     }
@@ -337,7 +355,10 @@ impl<D: Domain> StrictMap<D> {
                 match info_kind(info) {
                     KIND_INLINE => {
                         let stored: [u8; 16] = bytemuck::cast([words[0], words[1]]);
-                        if info_key_len(info) == key.len() && &stored[..key.len()] == key {
+                        if info_key_len(info) == key.len()
+                            && key.len() <= INLINE_KEY
+                            && &stored[..key.len()] == key
+                        {
                             let value = Value::Inline(words[2].to_le_bytes(), info_value_len(info).min(8));
                             return Ok(Some((Found { bucket, slot, info, record: 0 }, value)));
                         }
@@ -749,7 +770,7 @@ impl<D: Domain> StrictMap<D> {
             }
         }
         let dir = self.load(self.root + ROOT_DIR)?;
-        let global = self.load(dir + 8)?;
+        let global = self.dir_depth(dir)?;
         let next_id = self.load(self.root + ROOT_NEXT_ID)?;
         let (root, new_pattern) = (self.root, pattern << 1 | 1);
         self.heap.transaction(|tx| {
@@ -825,9 +846,9 @@ impl<D: Domain> StrictMap<D> {
         let _no_splits = lock(&self.resize);
         let pool = self.heap.pool();
         let dir = self.load(self.root + ROOT_DIR)?;
-        let global = self.load(dir + 8)?;
+        let global = self.dir_depth(dir)?;
         for j in 0..1u64 << global {
-            let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
+            let segment = self.entry_segment(dir, global, j)?;
             if j != segment.pattern << (global - segment.depth) {
                 continue; // visited at its first directory entry
             }
@@ -916,10 +937,10 @@ impl<D: Domain> StrictMap<D> {
     pub fn shape(&self) -> Result<(u64, u64)> {
         let _no_splits = lock(&self.resize);
         let dir = self.load(self.root + ROOT_DIR)?;
-        let global = self.load(dir + 8)?;
+        let global = self.dir_depth(dir)?;
         let mut segments = 0;
         for j in 0..1u64 << global {
-            let segment = self.segment(self.load(dir + DIR_HEADER + 8 * j)?)?;
+            let segment = self.entry_segment(dir, global, j)?;
             segments += u64::from(j == segment.pattern << (global - segment.depth));
         }
         Ok((segments, global))
