@@ -47,6 +47,9 @@ use layout::chunk::{self, Head};
 use layout::{HeapHeader, RunGeometry, HEAP_MAGIC, HEAP_OFFSET, HEAP_VERSION};
 use space::{Chunks, Run};
 
+/// Redo log entries: (offset, 8-byte value).
+type RedoWords = Vec<(u64, u64)>;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -762,7 +765,7 @@ impl<D: Domain> Heap<D> {
         runs: &BTreeMap<u32, MutexGuard<'_, Run>>,
         allocs: &[Block],
         frees: &[Block],
-    ) -> Result<(Vec<(u64, u64)>, Vec<(u32, Head)>)> {
+    ) -> Result<(RedoWords, Vec<(u32, Head)>)> {
         let mut words: BTreeMap<(u32, u64), (u64, u64)> = BTreeMap::new();
         let mut entries = Vec::new();
         let mut large = Vec::new();
