@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
 use std::process::Command;
 
 use nvhtm::fams::{snapshot_paths, SnapshotFile};
@@ -65,7 +66,7 @@ fn snapshots_commit_atomically_and_restore_on_open() {
     assert_eq!(&bytes[100..110], b"second syn", "restored from the newest valid snapshot");
     assert_eq!(&bytes[5000..5011], b"also second");
     let modes: Vec<u32> = snapshot_paths(&path).iter().map(|p| mode(p)).collect();
-    assert!(modes.iter().all(|&m| m == 0o400), "both snapshots valid after two syncs: {modes:?}");
+    assert!(modes.iter().all(|&m| m == 0o640), "both snapshots valid after two syncs: {modes:?}");
 }
 
 #[test]
@@ -78,22 +79,19 @@ fn a_snapshot_caught_mid_sync_is_ignored() {
     file.write(0, b"state two").unwrap();
     file.sync().unwrap();
     drop(file);
-    // A crash after step 1 of the next sync into the older snapshot... and one into the newer:
-    // whichever snapshot is marked invalid, the newest valid one is restored.
-    let [a, b] = snapshot_paths(&path);
-    let (older, newer) = {
-        let t = |p: &PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
-        if t(&a) < t(&b) {
-            (a, b)
-        } else {
-            (b, a)
-        }
-    };
-    std::fs::set_permissions(&newer, std::fs::Permissions::from_mode(0o200)).unwrap();
+    // create synced zeros into .snap0 (generation 1); then "state one" went to .snap1 (2) and
+    // "state two" to .snap0 (3), right after each other: the generation, not the coarse
+    // modification time, says which is newer.
+    let [snap0, snap1] = snapshot_paths(&path);
+    let reopened = SnapshotFile::open(&path).unwrap();
+    assert_eq!(&reopened.to_vec()[..9], b"state two", "the higher generation wins");
+    drop(reopened);
+    // A crash after step 1 of the next sync into .snap0: the older valid snapshot is restored.
+    std::fs::set_permissions(&snap0, std::fs::Permissions::from_mode(0o600)).unwrap();
     let file = SnapshotFile::open(&path).unwrap();
     assert_eq!(&file.to_vec()[..9], b"state one", "the newer snapshot was invalid: the older one wins");
     drop(file);
-    std::fs::set_permissions(&older, std::fs::Permissions::from_mode(0o200)).unwrap();
+    std::fs::set_permissions(&snap1, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = SnapshotFile::open(&path).unwrap_err();
     assert!(err.to_string().contains("no valid snapshot"), "{err}");
 }

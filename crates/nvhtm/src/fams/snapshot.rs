@@ -6,13 +6,18 @@
 //! Btrfs); elsewhere [`SnapshotFile::create`] says so.
 //!
 //! Protocol for a sync into snapshot `i` (the other one, `j`, holds the previous sync):
-//! 1. `chmod i 0200` (invalid) and `fsync i` — from now on a crash recovers from `j`;
+//! 1. `chmod i 0600` (invalid: no group-read bit) and `fsync i` — from now on a crash recovers
+//!    from `j`;
 //! 2. `FICLONE i ← working` (the kernel writes back the working file's dirty pages first);
-//! 3. `fsync i`;
-//! 4. `chmod i 0400` (valid) and `fsync i` — the commit point: `i` is valid and newer.
+//! 3. the generation (one more than `j`'s) in the extended attribute `user.nvhtm.generation`,
+//!    and `fsync i`;
+//! 4. `chmod i 0640` (valid: group-read bit set) and `fsync i` — the commit point: `i` is valid
+//!    and has the highest generation.
 //!
 //! A crash before step 4 is durable leaves `j` the newest valid snapshot (the previous state);
-//! after, `i` (this state). Newest is decided by modification time, which the clone sets.
+//! after, `i` (this state). Generations, not modification times, order the snapshots (times are
+//! coarse and clocks step); the owner keeps read and write permission throughout, so reopening
+//! needs no privilege.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
@@ -21,8 +26,10 @@ use std::path::{Path, PathBuf};
 use super::{FamsError, Result};
 use crate::pool::region::Region;
 
-const VALID: u32 = 0o400;
-const INVALID: u32 = 0o200;
+const VALID: u32 = 0o640;
+const INVALID: u32 = 0o600;
+const VALID_MARK: u32 = 0o040;
+const GENERATION: &str = "user.nvhtm.generation";
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> FamsError {
     move |source| FamsError::Io { op, source }
@@ -45,6 +52,8 @@ pub struct SnapshotFile {
     region: Region,
     /// The snapshot the next sync overwrites (the older one).
     next: usize,
+    /// The generation of the newest valid snapshot.
+    generation: u64,
     poison: Option<String>,
 }
 
@@ -79,9 +88,17 @@ fn set_mode(file: &File, mode: u32) -> Result<()> {
     file.sync_all().map_err(io("fsync snapshot"))
 }
 
-fn mtime(file: &File) -> Result<(i64, i64)> {
-    let st = rustix::fs::fstat(file).map_err(|e| FamsError::Io { op: "stat snapshot", source: e.into() })?;
-    Ok((st.st_mtime, st.st_mtime_nsec as i64))
+fn generation(file: &File) -> u64 {
+    let mut buf = [0u8; 8];
+    match rustix::fs::fgetxattr(file, GENERATION, &mut buf[..]) {
+        Ok(8) => u64::from_le_bytes(buf),
+        _ => 0,
+    }
+}
+
+fn set_generation(file: &File, generation: u64) -> Result<()> {
+    rustix::fs::fsetxattr(file, GENERATION, &generation.to_le_bytes(), rustix::fs::XattrFlags::empty())
+        .map_err(|e| FamsError::Io { op: "set snapshot generation (xattr)", source: e.into() })
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
@@ -138,17 +155,17 @@ impl SnapshotFile {
             snapshots.push(OpenOptions::new().read(true).write(true).open(p).map_err(io("open snapshot"))?);
         }
         let snapshots: [File; 2] = snapshots.try_into().map_err(|_| FamsError::BadSize(0))?;
-        let mut newest: Option<(usize, (i64, i64))> = None;
+        let mut newest: Option<(usize, u64)> = None;
         for (i, s) in snapshots.iter().enumerate() {
-            let mode = s.metadata().map_err(io("stat snapshot"))?.permissions().mode() & 0o777;
-            if mode == VALID {
-                let t = mtime(s)?;
-                if newest.is_none_or(|(_, best)| t > best) {
-                    newest = Some((i, t));
+            let mode = s.metadata().map_err(io("stat snapshot"))?.permissions().mode();
+            if mode & VALID_MARK != 0 {
+                let g = generation(s);
+                if newest.is_none_or(|(_, best)| g > best) {
+                    newest = Some((i, g));
                 }
             }
         }
-        let Some((valid, _)) = newest else {
+        let Some((valid, newest_generation)) = newest else {
             return Err(FamsError::Io {
                 op: "restore",
                 source: std::io::Error::other("no valid snapshot: the file was never synced"),
@@ -159,12 +176,13 @@ impl SnapshotFile {
         let len = working.metadata().map_err(io("stat"))?.len();
         let mut file = SnapshotFile::assemble(working, snapshots, paths, len)?;
         file.next = 1 - valid;
+        file.generation = newest_generation;
         Ok(file)
     }
 
     fn assemble(working: File, snapshots: [File; 2], paths: [PathBuf; 2], len: u64) -> Result<SnapshotFile> {
         let region = Region::map_file(&working, len, len).map_err(io("mmap"))?;
-        Ok(SnapshotFile { working, snapshots, paths, region, next: 0, poison: None })
+        Ok(SnapshotFile { working, snapshots, paths, region, next: 0, generation: 0, poison: None })
     }
 
     /// The contents' length.
@@ -204,14 +222,19 @@ impl SnapshotFile {
             return Err(FamsError::Poisoned(why.clone()));
         }
         let i = self.next;
+        let generation = self.generation + 1;
         let result = (|| {
             set_mode(&self.snapshots[i], INVALID)?;
             clone_into(&self.snapshots[i], &self.working)?;
+            set_generation(&self.snapshots[i], generation)?;
             self.snapshots[i].sync_all().map_err(io("fsync snapshot"))?;
             set_mode(&self.snapshots[i], VALID)
         })();
         match &result {
-            Ok(()) => self.next = 1 - i,
+            Ok(()) => {
+                self.next = 1 - i;
+                self.generation = generation;
+            }
             Err(e) => self.poison = Some(e.to_string()),
         }
         result

@@ -604,6 +604,11 @@ impl<D: Domain> Pool<D> {
     /// Makes everything written so far durable: for a FAMS pool, the atomic commit of every
     /// change since the previous sync; for a file pool, an `msync` of the whole mapping; for an
     /// in-memory pool, nothing. A failure poisons the pool.
+    ///
+    /// For a FAMS pool, call it at a quiescent point — no operation of the heap or a map in
+    /// flight on another thread — as FAMS asks ("sync whenever the data are consistent"): the
+    /// commit captures pages as they are, and with no fences on a FAMS pool, a half-done
+    /// operation elsewhere would be captured half done.
     pub fn sync(&self) -> Result<()> {
         self.check_writable()?;
         let synced = match &self.fams {
