@@ -94,6 +94,8 @@ pub struct SyncStats {
 struct Journal {
     seq: u64,
     file_len: u64,
+    /// The page size the journal was written with (its entries are pages of this size).
+    page: u64,
     /// (page index, page bytes)
     entries: Vec<(u64, Vec<u8>)>,
 }
@@ -122,7 +124,7 @@ fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
         .chunks_exact((8 + page) as usize)
         .map(|e| (u64::from_le_bytes(e[..8].try_into().unwrap_or_default()), e[8..].to_vec()))
         .collect();
-    Ok(Some(Journal { seq, file_len, entries }))
+    Ok(Some(Journal { seq, file_len, page, entries }))
 }
 
 /// Writes journal entries into the data file and syncs it.
@@ -156,7 +158,7 @@ impl<S: Storage> Committer<S> {
         let page = rustix::param::page_size() as u64;
         let mut seq = 0;
         if let Some(journal) = read_journal(&storage)? {
-            apply(&storage, journal.file_len, page, &journal.entries)?;
+            apply(&storage, journal.file_len, journal.page, &journal.entries)?;
             storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
             seq = journal.seq;
         }
