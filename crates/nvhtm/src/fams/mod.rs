@@ -302,30 +302,7 @@ impl<S: Storage> FamsFile<S> {
         Ok(FamsFile { committer, region })
     }
 
-    /// The contents' length.
-    pub fn len(&self) -> u64 {
-        self.region.len()
-    }
-
-    /// Whether the file is empty (never: sizes are positive).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Start of the contents in memory. Change them with ordinary stores; `sync` commits.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.region.base()
-    }
-
-    /// The contents (a copy).
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.region.to_vec()
-    }
-
-    /// Copies `data` into the contents at `offset`.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        write_checked(&self.region, offset, data)
-    }
+    contents_accessors!();
 
     /// How dirty pages are found.
     pub fn tracker(&self) -> TrackerKind {
@@ -349,6 +326,37 @@ impl<S: Storage> FamsFile<S> {
         self.committer.sync(&self.region)
     }
 }
+
+/// The accessors a file kept in a [`Region`] offers (length, pointer, copy, checked write).
+macro_rules! contents_accessors {
+    () => {
+        /// The contents' length.
+        pub fn len(&self) -> u64 {
+            self.region.len()
+        }
+
+        /// Whether the file is empty (never: sizes are positive).
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+
+        /// Start of the contents in memory. Change them with ordinary stores; `sync` commits.
+        pub fn as_ptr(&self) -> *mut u8 {
+            self.region.base()
+        }
+
+        /// The contents (a copy).
+        pub fn to_vec(&self) -> Vec<u8> {
+            self.region.to_vec()
+        }
+
+        /// Copies `data` into the contents at `offset`.
+        pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            $crate::fams::write_checked(&self.region, offset, data)
+        }
+    };
+}
+pub(crate) use contents_accessors;
 
 /// Copies `data` into `region` at `offset`, refusing a range outside it.
 pub(crate) fn write_checked(region: &Region, offset: u64, data: &[u8]) -> Result<()> {

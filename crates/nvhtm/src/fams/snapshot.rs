@@ -185,30 +185,7 @@ impl SnapshotFile {
         Ok(SnapshotFile { working, snapshots, paths, region, next: 0, generation: 0, poison: None })
     }
 
-    /// The contents' length.
-    pub fn len(&self) -> u64 {
-        self.region.len()
-    }
-
-    /// Whether the file is empty (never: sizes are positive).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Start of the contents (a shared mapping of the working file).
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.region.base()
-    }
-
-    /// The contents (a copy).
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.region.to_vec()
-    }
-
-    /// Copies `data` into the contents at `offset`.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        super::write_checked(&self.region, offset, data)
-    }
+    super::contents_accessors!();
 
     /// The snapshot files.
     pub fn snapshot_paths(&self) -> &[PathBuf; 2] {
