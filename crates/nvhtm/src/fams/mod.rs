@@ -3,7 +3,7 @@
 //! A [`FamsFile`] keeps the file's contents in private memory. The program changes them with
 //! ordinary stores; [`FamsFile::sync`] commits every change since the previous sync atomically:
 //!
-//! 1. find the pages written since the last sync ([`dirty`]: userfaultfd write-protect and
+//! 1. find the pages written since the last sync (userfaultfd write-protect and
 //!    `PAGEMAP_SCAN`, or page checksums);
 //! 2. write them to the journal with a header (sequence, page count, new file length, page size)
 //!    and a checksum over header and pages, then `fdatasync` the journal (and, the first time,

@@ -1,7 +1,7 @@
 //! The NVM-friendly hash map with failure-atomic operations, in strict mode: every operation
 //! that returned is durable (durable linearizability).
 //!
-//! - **Layout** ([`layout`]): extendible hashing — a directory of segments, each one chunk of
+//! - **Layout** (`layout.rs`): extendible hashing — a directory of segments, each one chunk of
 //!   255 buckets of 256 bytes (4 cache lines, 7 slots of 32 bytes, one-byte fingerprints, a meta
 //!   word holding the occupancy bits and a reach). A key lives in its home bucket or one of the
 //!   15 after it, no farther than the home bucket's reach, so most lookups read one bucket.
