@@ -296,3 +296,18 @@ fn a_transaction_too_big_for_the_redo_log_aborts_cleanly() {
     heap.transaction(|tx| tx.write(PPtr::<u64>::new(root.offset()), &9)).unwrap();
     assert_eq!(heap.get(root).unwrap()[0], 9);
 }
+
+#[test]
+fn alloc_into_links_a_filled_block_and_stats_count_it() {
+    let heap = heap(1 << 20);
+    let root = heap.root::<[u64; 2]>().unwrap();
+    let before = heap.stats().unwrap();
+    let at = heap.alloc_into(root.offset(), 300, |bytes| bytes.fill(0x5a)).unwrap();
+    assert_eq!(heap.get(root).unwrap()[0], at, "the link word holds the block");
+    assert_eq!(heap.pool().read::<[u8; 300]>(at).unwrap(), [0x5a; 300]);
+    assert!(heap.usable_size(at).unwrap() >= 300);
+    let after = heap.stats().unwrap();
+    assert_eq!(after.small_blocks, before.small_blocks + 1, "{before:?} -> {after:?}");
+    heap.free_from(root.offset()).unwrap();
+    assert_eq!(heap.stats().unwrap().small_blocks, before.small_blocks);
+}

@@ -183,10 +183,6 @@ impl<S: Storage> Committer<S> {
         self.tracker.kind()
     }
 
-    pub fn storage(&self) -> &S {
-        &self.storage
-    }
-
     /// Grows `region` (the one this committer tracks).
     pub fn grow(&mut self, region: &Region, new_len: u64) -> Result<()> {
         if new_len % self.page != 0 {
@@ -307,11 +303,6 @@ impl<S: Storage> FamsFile<S> {
     /// How dirty pages are found.
     pub fn tracker(&self) -> TrackerKind {
         self.committer.tracker()
-    }
-
-    /// The underlying storage.
-    pub fn storage(&self) -> &S {
-        self.committer.storage()
     }
 
     /// Grows the contents (zeros); durable at the next sync.

@@ -171,9 +171,7 @@ impl Heap<crate::persist::Volatile> {
     ) -> Result<Heap<crate::persist::Volatile>> {
         Heap::load(Pool::open_private(path, opts)?)
     }
-}
 
-impl Heap<crate::persist::Volatile> {
     /// The heap of a FAMS pool as it will be once opened (a complete journal applied), in this
     /// process's memory only: the files are not written (for inspection).
     pub fn open_fams_private(
@@ -478,8 +476,8 @@ impl<D: Domain> Heap<D> {
         Ok(match self.locate(offset)? {
             Block::Small { chunk, .. } => {
                 let run = self.run(chunk).ok_or(HeapError::InvalidFree { offset, why: "not a block" })?;
-                let size = lock(&run).geo.block;
-                size
+                let block = lock(&run).geo.block; // the guard must end before `run`
+                block
             }
             Block::Large { chunks, .. } => u64::from(chunks) * CHUNK - 64,
         })
