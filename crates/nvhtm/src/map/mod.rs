@@ -656,7 +656,6 @@ impl<D: Domain> StrictMap<D> {
             Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
         };
         pool.write(s, &words)?;
-        pool.flush(s, 32)?;
         let b = bucket_offset(segment.at, bucket);
         pool.write(b + 8 + slot, &hash.fingerprint())?;
         // Lines that must be durable before the commit (the slot; a raised reach).
@@ -684,7 +683,6 @@ impl<D: Domain> StrictMap<D> {
                     let meta = self.load(homed)?;
                     if reach(meta) < distance {
                         pool.store_u64(homed, with_reach(meta, distance), Ordering::Release)?;
-                        pool.flush(homed, 8)?;
                         before_commit.push((homed, 8));
                     }
                 }
@@ -694,6 +692,9 @@ impl<D: Domain> StrictMap<D> {
         match (metas.as_slice(), &record, old_record) {
             // One word, no allocation change: the plain protocol, two fences.
             ([(bucket, meta)], None, None) => {
+                for &(at, len) in &before_commit {
+                    pool.flush(at, len)?;
+                }
                 pool.fence()?;
                 let at = bucket_offset(segment.at, *bucket);
                 pool.store_u64(at, *meta, Ordering::Release)?;
