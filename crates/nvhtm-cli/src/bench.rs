@@ -123,6 +123,31 @@ pub fn run(which: Which) -> CommandResult {
     }
 }
 
+/// Prints rows under a header, each column as wide as its widest cell; a column of numbers is
+/// right-aligned, a column of words left-aligned.
+fn print_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.into_iter().collect();
+    let columns: Vec<(usize, bool)> = (0..header.len())
+        .map(|c| {
+            let cells = || rows.iter().map(|r| r[c].as_str());
+            let width = cells().map(str::len).chain([header[c].len()]).max().unwrap_or(0);
+            (width, cells().all(|v| v.parse::<f64>().is_ok()))
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&columns)
+            .map(|(v, &(w, numeric))| if numeric { format!("{v:>w$}") } else { format!("{v:<w$}") })
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
 fn write_json(path: Option<&Path>, value: &impl Serialize) -> CommandResult {
     if let Some(path) = path {
         std::fs::write(path, serde_json::to_string_pretty(value)?)?;
@@ -307,23 +332,21 @@ fn persist(disk_dir: &Path, pmem_dir: &Path, budget: Duration, json: Option<&Pat
         .collect();
     let machine = Machine::here();
     println!("persist cost on {} ({} cores, Linux {})", machine.cpu, machine.cores, machine.kernel);
-    println!(
-        "{:<18} {:<10} {:<30} {:>10} {:>10} {:>7} {:>7} {:>7}",
-        "domain", "medium", "op", "ns/op", "x volatile", "lines", "fences", "syncs"
+    print_table(
+        &["domain", "medium", "op", "ns/op", "x volatile", "lines", "fences", "syncs"],
+        results.iter().map(|r| {
+            vec![
+                r.domain.to_string(),
+                r.medium.to_string(),
+                r.op.to_string(),
+                format!("{:.1}", r.ns_per_op),
+                format!("{:.2}", r.ratio_to_volatile),
+                format!("{:.2}", r.lines_flushed_per_op),
+                format!("{:.2}", r.fences_per_op),
+                format!("{:.2}", r.syncs_per_op),
+            ]
+        }),
     );
-    for r in &results {
-        println!(
-            "{:<18} {:<10} {:<30} {:>10.1} {:>10.2} {:>7.2} {:>7.2} {:>7.2}",
-            r.domain,
-            r.medium,
-            r.op,
-            r.ns_per_op,
-            r.ratio_to_volatile,
-            r.lines_flushed_per_op,
-            r.fences_per_op,
-            r.syncs_per_op
-        );
-    }
     write_json(json, &PersistReport { bench: "persist", machine, results })
 }
 
@@ -449,22 +472,20 @@ fn sim(json: Option<&Path>) -> CommandResult {
     }
     let machine = Machine::here();
     println!("crash simulator throughput on {} ({} cores)", machine.cpu, machine.cores);
-    println!(
-        "{:<28} {:>10} {:>6} {:>8} {:>10} {:>9} {:>12}",
-        "workload", "pool", "depth", "points", "images", "seconds", "images/s"
+    print_table(
+        &["workload", "pool", "depth", "points", "images", "seconds", "images/s"],
+        results.iter().map(|r| {
+            vec![
+                r.workload.clone(),
+                r.pool_bytes.to_string(),
+                r.recovery_depth.to_string(),
+                r.crash_points.to_string(),
+                r.images_checked.to_string(),
+                format!("{:.3}", r.seconds),
+                format!("{:.0}", r.images_per_second),
+            ]
+        }),
     );
-    for r in &results {
-        println!(
-            "{:<28} {:>10} {:>6} {:>8} {:>10} {:>9.3} {:>12.0}",
-            r.workload,
-            r.pool_bytes,
-            r.recovery_depth,
-            r.crash_points,
-            r.images_checked,
-            r.seconds,
-            r.images_per_second
-        );
-    }
     write_json(json, &SimReport { bench: "sim", machine, results })
 }
 
@@ -674,22 +695,20 @@ fn heap(pmem_dir: &Path, budget: Duration, json: Option<&Path>) -> CommandResult
         "heap on {} ({} cores); system malloc 64 B + free: {malloc_ns:.1} ns",
         machine.cpu, machine.cores
     );
-    println!(
-        "{:<9} {:<44} {:>10} {:>20} {:>9} {:>7} {:>7}",
-        "domain", "case", "ns/op", "baseline", "ratio", "lines", "fences"
+    print_table(
+        &["domain", "case", "ns/op", "baseline", "ratio", "lines", "fences"],
+        results.iter().map(|r| {
+            vec![
+                r.domain.to_string(),
+                r.case.to_string(),
+                format!("{:.1}", r.ns_per_op),
+                r.baseline.to_string(),
+                format!("{:.2}", r.ratio_to_baseline),
+                format!("{:.2}", r.lines_flushed_per_op),
+                format!("{:.2}", r.fences_per_op),
+            ]
+        }),
     );
-    for r in &results {
-        println!(
-            "{:<9} {:<44} {:>10.1} {:>20} {:>9.2} {:>7.2} {:>7.2}",
-            r.domain,
-            r.case,
-            r.ns_per_op,
-            r.baseline,
-            r.ratio_to_baseline,
-            r.lines_flushed_per_op,
-            r.fences_per_op
-        );
-    }
     write_json(json, &HeapReport { bench: "heap", machine, results })
 }
 
@@ -903,24 +922,22 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
 
     let machine = Machine::here();
     println!("strict map, {keys} keys per case, on {} ({} cores)", machine.cpu, machine.cores);
-    println!(
-        "{:<18} {:>3} {:>4} {:>5} {:<11} {:>8} {:>11} {:>6} {:>6}",
-        "map", "thr", "key", "value", "op", "Mops/s", "x hashbrown", "lines", "fences"
+    print_table(
+        &["map", "thr", "key", "value", "op", "Mops/s", "x hashbrown", "lines", "fences"],
+        results.iter().map(|r| {
+            vec![
+                r.map.clone(),
+                r.threads.to_string(),
+                r.key_bytes.to_string(),
+                r.value_bytes.to_string(),
+                r.op.to_string(),
+                format!("{:.2}", r.mops_per_second),
+                format!("{:.2}", r.ratio_to_hashbrown),
+                format!("{:.2}", r.lines_flushed_per_op),
+                format!("{:.2}", r.fences_per_op),
+            ]
+        }),
     );
-    for r in &results {
-        println!(
-            "{:<18} {:>3} {:>4} {:>5} {:<11} {:>8.2} {:>11.2} {:>6.2} {:>6.2}",
-            r.map,
-            r.threads,
-            r.key_bytes,
-            r.value_bytes,
-            r.op,
-            r.mops_per_second,
-            r.ratio_to_hashbrown,
-            r.lines_flushed_per_op,
-            r.fences_per_op
-        );
-    }
     for o in &open {
         println!(
             "open + first get of a map of {:>9} keys: {:>8.3} ms ({:.2}x)",
@@ -1134,22 +1151,36 @@ fn fams(dir: &Path, reflink_dir: Option<&Path>, json: Option<&Path>) -> CommandR
         machine.cores,
         dir.display()
     );
-    println!("{:>12} {:>10} {:>10} {:>8}", "dirty pages", "sync ms", "floor ms", "x floor");
-    for r in &results {
-        println!("{:>12} {:>10.3} {:>10.3} {:>8.2}", r.dirty_pages, r.sync_ms, r.floor_ms, r.ratio_to_floor);
-    }
+    print_table(
+        &["dirty pages", "sync ms", "floor ms", "x floor"],
+        results.iter().map(|r| {
+            vec![
+                r.dirty_pages.to_string(),
+                format!("{:.3}", r.sync_ms),
+                format!("{:.3}", r.floor_ms),
+                format!("{:.2}", r.ratio_to_floor),
+            ]
+        }),
+    );
     let per_gib = scan_ms * ((1u64 << 30) as f64 / (scan_pages * page) as f64);
     println!("dirty scan: {per_gib:.2} ms per GiB mapped (nothing dirty)");
     println!("first write to a page after a sync: {first:.0} ns; writing it again: {again:.0} ns");
-    println!("{:<28} {:>10} {:>10}", "strict map, 8 B keys", "kops/s", "x volatile");
-    for r in &map {
-        println!("{:<28} {:>10.1} {:>10.3}", r.case, r.kops_per_second, r.ratio_to_volatile);
-    }
+    print_table(
+        &["strict map, 8 B keys", "kops/s", "x volatile"],
+        map.iter().map(|r| {
+            vec![
+                r.case.to_string(),
+                format!("{:.1}", r.kops_per_second),
+                format!("{:.3}", r.ratio_to_volatile),
+            ]
+        }),
+    );
     if !snapshot.is_empty() {
-        println!("snapshot variant (64 MiB working file, FICLONE): {:>8} {:>9}", "extents", "sync ms");
-        for r in &snapshot {
-            println!("{:>57} {:>9.2}", r.extents, r.sync_ms);
-        }
+        println!("snapshot variant (64 MiB working file, FICLONE):");
+        print_table(
+            &["extents", "sync ms"],
+            snapshot.iter().map(|r| vec![r.extents.to_string(), format!("{:.2}", r.sync_ms)]),
+        );
     }
     write_json(
         json,
