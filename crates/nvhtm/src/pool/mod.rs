@@ -224,11 +224,22 @@ fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
     }
 }
 
-fn validate_size(size: u64) -> Result<u64> {
-    if size < MIN_POOL_SIZE {
-        return Err(PoolError::TooSmall { requested: size, minimum: MIN_POOL_SIZE });
+/// Checks the options for a new pool; returns its size, rounded up to whole pages.
+fn validate_options(opts: &PoolOptions) -> Result<u64> {
+    header::validate_layout(&opts.layout)?;
+    if opts.size < MIN_POOL_SIZE {
+        return Err(PoolError::TooSmall { requested: opts.size, minimum: MIN_POOL_SIZE });
     }
-    Ok(page_round(size))
+    Ok(page_round(opts.size))
+}
+
+/// [`validate_options`] for a new pool file at `path`, which must not exist yet.
+fn validate_new(path: &Path, opts: &PoolOptions) -> Result<u64> {
+    let size = validate_options(opts)?;
+    if path.symlink_metadata().is_ok() {
+        return Err(PoolError::AlreadyExists { path: path.to_path_buf() });
+    }
+    Ok(size)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -255,11 +266,7 @@ impl<D: FileDomain> Pool<D> {
     /// and durable (it is built under a temporary name and renamed), and `path` must not exist.
     pub fn create(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
-        header::validate_layout(&opts.layout)?;
-        let size = validate_size(opts.size)?;
-        if path.symlink_metadata().is_ok() {
-            return Err(PoolError::AlreadyExists { path: path.to_path_buf() });
-        }
+        let size = validate_new(path, opts)?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -346,11 +353,7 @@ impl<D: FileDomain> Pool<D> {
     /// [`AutoDomain`] which picks it).
     pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
-        header::validate_layout(&opts.layout)?;
-        let size = validate_size(opts.size)?;
-        if path.symlink_metadata().is_ok() {
-            return Err(PoolError::AlreadyExists { path: path.to_path_buf() });
-        }
+        let size = validate_new(path, opts)?;
         let storage =
             crate::fams::FileStorage::open(path, true).map_err(|e| PoolError::io(path, "create", e))?;
         let made = (|| {
@@ -460,8 +463,7 @@ fn check_layout(header: &Header, expected: &str, path: &Path) -> Result<()> {
 impl<D: Domain> Pool<D> {
     /// Creates a pool in anonymous memory with `domain` (for the simulator and for tests).
     pub fn create_in_memory(opts: &PoolOptions, domain: D) -> Result<Pool<D>> {
-        header::validate_layout(&opts.layout)?;
-        let size = validate_size(opts.size)?;
+        let size = validate_options(opts)?;
         let path = Path::new("<memory>");
         let region = Region::anonymous(size, page_round(opts.max_size.max(size)))
             .map_err(|e| PoolError::io(path, "mmap", e))?;
