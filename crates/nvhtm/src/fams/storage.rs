@@ -282,46 +282,26 @@ impl SimStorage {
             let (data, journal) = (file(Role::Data), file(Role::Journal));
             let (data_shape, journal_shape) = (pending_shape(&data.pending), pending_shape(&journal.pending));
             // Dimensions: each sector's kept prefix, then each file's kept length changes.
-            let mut radix: Vec<usize> =
-                data_shape.0.values().chain(journal_shape.0.values()).map(|n| n + 1).collect();
-            radix.push(data_shape.1 + 1);
-            radix.push(journal_shape.1 + 1);
-            let total = radix.iter().try_fold(1usize, |acc, &r| acc.checked_mul(r));
-            let choices: Vec<Vec<usize>> = match total {
-                Some(total) if total <= 256 => (0..total)
-                    .map(|mut i| {
-                        radix
-                            .iter()
-                            .map(|&r| {
-                                let k = i % r;
-                                i /= r;
-                                k
-                            })
-                            .collect()
-                    })
-                    .collect(),
-                _ => {
-                    let mut c = vec![vec![0; radix.len()], radix.iter().map(|r| r - 1).collect()];
-                    c.extend((0..samples).map(|_| radix.iter().map(|&r| rng.usize(..r)).collect()));
-                    c
-                }
-            };
+            let mut maxima: Vec<u32> =
+                data_shape.0.values().chain(journal_shape.0.values()).map(|&n| n as u32).collect();
+            maxima.extend([data_shape.1 as u32, journal_shape.1 as u32]);
+            let (choices, _) = crate::sim::prefix_choices(&maxima, 256, samples, &mut rng);
             let nd = data_shape.0.len();
             for choice in choices {
                 let pick = |shape: &BTreeMap<u64, usize>, from: usize| -> BTreeMap<u64, usize> {
-                    shape.keys().zip(&choice[from..]).map(|(&s, &k)| (s, k)).collect()
+                    shape.keys().zip(&choice[from..]).map(|(&s, &k)| (s, k as usize)).collect()
                 };
                 let data_image = crash_image(
                     &data.durable,
                     &data.pending,
                     &pick(&data_shape.0, 0),
-                    choice[radix.len() - 2],
+                    choice[maxima.len() - 2] as usize,
                 );
                 let journal_image = crash_image(
                     &journal.durable,
                     &journal.pending,
                     &pick(&journal_shape.0, nd),
-                    choice[radix.len() - 1],
+                    choice[maxima.len() - 1] as usize,
                 );
                 let key = (xxh3_64(&data_image), xxh3_64(&journal_image), marks.len());
                 if !seen.insert(key) {

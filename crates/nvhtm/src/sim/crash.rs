@@ -460,35 +460,15 @@ impl CrashTest {
         dirty: &[(u64, usize)],
         report: &mut CrashReport,
     ) -> Vec<Vec<u32>> {
-        let radix: Vec<u64> = dirty.iter().map(|&(_, n)| n as u64 + 1).collect();
-        let total = radix.iter().try_fold(1u64, |acc, &r| acc.checked_mul(r));
-        match total {
-            Some(total) if total <= self.exhaustive_limit => (0..total)
-                .map(|mut index| {
-                    radix
-                        .iter()
-                        .map(|&r| {
-                            let k = index % r;
-                            index /= r;
-                            k as u32
-                        })
-                        .collect()
-                })
-                .collect(),
-            _ => {
-                if depth == 0 {
-                    report.sampled_points += 1;
-                }
-                let mut rng = fastrand::Rng::with_seed(
-                    self.seed ^ (point as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(depth) << 56,
-                );
-                let mut choices = vec![vec![0; dirty.len()], dirty.iter().map(|&(_, n)| n as u32).collect()];
-                choices.extend(
-                    (0..self.samples).map(|_| dirty.iter().map(|&(_, n)| rng.u32(..=n as u32)).collect()),
-                );
-                choices
-            }
+        let maxima: Vec<u32> = dirty.iter().map(|&(_, n)| n as u32).collect();
+        let mut rng = fastrand::Rng::with_seed(
+            self.seed ^ (point as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(depth) << 56,
+        );
+        let (choices, sampled) = prefix_choices(&maxima, self.exhaustive_limit, self.samples, &mut rng);
+        if sampled && depth == 0 {
+            report.sampled_points += 1;
         }
+        choices
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -572,5 +552,40 @@ impl CrashTest {
             flow?;
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// The choices to try when each of several pending sequences may independently keep any prefix
+/// of `0..=maxima[i]` of its entries: every combination when there are at most `limit`, else
+/// keep-none, keep-all and `samples` drawn from `rng` (then the flag is true).
+pub(crate) fn prefix_choices(
+    maxima: &[u32],
+    limit: u64,
+    samples: usize,
+    rng: &mut fastrand::Rng,
+) -> (Vec<Vec<u32>>, bool) {
+    let total = maxima.iter().try_fold(1u64, |acc, &m| acc.checked_mul(u64::from(m) + 1));
+    match total {
+        Some(total) if total <= limit => {
+            let all = (0..total)
+                .map(|mut index| {
+                    maxima
+                        .iter()
+                        .map(|&m| {
+                            let radix = u64::from(m) + 1;
+                            let k = index % radix;
+                            index /= radix;
+                            k as u32
+                        })
+                        .collect()
+                })
+                .collect();
+            (all, false)
+        }
+        _ => {
+            let mut some = vec![vec![0; maxima.len()], maxima.to_vec()];
+            some.extend((0..samples).map(|_| maxima.iter().map(|&m| rng.u32(..=m)).collect()));
+            (some, true)
+        }
     }
 }

@@ -16,6 +16,7 @@
 mod crash;
 pub mod litmus;
 
+pub(crate) use crash::prefix_choices;
 pub use crash::{CrashContext, CrashFailure, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome};
 
 use std::sync::atomic::{AtomicU64, Ordering};
