@@ -244,7 +244,7 @@ impl<'h, D: Domain> Tx<'h, D> {
         let heap = self.heap;
         let pool = &heap.pool;
         self.activate()?;
-        for &(offset, len) in &self.dirty {
+        for (offset, len) in dirty_lines(&mut self.dirty) {
             pool.flush(offset, len)?;
         }
         if !self.dirty.is_empty() {
@@ -354,5 +354,36 @@ impl<'h, D: Domain> Tx<'h, D> {
             heap.unmark_free(block);
         }
         restored
+    }
+}
+
+/// The cache lines `ranges` touch, as sorted, merged line-aligned ranges: each line is flushed
+/// once however many writes touched it.
+fn dirty_lines(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
+    const LINE: u64 = 64;
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for &(offset, len) in ranges.iter().filter(|r| r.1 > 0) {
+        let (start, end) = (offset / LINE * LINE, (offset + len).div_ceil(LINE) * LINE);
+        match merged.last_mut() {
+            Some((last, last_len)) if start <= *last + *last_len => {
+                *last_len = (*last_len).max(end - *last);
+            }
+            _ => merged.push((start, end - start)),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dirty_lines;
+
+    #[test]
+    fn dirty_ranges_become_each_line_once() {
+        let mut ranges = vec![(200, 8), (64, 32), (96, 32), (0, 0), (130, 1), (1000, 64), (1024, 8)];
+        // 64..128 twice, 130 in 128..192, 200 in 192..256 (adjacent: merged), 1000..1064 and
+        // 1024 share lines 960..1088.
+        assert_eq!(dirty_lines(&mut ranges), vec![(64, 192), (960, 128)]);
     }
 }

@@ -63,9 +63,10 @@ impl Hash {
         (u64::from(self.0 as u32) * BUCKETS) >> 32
     }
 
-    /// This key's bit in its home bucket's DRAM summary.
-    pub fn summary_bit(self) -> u16 {
-        1 << ((self.0 >> 40) & 15)
+    /// This key's bit in its home bucket's DRAM summary (the low 6 hash bits: independent of
+    /// the home, the fingerprint and any directory prefix).
+    pub fn summary_bit(self) -> u64 {
+        1 << (self.0 & 63)
     }
 
     /// The `i`-th bucket of the key's window.

@@ -14,8 +14,9 @@
 //!   updates write a new slot and flip both bits in one store when they share a bucket, or go
 //!   through the heap's redo log. Out-of-place records are allocated and linked in one heap
 //!   commit, and freed in one with their unlinking.
-//! - **DRAM summary**: per segment, per home bucket, 16 bits summarising the keys homed there,
-//!   built lazily from media and kept by writers: most misses never touch persistent memory.
+//! - **DRAM summary**: per segment, per home bucket, 64 bits summarising the keys homed there,
+//!   built lazily from media and kept exact by writers: most misses never touch persistent
+//!   memory, and inserts of new keys skip their probe.
 //! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
 //!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
 //!   optimistically and retry if the version changed — so a reader never returns data that is
@@ -24,22 +25,25 @@
 //!   copied into a new segment, and the directory entries (doubling the directory when needed),
 //!   both segments' depths and the new segment's allocation are committed in one heap
 //!   transaction. The old segment's copies become stale (it no longer owns their hashes) and
-//!   are cleared afterwards; a crash before that only leaves ignorable stale slots.
+//!   are cleared afterwards; a crash before that only leaves stale slots, which readers ignore
+//!   and an insert whose window is full clears (durably) before reusing.
 //! - **Recovery**: nothing to do beyond the heap's lanes: opening costs the same for 10 keys and
 //!   10 million.
 
 mod layout;
+#[cfg(test)]
+mod tests;
 mod typed;
 
 pub use layout::{INLINE_KEY, INLINE_VALUE};
 pub use typed::TypedMap;
 
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::heap::{Heap, HeapError};
 use crate::persist::Domain;
-use crate::pool::{PPtr, PoolError};
+use crate::pool::{PPtr, Pool, PoolError};
 use layout::*;
 
 /// Longest key.
@@ -87,16 +91,23 @@ impl From<PoolError> for MapError {
 /// The map layer's result.
 pub type Result<T, E = MapError> = std::result::Result<T, E>;
 
-/// DRAM lock and version of one segment.
+/// DRAM lock, version and summary of one segment.
 #[derive(Debug, Default)]
 struct SegLocks {
     lock: Mutex<()>,
     version: AtomicU64,
-    /// Per home bucket, a 16-bit summary of the keys homed there (one bit per 4 hash bits),
-    /// built from media on first use under the lock, kept by writers (bits are only ever set:
-    /// a stale bit costs a probe). A lookup whose bit is clear is a miss without touching
-    /// persistent memory.
-    homes: OnceLock<Box<[AtomicU16]>>,
+    /// Per home bucket, a 64-bit summary of the keys homed there (one bit per value of their
+    /// low 6 hash bits), built from media on first use under the lock and kept exact by
+    /// writers: set before a key is committed, recomputed when one is removed or moved by a
+    /// split. A lookup whose bit is clear is a miss without touching persistent memory.
+    homes: OnceLock<Box<[AtomicU64]>>,
+}
+
+/// A segment whose lock this thread holds, with its DRAM state.
+struct Held<'a> {
+    segment: Segment,
+    homes: &'a [AtomicU64],
+    _lock: MutexGuard<'a, ()>,
 }
 
 /// Segment locks by segment id, created on first use; lock-free to look up.
@@ -159,17 +170,42 @@ struct Found {
     record: u64,
 }
 
-/// A value read from a slot: inline values are copied without allocating.
+/// Longest value a lookup copies out on the stack rather than into an allocation.
+const SHORT_VALUE: usize = 128;
+
+/// A value read from a slot or a record: short ones are copied without allocating.
 enum Value {
-    Inline([u8; 8], usize),
-    Record(Vec<u8>),
+    Short([u8; SHORT_VALUE], usize),
+    Long(Vec<u8>),
 }
 
 impl Value {
+    fn inline(word: u64, len: usize) -> Value {
+        let mut bytes = [0u8; SHORT_VALUE];
+        bytes[..8].copy_from_slice(&word.to_le_bytes());
+        Value::Short(bytes, len.min(INLINE_VALUE))
+    }
+
+    /// Copies the `len` bytes at `offset`.
+    fn read<D: Domain>(pool: &Pool<D>, offset: u64, len: usize) -> Result<Value> {
+        if len > MAX_VALUE {
+            return Err(MapError::Corrupt(format!("a record at {offset:#x} claims a {len}-byte value")));
+        }
+        Ok(if len <= SHORT_VALUE {
+            let mut bytes = [0u8; SHORT_VALUE];
+            pool.read_into(offset, &mut bytes[..len])?;
+            Value::Short(bytes, len)
+        } else {
+            let mut bytes = vec![0u8; len];
+            pool.read_into(offset, &mut bytes)?;
+            Value::Long(bytes)
+        })
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
-            Value::Inline(bytes, len) => &bytes[..*len],
-            Value::Record(bytes) => bytes,
+            Value::Short(bytes, len) => &bytes[..*len],
+            Value::Long(bytes) => bytes,
         }
     }
 }
@@ -318,22 +354,60 @@ impl<D: Domain> StrictMap<D> {
 
     /// The segment's summary, built from media if this is its first use. The caller holds the
     /// segment's lock.
-    fn summary_locked<'a>(&self, segment: &Segment, locks: &'a SegLocks) -> Result<&'a [AtomicU16]> {
+    fn summary_locked<'a>(&self, segment: &Segment, locks: &'a SegLocks) -> Result<&'a [AtomicU64]> {
         if let Some(homes) = locks.homes.get() {
             return Ok(homes);
         }
-        let homes: Box<[AtomicU16]> = (0..BUCKETS).map(|_| AtomicU16::new(0)).collect();
+        let homes: Box<[AtomicU64]> = (0..BUCKETS).map(|_| AtomicU64::new(0)).collect();
         for bucket in 0..BUCKETS {
-            let meta = self.load(bucket_offset(segment.at, bucket))?;
-            for slot in (0..SLOTS).filter(|s| meta & (1 << s) != 0) {
-                let hash = self.slot_hash(segment.at, bucket, slot)?;
-                if segment.owns(hash) {
-                    homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Relaxed);
+            self.for_owned(segment, bucket, |_, hash| {
+                homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Relaxed);
+                Ok(())
+            })?;
+        }
+        Ok(locks.homes.get_or_init(|| homes))
+    }
+
+    /// Recomputes the summary of the keys homed at `home` from media, after one of them left.
+    fn resummarise(&self, held: &Held, home: u64) -> Result<()> {
+        let reach = reach(self.load(bucket_offset(held.segment.at, home))?);
+        let mut bits = 0;
+        for bucket in (0..=reach).map(|i| (home + i) % BUCKETS) {
+            self.for_owned(&held.segment, bucket, |_, hash| {
+                if hash.home() == home {
+                    bits |= hash.summary_bit();
                 }
+                Ok(())
+            })?;
+        }
+        held.homes[home as usize].store(bits, Ordering::Release);
+        Ok(())
+    }
+
+    /// Calls `visit(slot, hash)` for every occupied slot of `bucket` holding a key the segment
+    /// owns (not a stale copy).
+    fn for_owned(
+        &self,
+        segment: &Segment,
+        bucket: u64,
+        mut visit: impl FnMut(u64, Hash) -> Result<()>,
+    ) -> Result<()> {
+        let meta = self.load(bucket_offset(segment.at, bucket))?;
+        for slot in (0..SLOTS).filter(|s| meta & (1 << s) != 0) {
+            let hash = self.slot_hash(segment.at, bucket, slot)?;
+            if segment.owns(hash) {
+                visit(slot, hash)?;
             }
         }
-        let _ = locks.homes.set(homes);
-        Ok(locks.homes.get().map(|h| &h[..]).unwrap_or(&[]))
+        Ok(())
+    }
+
+    /// Looks `key` up in the segment a writer holds: a key its summary rules out is not probed.
+    fn find_held(&self, held: &Held, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
+        if held.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
+            return Ok(None);
+        }
+        self.find(held.segment.at, hash, key)
     }
 
     /// Looks `key` up in `segment` (its owner), returning where and its value.
@@ -350,7 +424,7 @@ impl<D: Domain> StrictMap<D> {
                     continue;
                 }
                 let s = slot_offset(segment, bucket, slot);
-                let words = [self.load(s)?, self.load(s + 8)?, self.load(s + 16)?, self.load(s + 24)?];
+                let words: [u64; 4] = pool.load_words(s)?;
                 let info = words[3];
                 match info_kind(info) {
                     KIND_INLINE => {
@@ -359,24 +433,17 @@ impl<D: Domain> StrictMap<D> {
                             && key.len() <= INLINE_KEY
                             && &stored[..key.len()] == key
                         {
-                            let value = Value::Inline(words[2].to_le_bytes(), info_value_len(info).min(8));
+                            let value = Value::inline(words[2], info_value_len(info));
                             return Ok(Some((Found { bucket, slot, info, record: 0 }, value)));
                         }
                     }
                     KIND_RECORD if words[0] == hash.0 => {
                         let record = words[1];
                         let [key_len, value_len]: [u32; 2] = pool.read(record)?;
-                        if key_len as usize == key.len() {
-                            let mut stored = vec![0u8; key.len()];
-                            pool.read_into(record + 8, &mut stored)?;
-                            if stored == key {
-                                let mut value = vec![0u8; value_len as usize];
-                                pool.read_into(record + 8 + u64::from(key_len), &mut value)?;
-                                return Ok(Some((
-                                    Found { bucket, slot, info, record },
-                                    Value::Record(value),
-                                )));
-                            }
+                        if key_len as usize == key.len() && pool.bytes_eq(record + 8, key)? {
+                            let value =
+                                Value::read(pool, record + 8 + u64::from(key_len), value_len as usize)?;
+                            return Ok(Some((Found { bucket, slot, info, record }, value)));
                         }
                     }
                     _ => {}
@@ -422,7 +489,13 @@ impl<D: Domain> StrictMap<D> {
                     }
                 };
                 let maybe = homes[hash.home() as usize].load(Ordering::Acquire) & hash.summary_bit() != 0;
-                let found = if maybe { self.find(segment.at, hash, key)? } else { None };
+                let found = if maybe {
+                    // The home bucket's four lines at once: the slot's miss overlaps the meta's.
+                    self.heap.pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
+                    self.find(segment.at, hash, key)?
+                } else {
+                    None
+                };
                 std::sync::atomic::fence(Ordering::Acquire);
                 if locks.version.load(Ordering::Relaxed) != before {
                     return Ok(None);
@@ -447,7 +520,7 @@ impl<D: Domain> StrictMap<D> {
 
     /// Runs `op` on the segment owning `key`, locked and marked as being written; splits and
     /// retries when `op` finds the window full.
-    fn write<R>(&self, key: &[u8], mut op: impl FnMut(&Segment, Hash) -> Result<Outcome<R>>) -> Result<R> {
+    fn write<R>(&self, key: &[u8], mut op: impl FnMut(&mut Held, Hash) -> Result<Outcome<R>>) -> Result<R> {
         let hash = Hash::of(key);
         loop {
             let located = self.locate(hash)?;
@@ -455,18 +528,15 @@ impl<D: Domain> StrictMap<D> {
             let guard = lock(&locks.lock);
             let segment = self.segment(located.at)?;
             if !segment.owns(hash) {
-                drop(guard);
                 continue;
             }
-            // Before the key can be committed, its home's summary covers it (set even if the
-            // operation turns out not to insert: a stale bit only costs a probe).
-            self.summary_locked(&segment, locks)?[hash.home() as usize]
-                .fetch_or(hash.summary_bit(), Ordering::Release);
+            let homes = self.summary_locked(&segment, locks)?;
+            let mut held = Held { segment, homes, _lock: guard };
             let outcome = {
                 let _writing = Writing::start(&locks.version);
-                op(&segment, hash)?
+                op(&mut held, hash)?
             };
-            drop(guard);
+            drop(held);
             match outcome {
                 Outcome::Done(r) => return Ok(r),
                 Outcome::Split => self.split(segment)?,
@@ -477,9 +547,9 @@ impl<D: Domain> StrictMap<D> {
     /// Inserts `key` if absent. Returns `false` (and changes nothing) if it was present.
     pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         check_sizes(key, Some(value))?;
-        self.write(key, |segment, hash| match self.find(segment.at, hash, key)? {
+        self.write(key, |held, hash| match self.find_held(held, hash, key)? {
             Some(_) => Ok(Outcome::Done(false)),
-            None => Ok(match self.place(segment, hash, key, value, None)? {
+            None => Ok(match self.place(held, hash, key, value, None)? {
                 true => Outcome::Done(true),
                 false => Outcome::Split,
             }),
@@ -489,10 +559,10 @@ impl<D: Domain> StrictMap<D> {
     /// Inserts or replaces. Returns `true` if the key was new.
     pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         check_sizes(key, Some(value))?;
-        self.write(key, |segment, hash| {
-            let found = self.find(segment.at, hash, key)?;
+        self.write(key, |held, hash| {
+            let found = self.find_held(held, hash, key)?;
             let is_new = found.is_none();
-            Ok(match self.place(segment, hash, key, value, found.map(|(f, _)| f))? {
+            Ok(match self.place(held, hash, key, value, found.map(|(f, _)| f))? {
                 true => Outcome::Done(is_new),
                 false => Outcome::Split,
             })
@@ -502,9 +572,9 @@ impl<D: Domain> StrictMap<D> {
     /// Removes `key`. Returns whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool> {
         check_sizes(key, None)?;
-        self.write(key, |segment, hash| match self.find(segment.at, hash, key)? {
+        self.write(key, |held, hash| match self.find_held(held, hash, key)? {
             Some((found, _)) => {
-                self.unlink(segment, found)?;
+                self.unlink(held, hash, found)?;
                 Ok(Outcome::Done(true))
             }
             None => Ok(Outcome::Done(false)),
@@ -520,21 +590,21 @@ impl<D: Domain> StrictMap<D> {
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>> {
         check_sizes(key, new)?;
-        self.write(key, |segment, hash| {
-            let found = self.find(segment.at, hash, key)?;
+        self.write(key, |held, hash| {
+            let found = self.find_held(held, hash, key)?;
             let current = found.as_ref().map(|(_, v)| v.as_slice());
             if current != expected {
                 return Ok(Outcome::Done(Err(found.map(|(_, v)| v.as_slice().to_vec()))));
             }
             match (new, found) {
                 (Some(value), found) => {
-                    Ok(match self.place(segment, hash, key, value, found.map(|(f, _)| f))? {
+                    Ok(match self.place(held, hash, key, value, found.map(|(f, _)| f))? {
                         true => Outcome::Done(Ok(())),
                         false => Outcome::Split,
                     })
                 }
                 (None, Some((found, _))) => {
-                    self.unlink(segment, found)?;
+                    self.unlink(held, hash, found)?;
                     Ok(Outcome::Done(Ok(())))
                 }
                 (None, None) => Ok(Outcome::Done(Ok(()))),
@@ -551,11 +621,12 @@ impl<D: Domain> StrictMap<D> {
                     return Ok(Some((bucket, slot)));
                 }
             }
-            // No fence needed here: the insert that reuses a cleared slot fences (on this thread)
-            // before its payload can matter, which makes the clearing durable first.
             if pass == 0 && !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
                 break;
             }
+            // A cleared slot's bit must be clear on media before new bytes go into the slot:
+            // otherwise a crash could show them under the stale bit.
+            self.heap.pool().fence()?;
         }
         Ok(None)
     }
@@ -563,7 +634,6 @@ impl<D: Domain> StrictMap<D> {
     /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns
     /// (flushed, not fenced). Returns whether it cleared any.
     fn clear_stale(&self, segment: &Segment, buckets: impl Iterator<Item = u64>) -> Result<bool> {
-        let pool = self.heap.pool();
         let mut cleared = false;
         for bucket in buckets {
             let at = bucket_offset(segment.at, bucket);
@@ -574,13 +644,21 @@ impl<D: Domain> StrictMap<D> {
                     stale |= 1 << slot;
                 }
             }
-            if stale != 0 {
-                pool.store_u64(at, meta & !stale, Ordering::Release)?;
-                pool.flush(at, 8)?;
-                cleared = true;
-            }
+            self.clear_slots(segment.at, bucket, stale)?;
+            cleared |= stale != 0;
         }
         Ok(cleared)
+    }
+
+    /// Clears the occupancy bits `mask` of `bucket` (flushed, not fenced).
+    fn clear_slots(&self, segment: u64, bucket: u64, mask: u64) -> Result<()> {
+        if mask != 0 {
+            let at = bucket_offset(segment, bucket);
+            let pool = self.heap.pool();
+            pool.store_u64(at, self.load(at)? & !mask, Ordering::Release)?;
+            pool.flush(at, 8)?;
+        }
+        Ok(())
     }
 
     /// The hash of the key in a slot.
@@ -600,13 +678,14 @@ impl<D: Domain> StrictMap<D> {
     /// given, failure-atomically. Returns `false` if the window is full.
     fn place(
         &self,
-        segment: &Segment,
+        held: &mut Held,
         hash: Hash,
         key: &[u8],
         value: &[u8],
         old: Option<Found>,
     ) -> Result<bool> {
         let pool = self.heap.pool();
+        let segment = held.segment;
         // An inline value of unchanged length: one 8-byte store.
         if let Some(found) = old {
             if info_kind(found.info) == KIND_INLINE
@@ -621,10 +700,13 @@ impl<D: Domain> StrictMap<D> {
                 return Ok(true);
             }
         }
-        let Some((bucket, slot)) = self.free_slot(segment, hash)? else {
+        let Some((bucket, slot)) = self.free_slot(&segment, hash)? else {
             return Ok(false);
         };
         let home = hash.home();
+        // Readers retry while this segment is being written, so the summary may cover the key
+        // before its commit.
+        held.homes[home as usize].fetch_or(hash.summary_bit(), Ordering::Release);
         let record = if is_inline(key, value) {
             None
         } else {
@@ -727,10 +809,11 @@ impl<D: Domain> StrictMap<D> {
         Ok(true)
     }
 
-    /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit).
-    fn unlink(&self, segment: &Segment, found: Found) -> Result<()> {
+    /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit),
+    /// then recomputes its home's summary.
+    fn unlink(&self, held: &mut Held, hash: Hash, found: Found) -> Result<()> {
         let pool = self.heap.pool();
-        let at = bucket_offset(segment.at, found.bucket);
+        let at = bucket_offset(held.segment.at, found.bucket);
         let meta = self.load(at)? & !(1 << found.slot);
         if found.record == 0 {
             pool.store_u64(at, meta, Ordering::Release)?;
@@ -741,7 +824,7 @@ impl<D: Domain> StrictMap<D> {
                 tx.redo_store(at, meta)
             })?;
         }
-        Ok(())
+        self.resummarise(held, hash.home())
     }
 
     /// Splits `segment` (as it was seen when its window filled).
@@ -753,22 +836,37 @@ impl<D: Domain> StrictMap<D> {
         if segment.depth != seen.depth {
             return Ok(()); // someone split it meanwhile
         }
+        let homes = self.summary_locked(&segment, locks)?;
         let _writing = Writing::start(&locks.version);
         let pool = self.heap.pool();
         let (depth, pattern) = (segment.depth, segment.pattern);
-        // The live entries that move: their next hash bit is 1.
+        // The live entries that move (their next hash bit is 1), where they were, and the
+        // summaries of both halves.
         let mut moving: Vec<(Hash, [u64; 4])> = Vec::new();
+        let mut moved = vec![0u8; BUCKETS as usize];
+        let mut staying_homes = vec![0u64; BUCKETS as usize];
+        let mut moving_homes = vec![0u64; BUCKETS as usize];
         for bucket in 0..BUCKETS {
-            let meta = self.load(bucket_offset(segment.at, bucket))?;
-            for slot in 0..SLOTS {
-                if meta & (1 << slot) == 0 {
-                    continue;
-                }
-                let hash = self.slot_hash(segment.at, bucket, slot)?;
-                if segment.owns(hash) && hash.prefix(depth + 1) & 1 == 1 {
+            self.for_owned(&segment, bucket, |slot, hash| {
+                if hash.prefix(depth + 1) & 1 == 1 {
                     moving.push((hash, pool.read(slot_offset(segment.at, bucket, slot))?));
+                    moved[bucket as usize] |= 1 << slot;
+                    moving_homes[hash.home() as usize] |= hash.summary_bit();
+                } else {
+                    staying_homes[hash.home() as usize] |= hash.summary_bit();
                 }
+                Ok(())
+            })?;
+        }
+        if std::env::var("SPLITLOG").is_ok() {
+            let mut live = 0u64;
+            for b in 0..BUCKETS {
+                self.for_owned(&segment, b, |_, _| {
+                    live += 1;
+                    Ok(())
+                })?;
             }
+            eprintln!("SPLIT {:.3}", live as f64 / (BUCKETS * SLOTS) as f64);
         }
         let dir = self.load(self.root + ROOT_DIR)?;
         let global = self.dir_depth(dir)?;
@@ -831,12 +929,19 @@ impl<D: Domain> StrictMap<D> {
             }
             Ok::<_, HeapError>(())
         })?;
-        // The moved keys' old copies are stale now; clear their bits. Another thread may reuse
-        // a cleared slot as soon as the segment is unlocked, and its fence does not order this
-        // thread's flushes: make the clearing durable first.
-        let segment = self.segment(segment.at)?;
-        if self.clear_stale(&segment, 0..BUCKETS)? {
-            pool.fence()?; // cross-thread: see above
+        // The moved keys' old copies are stale now; clear their bits (the ones moved: stale
+        // copies left by a crash are cleared when a window needs them). Another thread may
+        // reuse a cleared slot as soon as the segment is unlocked, and its fence does not order
+        // this thread's flushes: make the clearing durable first.
+        for (bucket, &mask) in (0..BUCKETS).zip(&moved) {
+            self.clear_slots(segment.at, bucket, u64::from(mask))?;
+        }
+        pool.fence()?; // cross-thread: see above
+        for (word, bits) in homes.iter().zip(staying_homes) {
+            word.store(bits, Ordering::Release);
+        }
+        if let Some(new) = self.segments.get(next_id) {
+            let _ = new.homes.set(moving_homes.into_iter().map(AtomicU64::new).collect());
         }
         Ok(())
     }

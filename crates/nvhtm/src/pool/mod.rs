@@ -790,6 +790,44 @@ impl<D: Domain> Pool<D> {
         Ok(unsafe { std::ptr::read_unaligned(ptr.cast::<T>()) })
     }
 
+    /// Whether the `expected.len()` bytes at `offset` equal `expected` (compared in 64-byte
+    /// pieces: nothing is allocated).
+    pub fn bytes_eq(&self, offset: u64, expected: &[u8]) -> Result<bool> {
+        let ptr = self.range(offset, expected.len() as u64, 0)?;
+        let mut piece = [0u8; 64];
+        for (i, want) in expected.chunks(64).enumerate() {
+            // SAFETY: the range is inside the mapping and covers every piece; `piece` is a
+            // distinct local buffer at least as long as `want`.
+            unsafe { std::ptr::copy_nonoverlapping(ptr.add(i * 64), piece.as_mut_ptr(), want.len()) };
+            if piece[..want.len()] != *want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hints that `offset..offset + len` will be read soon: one prefetch per cache line, so
+    /// that several lines' misses overlap. Changes nothing; an out-of-range hint is ignored.
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if let Ok(ptr) = self.range(offset, len, 0) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            for line in (0..len as usize).step_by(64) {
+                // SAFETY: a prefetch is a hint: it never faults and changes no memory (SSE is
+                // part of every x86-64 CPU).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(line).cast::<i8>()) };
+            }
+        }
+    }
+
+    /// Loads `N` consecutive aligned words at `offset` (relaxed, one bounds check).
+    pub fn load_words<const N: usize>(&self, offset: u64) -> Result<[u64; N]> {
+        let first = self.word(offset, 0)?;
+        self.range(offset, 8 * N as u64, 0)?;
+        // SAFETY: the N words are aligned (the first is) and inside the mapping (checked).
+        Ok(std::array::from_fn(|i| unsafe { (*first.add(i)).load(Ordering::Relaxed) }))
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let ptr = self.range(offset, buf.len() as u64, 0)?;

@@ -1,0 +1,121 @@
+//! Crash tests of a path the random workloads cannot reach: stale copies that a crash left
+//! between a split's commit and its clearing, found and cleared later by an insert whose window
+//! is full.
+
+use super::*;
+use crate::pool::PoolOptions;
+use crate::sim::{CrashContext, CrashTest, Sim};
+
+fn opts() -> PoolOptions {
+    PoolOptions::layout("map-stale").with_size(1 << 20).with_max_size(4 << 20)
+}
+
+fn prefill_key(i: u64) -> Vec<u8> {
+    format!("k{i}").into_bytes()
+}
+
+/// A map whose first split is done but whose moved keys' old copies are still marked occupied,
+/// as after a crash just before the split's clearing fence, reopened (no DRAM state); the
+/// number of pre-fill keys; the old segment.
+fn map_with_stale_copies(sim: &Sim) -> (StrictMap<Sim>, u64, Segment) {
+    let map = StrictMap::open(Heap::create_in_memory(&opts(), sim.clone()).unwrap()).unwrap();
+    let mut keys = 0;
+    while map.shape().unwrap().0 == 1 {
+        map.upsert(&prefill_key(keys), &keys.to_le_bytes()).unwrap();
+        keys += 1;
+    }
+    let old = map.locate(Hash(0)).unwrap();
+    let pool = map.heap().pool();
+    let mut restored = 0;
+    for bucket in 0..BUCKETS {
+        let at = bucket_offset(old.at, bucket);
+        let meta = map.load(at).unwrap();
+        for slot in (0..SLOTS).filter(|s| meta & (1 << s) == 0) {
+            let info = map.load(slot_offset(old.at, bucket, slot) + 24).unwrap();
+            if info_kind(info) != 0 && !old.owns(map.slot_hash(old.at, bucket, slot).unwrap()) {
+                pool.store_u64(at, map.load(at).unwrap() | 1 << slot, Ordering::Release).unwrap();
+                restored += 1;
+            }
+        }
+        pool.persist(at, 8).unwrap();
+    }
+    assert!(restored > 500, "the split moved {restored} keys");
+    let StrictMap { heap, .. } = map;
+    (StrictMap::open(heap).unwrap(), keys, old)
+}
+
+/// Keys the old segment owns, homed at `home`.
+fn keys_homed_at(old: &Segment, home: u64, count: usize) -> Vec<Vec<u8>> {
+    (0u64..)
+        .map(|j| format!("w{j}").into_bytes())
+        .filter(|k| {
+            let hash = Hash::of(k);
+            old.owns(hash) && hash.home() == home
+        })
+        .take(count)
+        .collect()
+}
+
+#[test]
+fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reused() {
+    let sim = Sim::new();
+    let (map, prefill, old) = map_with_stale_copies(&sim);
+    // The window of bucket 100: insert keys homed there until its free slots are used up,
+    // and more, which only fit once its stale copies are cleared.
+    let home = 100;
+    let free: u64 = (0..WINDOW)
+        .map(|i| {
+            let meta = map.load(bucket_offset(old.at, (home + i) % BUCKETS)).unwrap();
+            SLOTS - u64::from((meta & 0x7f).count_ones())
+        })
+        .sum();
+    let inserts = keys_homed_at(&old, home, free as usize + 4);
+    sim.restart_recording().unwrap();
+    for (n, key) in inserts.iter().enumerate() {
+        assert!(map.insert(key, b"new").unwrap());
+        sim.mark(n as u64);
+    }
+    assert_eq!(map.shape().unwrap().0, 2, "the stale copies made room: no split");
+    let recording = sim.recording();
+    let check = |sim: &Sim, image: &[u8], ctx: &CrashContext| -> Result<(), String> {
+        let map = StrictMap::open(Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let done = ctx.marks.len();
+        let entries = map.entries().map_err(|e| e.to_string())?;
+        if let Some((key, value)) = entries.iter().find(|(k, v)| k.starts_with(b"w") && v != b"new") {
+            return Err(format!("{key:?} reads {value:?}: a torn entry"));
+        }
+        for (n, key) in inserts.iter().enumerate() {
+            let present = map.get(key).map_err(|e| e.to_string())?;
+            match present.as_deref() {
+                Some(b"new") if n <= done => {}
+                None if n >= done => {}
+                other => return Err(format!("insert {n} of {done} done: {key:?} reads {other:?}")),
+            }
+        }
+        for i in 0..prefill {
+            if map.get(&prefill_key(i)).map_err(|e| e.to_string())? != Some(i.to_le_bytes().to_vec()) {
+                return Err(format!("pre-fill key {i} lost"));
+            }
+        }
+        let new = inserts.iter().filter(|k| map.get(k).ok().flatten().is_some()).count() as u64;
+        if entries.len() as u64 != prefill + new {
+            return Err(format!(
+                "the scan shows {} entries, expected {}: a ghost",
+                entries.len(),
+                prefill + new
+            ));
+        }
+        Ok(())
+    };
+    let test = CrashTest { exhaustive_limit: 256, samples: 24, ..CrashTest::default() };
+    let report = test.run(&recording, check);
+    report.assert_passed();
+    assert!(report.images_checked > 50, "{report}");
+    // Every flush and fence on this path is needed, the clearing's fence included.
+    let mutations = test.mutation_run(&recording, check);
+    println!("{report}\n{mutations}");
+    let map_sites: Vec<_> = mutations.sites.iter().filter(|s| s.site.file.contains("/map/")).collect();
+    assert!(map_sites.len() >= 5, "{mutations}");
+    assert!(mutations.missed().is_empty(), "{mutations}");
+}
