@@ -67,6 +67,20 @@ fn the_load_factor_is_high_before_a_segment_splits() {
 }
 
 #[test]
+fn segments_are_well_filled_when_they_split_as_the_map_grows() {
+    let map = map(64 << 20);
+    for i in 0..150_000u64 {
+        map.insert(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes(), &i.to_le_bytes()).unwrap();
+    }
+    let stats = map.stats().unwrap();
+    println!("{stats:?}");
+    assert_eq!(stats.entries, 150_000);
+    assert!(stats.splits >= 64, "{stats:?}");
+    assert!(stats.mean_load_at_split > 0.88, "{stats:?}");
+    assert!(stats.min_load_at_split > 0.75, "{stats:?}");
+}
+
+#[test]
 fn compare_and_swap_and_clear() {
     let map = map(1 << 20);
     assert_eq!(map.compare_and_swap(b"k", None, Some(b"1")).unwrap(), Ok(()));
@@ -206,4 +220,40 @@ fn compare_and_swap_is_linearizable_under_contention() {
     });
     let end = u64::from_le_bytes(map.get(b"counter").unwrap().unwrap().try_into().unwrap());
     assert_eq!(end, 3 * per_thread, "increments were lost");
+}
+
+#[test]
+fn iteration_visits_each_key_once_while_segments_split_and_may_use_the_map() {
+    let map = map(64 << 20);
+    for i in 0..20_000 {
+        map.insert(&key(i), b"old").unwrap();
+    }
+    let segments_before = map.stats().unwrap().segments;
+    let mut visits: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+    let inserted = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 20_000..80_000 {
+                map.insert(&key(i), b"new").unwrap();
+                inserted.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+        });
+        map.for_each(|k, v| {
+            // Once the walk is under way, let the writer split segments ahead of it.
+            while visits.is_empty() && inserted.load(std::sync::atomic::Ordering::Acquire) < 30_000 {
+                std::thread::yield_now();
+            }
+            // The callback may use the map, even write to it.
+            assert_eq!(map.get(k).unwrap().as_deref(), Some(v));
+            map.upsert(b"touched by the walk", b"1").unwrap();
+            *visits.entry(k.to_vec()).or_default() += 1;
+            true
+        })
+        .unwrap();
+        writer.join().unwrap();
+    });
+    assert!(map.stats().unwrap().segments > segments_before + 8, "splits ran during the walk");
+    assert!(visits.values().all(|&n| n == 1), "a key was visited twice");
+    assert!((0..20_000).all(|i| visits.contains_key(&key(i))), "a key present throughout was missed");
+    assert_eq!(map.len().unwrap(), 80_001);
 }

@@ -197,13 +197,9 @@ fn check(
                 ));
             }
         }
-        // Every key the recorded operations touched is found by a lookup too (not only by the
-        // scan): fingerprints and reaches must be durable with their keys.
-        let touched = histories.iter().flat_map(|h| h.last().unwrap().keys()).filter(|k| {
-            !histories[0][0].contains_key(*k)
-                || histories.iter().any(|h| h[0].get(*k) != h.last().unwrap().get(*k))
-        });
-        for (k, v) in touched.filter_map(|k| found.get_key_value(k)) {
+        // Every key is found by a lookup too (not only by the scan): fingerprints and reaches
+        // must be durable with their keys, including keys a displacement moved.
+        for (k, v) in &found {
             if map.get(k).map_err(|e| e.to_string())?.as_ref() != Some(v) {
                 return Err(format!("{k:?} is scanned but not found by get"));
             }
@@ -213,6 +209,9 @@ fn check(
             return Err(format!("heap: {:?}", report.problems));
         }
         let stats = map.stats().map_err(|e| e.to_string())?;
+        if stats.entries != found.len() as u64 {
+            return Err(format!("len {} but the scan finds {}", stats.entries, found.len()));
+        }
         let records = found.iter().filter(|(k, v)| k.len() > 16 || v.len() > 8).count() as u64;
         let expected = 2 + stats.segments + records; // map root, directory, segments, records
         let allocated = report.small_blocks + report.large_blocks;

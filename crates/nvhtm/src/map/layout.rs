@@ -127,3 +127,102 @@ pub fn info_key_len(info: u64) -> usize {
 pub fn info_value_len(info: u64) -> usize {
     ((info >> 16) & 0xff) as usize
 }
+
+/// Where a split puts the keys that move to the new segment, given in the order of their old
+/// positions (bucket, slot) with those positions: each at the first free slot from its home,
+/// which packs them into few cache lines. That always fits when no window wraps around the
+/// segment's end (a key then finds a slot no later than its old one: every key placed between
+/// its home and its old bucket came from there too), but a wrapped key placed early can take
+/// the last room of a later key's window; then every key keeps its old position, which fits.
+pub fn pack_moved(moving: &[(Hash, (u64, u64))]) -> Vec<(u64, u64)> {
+    let mut used = [0u8; BUCKETS as usize];
+    let mut packed = Vec::with_capacity(moving.len());
+    for (hash, _) in moving {
+        let free = (0..WINDOW)
+            .map(|i| hash.bucket(i))
+            .find_map(|b| (0..SLOTS).find(|s| used[b as usize] & (1 << s) == 0).map(|s| (b, s)));
+        match free {
+            Some((bucket, slot)) => {
+                used[bucket as usize] |= 1 << slot;
+                packed.push((bucket, slot));
+            }
+            None => return moving.iter().map(|&(_, old)| old).collect(),
+        }
+    }
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash whose home bucket is `home`.
+    fn homed(home: u64, salt: u64) -> Hash {
+        let hash = Hash((home << 32).div_ceil(BUCKETS) | salt << 40);
+        assert_eq!(hash.home(), home);
+        hash
+    }
+
+    fn assert_valid(moving: &[(Hash, (u64, u64))], placed: &[(u64, u64)]) {
+        assert_eq!(placed.len(), moving.len());
+        let mut seen = std::collections::HashSet::new();
+        for ((hash, _), &(bucket, slot)) in moving.iter().zip(placed) {
+            assert!(
+                distance(hash.home(), bucket) < WINDOW && slot < SLOTS,
+                "{bucket}/{slot} outside the window"
+            );
+            assert!(seen.insert((bucket, slot)), "{bucket}/{slot} used twice");
+        }
+    }
+
+    #[test]
+    fn moved_keys_are_packed_from_their_homes() {
+        // Three keys homed at bucket 10, spread over buckets 10..13 in the old segment.
+        let moving: Vec<_> = [(10, 3), (11, 6), (13, 0)].iter().map(|&old| (homed(10, old.0), old)).collect();
+        let placed = pack_moved(&moving);
+        assert_eq!(placed, vec![(10, 0), (10, 1), (10, 2)]);
+        assert_valid(&moving, &placed);
+    }
+
+    #[test]
+    fn a_wrapped_window_that_defeats_packing_keeps_the_old_positions() {
+        // Old segment: bucket 0 holds keys homed at 254 (wrapped), buckets 239..253 keys homed
+        // at 239, bucket 254 keys homed at 239 (its window's last bucket). Packing in position
+        // order puts the wrapped keys at 254 first, and the last seven then find no room.
+        let mut moving = Vec::new();
+        for bucket in [0].into_iter().chain(239..BUCKETS) {
+            for slot in 0..SLOTS {
+                let home = if bucket == 0 { 254 } else { 239 };
+                moving.push((homed(home, bucket * SLOTS + slot), (bucket, slot)));
+            }
+        }
+        let placed = pack_moved(&moving);
+        let old: Vec<_> = moving.iter().map(|&(_, old)| old).collect();
+        assert_eq!(placed, old);
+        assert_valid(&moving, &placed);
+    }
+
+    #[test]
+    fn packing_always_yields_a_valid_placement() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            // A valid old segment (first-fit inserts at a random load), then a random subset.
+            let mut old = [[None::<Hash>; SLOTS as usize]; BUCKETS as usize];
+            for _ in 0..rng.u64(100..2000) {
+                let hash = Hash(rng.u64(..));
+                let free = (0..WINDOW).map(|i| hash.bucket(i)).find_map(|b| {
+                    (0..SLOTS).find(|&s| old[b as usize][s as usize].is_none()).map(|s| (b, s))
+                });
+                if let Some((b, s)) = free {
+                    old[b as usize][s as usize] = Some(hash);
+                }
+            }
+            let moving: Vec<_> = (0..BUCKETS)
+                .flat_map(|b| (0..SLOTS).map(move |s| (b, s)))
+                .filter_map(|(b, s)| old[b as usize][s as usize].map(|h| (h, (b, s))))
+                .filter(|_| rng.bool())
+                .collect();
+            assert_valid(&moving, &pack_moved(&moving));
+        }
+    }
+}

@@ -96,17 +96,32 @@ pub type Result<T, E = MapError> = std::result::Result<T, E>;
 struct SegLocks {
     lock: Mutex<()>,
     version: AtomicU64,
+    /// Built from media on first use under the lock, then kept by writers.
+    summary: OnceLock<Summary>,
+}
+
+/// What DRAM knows of a segment's keys.
+#[derive(Debug)]
+struct Summary {
     /// Per home bucket, a 64-bit summary of the keys homed there (one bit per value of their
-    /// low 6 hash bits), built from media on first use under the lock and kept exact by
-    /// writers: set before a key is committed, recomputed when one is removed or moved by a
-    /// split. A lookup whose bit is clear is a miss without touching persistent memory.
-    homes: OnceLock<Box<[AtomicU64]>>,
+    /// low 6 hash bits), kept exact: set before a key is committed, recomputed when one is
+    /// removed or moved by a split. A lookup whose bit is clear is a miss without touching
+    /// persistent memory.
+    homes: Box<[AtomicU64]>,
+    /// Live keys (changed under the segment's lock).
+    live: AtomicU64,
+}
+
+impl Summary {
+    fn new(homes: Vec<u64>, live: u64) -> Summary {
+        Summary { homes: homes.into_iter().map(AtomicU64::new).collect(), live: AtomicU64::new(live) }
+    }
 }
 
 /// A segment whose lock this thread holds, with its DRAM state.
 struct Held<'a> {
     segment: Segment,
-    homes: &'a [AtomicU64],
+    summary: &'a Summary,
     _lock: MutexGuard<'a, ()>,
 }
 
@@ -210,6 +225,12 @@ impl Value {
     }
 }
 
+/// The heap changes committed with a slot: a record to allocate, one to free.
+struct RecordChange {
+    adopt: Option<crate::heap::Reservation>,
+    free: Option<u64>,
+}
+
 /// How a write ended: done, or the window is full and the segment must split first.
 enum Outcome<R> {
     Done(R),
@@ -227,6 +248,20 @@ pub struct MapStats {
     pub global_depth: u64,
     /// Entries over slots.
     pub load_factor: f64,
+    /// Segments split since the map was opened.
+    pub splits: u64,
+    /// Mean load factor of those segments when they split (0 when none did).
+    pub mean_load_at_split: f64,
+    /// Lowest load factor of one of those segments when it split (0 when none did).
+    pub min_load_at_split: f64,
+}
+
+/// The loads at which segments split since the map was opened.
+#[derive(Debug, Default)]
+struct Splits {
+    count: u64,
+    load_sum: f64,
+    load_min: f64,
 }
 
 /// The strict persistent hash map over a heap (its root object).
@@ -234,7 +269,8 @@ pub struct StrictMap<D: Domain> {
     heap: Heap<D>,
     root: u64,
     segments: SegTable,
-    resize: Mutex<()>,
+    /// Serialises splits (and walks that must not see one), and counts them.
+    resize: Mutex<Splits>,
 }
 
 impl<D: Domain> std::fmt::Debug for StrictMap<D> {
@@ -270,7 +306,8 @@ impl<D: Domain> StrictMap<D> {
             HeapError::RootSize { .. } => MapError::NotAMap(e.to_string()),
             e => MapError::Heap(e),
         })?;
-        let map = StrictMap { heap, root: root.offset(), segments: SegTable::new(), resize: Mutex::new(()) };
+        let map =
+            StrictMap { heap, root: root.offset(), segments: SegTable::new(), resize: Mutex::default() };
         match map.load(map.root + ROOT_MAGIC)? {
             MAP_MAGIC => {}
             0 => map.format()?,
@@ -354,18 +391,20 @@ impl<D: Domain> StrictMap<D> {
 
     /// The segment's summary, built from media if this is its first use. The caller holds the
     /// segment's lock.
-    fn summary_locked<'a>(&self, segment: &Segment, locks: &'a SegLocks) -> Result<&'a [AtomicU64]> {
-        if let Some(homes) = locks.homes.get() {
-            return Ok(homes);
+    fn summary_locked<'a>(&self, segment: &Segment, locks: &'a SegLocks) -> Result<&'a Summary> {
+        if let Some(summary) = locks.summary.get() {
+            return Ok(summary);
         }
-        let homes: Box<[AtomicU64]> = (0..BUCKETS).map(|_| AtomicU64::new(0)).collect();
+        let mut homes = vec![0u64; BUCKETS as usize];
+        let mut live = 0;
         for bucket in 0..BUCKETS {
             self.for_owned(segment, bucket, |_, hash| {
-                homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Relaxed);
+                homes[hash.home() as usize] |= hash.summary_bit();
+                live += 1;
                 Ok(())
             })?;
         }
-        Ok(locks.homes.get_or_init(|| homes))
+        Ok(locks.summary.get_or_init(|| Summary::new(homes, live)))
     }
 
     /// Recomputes the summary of the keys homed at `home` from media, after one of them left.
@@ -380,7 +419,7 @@ impl<D: Domain> StrictMap<D> {
                 Ok(())
             })?;
         }
-        held.homes[home as usize].store(bits, Ordering::Release);
+        held.summary.homes[home as usize].store(bits, Ordering::Release);
         Ok(())
     }
 
@@ -404,7 +443,7 @@ impl<D: Domain> StrictMap<D> {
 
     /// Looks `key` up in the segment a writer holds: a key its summary rules out is not probed.
     fn find_held(&self, held: &Held, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
-        if held.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
+        if held.summary.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
             return Ok(None);
         }
         self.find(held.segment.at, hash, key)
@@ -480,8 +519,8 @@ impl<D: Domain> StrictMap<D> {
                 if !segment.owns(hash) {
                     return Ok(None);
                 }
-                let homes = match locks.homes.get() {
-                    Some(homes) => homes,
+                let homes = match locks.summary.get() {
+                    Some(summary) => &summary.homes,
                     None => {
                         let _guard = lock(&locks.lock);
                         self.summary_locked(&segment, locks)?;
@@ -518,20 +557,30 @@ impl<D: Domain> StrictMap<D> {
         Ok(self.get(key)?.is_some())
     }
 
+    /// The segment that owns `hash`, locked (the directory is read again if a split moved the
+    /// hash meanwhile).
+    fn lock_owner(&self, hash: Hash) -> Result<(Segment, &SegLocks, MutexGuard<'_, ()>)> {
+        // Each retry follows a completed split, and a hash's segment can split at most 64 times.
+        for _ in 0..=64 {
+            let located = self.locate(hash)?;
+            let locks = self.locks(&located)?;
+            let guard = lock(&locks.lock);
+            let segment = self.segment(located.at)?;
+            if segment.owns(hash) {
+                return Ok((segment, locks, guard));
+            }
+        }
+        Err(MapError::Corrupt(format!("the directory names no segment owning hash {:#018x}", hash.0)))
+    }
+
     /// Runs `op` on the segment owning `key`, locked and marked as being written; splits and
     /// retries when `op` finds the window full.
     fn write<R>(&self, key: &[u8], mut op: impl FnMut(&mut Held, Hash) -> Result<Outcome<R>>) -> Result<R> {
         let hash = Hash::of(key);
         loop {
-            let located = self.locate(hash)?;
-            let locks = self.locks(&located)?;
-            let guard = lock(&locks.lock);
-            let segment = self.segment(located.at)?;
-            if !segment.owns(hash) {
-                continue;
-            }
-            let homes = self.summary_locked(&segment, locks)?;
-            let mut held = Held { segment, homes, _lock: guard };
+            let (segment, locks, guard) = self.lock_owner(hash)?;
+            let summary = self.summary_locked(&segment, locks)?;
+            let mut held = Held { segment, summary, _lock: guard };
             let outcome = {
                 let _writing = Writing::start(&locks.version);
                 op(&mut held, hash)?
@@ -700,13 +749,18 @@ impl<D: Domain> StrictMap<D> {
                 return Ok(true);
             }
         }
-        let Some((bucket, slot)) = self.free_slot(&segment, hash)? else {
+        let keep = old.map(|f| (f.bucket, f.slot));
+        let free = match self.free_slot(&segment, hash)? {
+            Some(free) => Some(free),
+            None => self.displace(&segment, hash, keep)?,
+        };
+        let Some((bucket, slot)) = free else {
             return Ok(false);
         };
         let home = hash.home();
         // Readers retry while this segment is being written, so the summary may cover the key
         // before its commit.
-        held.homes[home as usize].fetch_or(hash.summary_bit(), Ordering::Release);
+        held.summary.homes[home as usize].fetch_or(hash.summary_bit(), Ordering::Release);
         let record = if is_inline(key, value) {
             None
         } else {
@@ -724,8 +778,6 @@ impl<D: Domain> StrictMap<D> {
             }
             Some(reservation)
         };
-        // The slot, its fingerprint, and the home bucket's displaced count.
-        let s = slot_offset(segment.at, bucket, slot);
         let words: [u64; 4] = match &record {
             None => {
                 let mut key16 = [0u8; 16];
@@ -737,6 +789,65 @@ impl<D: Domain> StrictMap<D> {
             }
             Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
         };
+        let records = RecordChange { adopt: record, free: old.map(|f| f.record).filter(|&r| r != 0) };
+        self.commit_slot(&segment, hash, (bucket, slot), words, old.map(|f| (f.bucket, f.slot)), records)?;
+        if old.is_none() {
+            held.summary.live.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Makes room in the full window of `hash` by moving one key that lies in it, and whose own
+    /// window reaches past it, to a free slot past it (one heap commit flips both meta words).
+    /// `keep` is a slot that must not move. Returns the slot it freed.
+    fn displace(
+        &self,
+        segment: &Segment,
+        hash: Hash,
+        keep: Option<(u64, u64)>,
+    ) -> Result<Option<(u64, u64)>> {
+        let home = hash.home();
+        // From the window's far end: keys homed late in it reach farthest past it.
+        for offset in (1..WINDOW).rev() {
+            let from = hash.bucket(offset);
+            let meta = self.load(bucket_offset(segment.at, from))?;
+            for slot in (0..SLOTS).filter(|&s| meta & (1 << s) != 0 && Some((from, s)) != keep) {
+                let moving = self.slot_hash(segment.at, from, slot)?;
+                let behind = distance(home, moving.home());
+                if behind == 0 || behind > offset || !segment.owns(moving) {
+                    continue;
+                }
+                // Buckets past this window that are still in the moving key's window.
+                for to in (WINDOW - behind..WINDOW).map(|i| moving.bucket(i)) {
+                    let to_meta = self.load(bucket_offset(segment.at, to))?;
+                    let Some(to_slot) = (0..SLOTS).find(|s| to_meta & (1 << s) == 0) else {
+                        continue;
+                    };
+                    let words: [u64; 4] = self.heap.pool().load_words(slot_offset(segment.at, from, slot))?;
+                    let records = RecordChange { adopt: None, free: None };
+                    self.commit_slot(segment, moving, (to, to_slot), words, Some((from, slot)), records)?;
+                    return Ok(Some((from, slot)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `words` (a key's slot) into the free slot `to` with its fingerprint and commits it,
+    /// releasing the slot `from` and making `records`' heap changes in the same commit,
+    /// failure-atomically.
+    fn commit_slot(
+        &self,
+        segment: &Segment,
+        hash: Hash,
+        (bucket, slot): (u64, u64),
+        words: [u64; 4],
+        from: Option<(u64, u64)>,
+        records: RecordChange,
+    ) -> Result<()> {
+        let pool = self.heap.pool();
+        let home = hash.home();
+        let s = slot_offset(segment.at, bucket, slot);
         pool.write(s, &words)?;
         let b = bucket_offset(segment.at, bucket);
         pool.write(b + 8 + slot, &hash.fingerprint())?;
@@ -747,13 +858,11 @@ impl<D: Domain> StrictMap<D> {
         // must be durable before the key can be found through it (a reach never shrinks until
         // the segment splits; one that is too long only costs probes).
         let mut metas: Vec<(u64, u64)> = vec![(bucket, self.load(b)? | 1 << slot)];
-        if let Some(found) = old {
-            match metas.iter_mut().find(|(bk, _)| *bk == found.bucket) {
-                Some(entry) => entry.1 &= !(1 << found.slot),
-                None => metas.push((
-                    found.bucket,
-                    self.load(bucket_offset(segment.at, found.bucket))? & !(1 << found.slot),
-                )),
+        if let Some((old_bucket, old_slot)) = from {
+            match metas.iter_mut().find(|(bk, _)| *bk == old_bucket) {
+                Some(entry) => entry.1 &= !(1 << old_slot),
+                None => metas
+                    .push((old_bucket, self.load(bucket_offset(segment.at, old_bucket))? & !(1 << old_slot))),
             }
         }
         let distance = distance(home, bucket);
@@ -770,8 +879,7 @@ impl<D: Domain> StrictMap<D> {
                 }
             }
         }
-        let old_record = old.map(|f| f.record).filter(|&r| r != 0);
-        match (metas.as_slice(), &record, old_record) {
+        match (metas.as_slice(), &records.adopt, records.free) {
             // One word, no allocation change: the plain protocol, two fences.
             ([(bucket, meta)], None, None) => {
                 for &(at, len) in &before_commit {
@@ -793,10 +901,10 @@ impl<D: Domain> StrictMap<D> {
                     for &(at, len) in &before_commit {
                         tx.flush_on_commit(at, len)?;
                     }
-                    if let Some(r) = record {
+                    if let Some(r) = records.adopt {
                         tx.adopt(r);
                     }
-                    if let Some(old) = old_record {
+                    if let Some(old) = records.free {
                         tx.free(old)?;
                     }
                     for &(at, meta) in &words {
@@ -806,7 +914,7 @@ impl<D: Domain> StrictMap<D> {
                 })?;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit),
@@ -824,32 +932,37 @@ impl<D: Domain> StrictMap<D> {
                 tx.redo_store(at, meta)
             })?;
         }
+        held.summary.live.fetch_sub(1, Ordering::Relaxed);
         self.resummarise(held, hash.home())
     }
 
     /// Splits `segment` (as it was seen when its window filled).
     fn split(&self, seen: Segment) -> Result<()> {
-        let _resizing = lock(&self.resize);
+        let mut splits = lock(&self.resize);
         let locks = self.locks(&seen)?;
         let _guard = lock(&locks.lock);
         let segment = self.segment(seen.at)?;
         if segment.depth != seen.depth {
             return Ok(()); // someone split it meanwhile
         }
-        let homes = self.summary_locked(&segment, locks)?;
+        let summary = self.summary_locked(&segment, locks)?;
         let _writing = Writing::start(&locks.version);
         let pool = self.heap.pool();
         let (depth, pattern) = (segment.depth, segment.pattern);
         // The live entries that move (their next hash bit is 1), where they were, and the
         // summaries of both halves.
-        let mut moving: Vec<(Hash, [u64; 4])> = Vec::new();
+        let mut moving: Vec<(Hash, (u64, u64))> = Vec::new();
+        let mut moving_words: Vec<[u64; 4]> = Vec::new();
         let mut moved = vec![0u8; BUCKETS as usize];
         let mut staying_homes = vec![0u64; BUCKETS as usize];
+        let mut live = 0u64;
         let mut moving_homes = vec![0u64; BUCKETS as usize];
         for bucket in 0..BUCKETS {
             self.for_owned(&segment, bucket, |slot, hash| {
+                live += 1;
                 if hash.prefix(depth + 1) & 1 == 1 {
-                    moving.push((hash, pool.read(slot_offset(segment.at, bucket, slot))?));
+                    moving.push((hash, (bucket, slot)));
+                    moving_words.push(pool.load_words(slot_offset(segment.at, bucket, slot))?);
                     moved[bucket as usize] |= 1 << slot;
                     moving_homes[hash.home() as usize] |= hash.summary_bit();
                 } else {
@@ -857,16 +970,6 @@ impl<D: Domain> StrictMap<D> {
                 }
                 Ok(())
             })?;
-        }
-        if std::env::var("SPLITLOG").is_ok() {
-            let mut live = 0u64;
-            for b in 0..BUCKETS {
-                self.for_owned(&segment, b, |_, _| {
-                    live += 1;
-                    Ok(())
-                })?;
-            }
-            eprintln!("SPLIT {:.3}", live as f64 / (BUCKETS * SLOTS) as f64);
         }
         let dir = self.load(self.root + ROOT_DIR)?;
         let global = self.dir_depth(dir)?;
@@ -879,12 +982,10 @@ impl<D: Domain> StrictMap<D> {
             tx.write(PPtr::<[u64; 4]>::new(new), &[SEG_MAGIC, depth + 1, new_pattern, next_id])?;
             let mut metas = vec![0u64; BUCKETS as usize];
             let mut fingerprints = vec![[0u8; 8]; BUCKETS as usize];
-            for (hash, words) in &moving {
+            for ((&(hash, _), words), (bucket, slot)) in
+                moving.iter().zip(&moving_words).zip(pack_moved(&moving))
+            {
                 let home = hash.home();
-                let (bucket, slot) = (0..WINDOW)
-                    .map(|i| hash.bucket(i))
-                    .find_map(|b| (0..SLOTS).find(|s| metas[b as usize] & (1 << s) == 0).map(|s| (b, s)))
-                    .ok_or_else(|| HeapError::Corrupt("a split found no room for a moved key".into()))?;
                 tx.write(PPtr::<[u64; 4]>::new(slot_offset(new, bucket, slot)), words)?;
                 metas[bucket as usize] |= 1 << slot;
                 fingerprints[bucket as usize][slot as usize] = hash.fingerprint();
@@ -937,66 +1038,81 @@ impl<D: Domain> StrictMap<D> {
             self.clear_slots(segment.at, bucket, u64::from(mask))?;
         }
         pool.fence()?; // cross-thread: see above
-        for (word, bits) in homes.iter().zip(staying_homes) {
+        for (word, bits) in summary.homes.iter().zip(staying_homes) {
             word.store(bits, Ordering::Release);
         }
+        summary.live.store(live - moving.len() as u64, Ordering::Relaxed);
+        let load = live as f64 / (BUCKETS * SLOTS) as f64;
+        splits.load_min = if splits.count == 0 { load } else { splits.load_min.min(load) };
+        splits.count += 1;
+        splits.load_sum += load;
         if let Some(new) = self.segments.get(next_id) {
-            let _ = new.homes.set(moving_homes.into_iter().map(AtomicU64::new).collect());
+            // Unless a writer of the new segment built it from media first.
+            let _ = new.summary.set(Summary::new(moving_homes, moving.len() as u64));
         }
         Ok(())
     }
 
-    /// Calls `visit(key, value)` for every entry until it returns `false`. Weakly consistent
-    /// with concurrent writers; splits wait for it.
+    /// Calls `visit(key, value)` for every entry until it returns `false`, in hash order, one
+    /// segment at a time (a snapshot of each, taken under its lock). Weakly consistent with
+    /// concurrent writers, but a key present throughout is visited exactly once, splits
+    /// notwithstanding: the walk follows the hash space, and a segment only ever splits into
+    /// parts of its own range. `visit` may use the map.
     pub fn for_each(&self, mut visit: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
-        let _no_splits = lock(&self.resize);
-        let pool = self.heap.pool();
-        let dir = self.load(self.root + ROOT_DIR)?;
-        let global = self.dir_depth(dir)?;
-        for j in 0..1u64 << global {
-            let segment = self.entry_segment(dir, global, j)?;
-            if j != segment.pattern << (global - segment.depth) {
-                continue; // visited at its first directory entry
-            }
-            let mut entries = Vec::new();
-            {
-                let locks = self.locks(&segment)?;
-                let _guard = lock(&locks.lock);
-                for bucket in 0..BUCKETS {
-                    let meta = self.load(bucket_offset(segment.at, bucket))?;
-                    for slot in 0..SLOTS {
-                        if meta & (1 << slot) == 0 || !segment.owns(self.slot_hash(segment.at, bucket, slot)?)
-                        {
-                            continue;
-                        }
-                        let s = slot_offset(segment.at, bucket, slot);
-                        let words: [u64; 4] = pool.read(s)?;
-                        let info = words[3];
-                        if info_kind(info) == KIND_INLINE {
-                            let key: [u8; 16] = bytemuck::cast([words[0], words[1]]);
-                            let value = words[2].to_le_bytes();
-                            entries.push((
-                                key[..info_key_len(info)].to_vec(),
-                                value[..info_value_len(info)].to_vec(),
-                            ));
-                        } else {
-                            let [key_len, value_len]: [u32; 2] = pool.read(words[1])?;
-                            let mut key = vec![0u8; key_len as usize];
-                            pool.read_into(words[1] + 8, &mut key)?;
-                            let mut value = vec![0u8; value_len as usize];
-                            pool.read_into(words[1] + 8 + u64::from(key_len), &mut value)?;
-                            entries.push((key, value));
-                        }
-                    }
-                }
-            }
-            for (key, value) in entries {
-                if !visit(&key, &value) {
-                    return Ok(());
-                }
+        self.walk(
+            |segment, _| self.segment_entries(segment),
+            |entries| Ok(entries.iter().all(|(key, value)| visit(key, value))),
+        )
+    }
+
+    /// Walks the segments in hash order: `snapshot` runs with each locked, then `each` on its
+    /// result without the lock, until it returns `false`.
+    fn walk<T>(
+        &self,
+        mut snapshot: impl FnMut(&Segment, &SegLocks) -> Result<T>,
+        mut each: impl FnMut(T) -> Result<bool>,
+    ) -> Result<()> {
+        let mut cursor = Some(0u64);
+        while let Some(at) = cursor {
+            let (segment, locks, guard) = self.lock_owner(Hash(at))?;
+            let taken = snapshot(&segment, locks)?;
+            drop(guard);
+            // The end of the range the segment covered at its snapshot: a later split of it
+            // only divides that range, so continuing after it skips nothing.
+            let end = (u128::from(segment.pattern) + 1) << (64 - segment.depth);
+            cursor = u64::try_from(end).ok();
+            if !each(taken)? {
+                break;
             }
         }
         Ok(())
+    }
+
+    /// The live entries of `segment`, which the caller holds locked.
+    fn segment_entries(&self, segment: &Segment) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let pool = self.heap.pool();
+        let mut entries = Vec::new();
+        for bucket in 0..BUCKETS {
+            self.for_owned(segment, bucket, |slot, _| {
+                let words: [u64; 4] = pool.load_words(slot_offset(segment.at, bucket, slot))?;
+                let info = words[3];
+                if info_kind(info) == KIND_INLINE {
+                    let key: [u8; 16] = bytemuck::cast([words[0], words[1]]);
+                    let value = words[2].to_le_bytes();
+                    let (key_len, value_len) =
+                        (info_key_len(info).min(INLINE_KEY), info_value_len(info).min(8));
+                    entries.push((key[..key_len].to_vec(), value[..value_len].to_vec()));
+                } else {
+                    let [key_len, value_len]: [u32; 2] = pool.read(words[1])?;
+                    let mut key = vec![0u8; key_len as usize];
+                    pool.read_into(words[1] + 8, &mut key)?;
+                    let value = Value::read(pool, words[1] + 8 + u64::from(key_len), value_len as usize)?;
+                    entries.push((key, value.as_slice().to_vec()));
+                }
+                Ok(())
+            })?;
+        }
+        Ok(entries)
     }
 
     /// Every entry, in no particular order.
@@ -1009,24 +1125,23 @@ impl<D: Domain> StrictMap<D> {
         Ok(all)
     }
 
-    /// Counts the entries (a scan: O(entries)).
+    /// Counts the entries: the sum of per-segment counts kept in DRAM, O(segments) (a segment
+    /// not used since the map was opened is counted from media once).
     pub fn len(&self) -> Result<u64> {
         let mut n = 0;
-        self.for_each(|_, _| {
-            n += 1;
-            true
-        })?;
+        self.walk(
+            |segment, locks| Ok(self.summary_locked(segment, locks)?.live.load(Ordering::Relaxed)),
+            |live| {
+                n += live;
+                Ok(true)
+            },
+        )?;
         Ok(n)
     }
 
     /// Whether the map has no entries.
     pub fn is_empty(&self) -> Result<bool> {
-        let mut empty = true;
-        self.for_each(|_, _| {
-            empty = false;
-            false
-        })?;
-        Ok(empty)
+        Ok(self.len()? == 0)
     }
 
     /// Removes every entry (each removal failure-atomic). Returns how many.
@@ -1056,11 +1171,15 @@ impl<D: Domain> StrictMap<D> {
     pub fn stats(&self) -> Result<MapStats> {
         let entries = self.len()?;
         let (segments, global) = self.shape()?;
+        let splits = lock(&self.resize);
         Ok(MapStats {
             entries,
             segments,
             global_depth: global,
             load_factor: entries as f64 / (segments * BUCKETS * SLOTS) as f64,
+            splits: splits.count,
+            mean_load_at_split: if splits.count == 0 { 0.0 } else { splits.load_sum / splits.count as f64 },
+            min_load_at_split: splits.load_min,
         })
     }
 }

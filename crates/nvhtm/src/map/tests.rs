@@ -60,9 +60,21 @@ fn keys_homed_at(old: &Segment, home: u64, count: usize) -> Vec<Vec<u8>> {
 fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reused() {
     let sim = Sim::new();
     let (map, prefill, old) = map_with_stale_copies(&sim);
-    // The window of bucket 100: insert keys homed there until its free slots are used up,
-    // and more, which only fit once its stale copies are cleared.
-    let home = 100;
+    // A window whose first stale copy is not in its bucket's first line (a slot sharing the
+    // meta word's line is ordered with it anyway): insert keys homed there until its free
+    // slots are used up, and more, which only fit once its stale copies are cleared.
+    let stale_in = |bucket: u64| -> u64 {
+        let meta = map.load(bucket_offset(old.at, bucket)).unwrap();
+        (0..SLOTS)
+            .filter(|&s| meta & (1 << s) != 0 && !old.owns(map.slot_hash(old.at, bucket, s).unwrap()))
+            .fold(0, |mask, s| mask | 1 << s)
+    };
+    let home = (0..BUCKETS)
+        .find(|&h| {
+            let first = (0..WINDOW).map(|i| stale_in((h + i) % BUCKETS)).find(|&m| m != 0);
+            first.is_some_and(|m| m & 1 == 0)
+        })
+        .expect("a window whose first stale copy is past slot 0");
     let free: u64 = (0..WINDOW)
         .map(|i| {
             let meta = map.load(bucket_offset(old.at, (home + i) % BUCKETS)).unwrap();
