@@ -113,6 +113,17 @@ enum Command {
         #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
         layout: String,
     },
+    /// Show the map's shape: entries, segments, directory depth, load factor.
+    Stats {
+        /// The pool file.
+        pool: PathBuf,
+        /// The pool's layout name.
+        #[arg(long, default_value = nvhtm::pool::DEFAULT_LAYOUT)]
+        layout: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The crash demo: a writer process inserts keys and is killed with SIGKILL at a random
     /// moment in every round; each acknowledged key is verified after recovery.
     Demo {
@@ -180,6 +191,7 @@ fn main() -> ExitCode {
         Command::Del { pool, key, layout } => commands::map::del(&pool, &key, &layout),
         Command::Load { pool, file, layout } => commands::map::load(&pool, &file, &layout),
         Command::Dump { pool, layout } => commands::map::dump(&pool, &layout),
+        Command::Stats { pool, layout, json } => commands::map::stats(&pool, &layout, json),
         Command::Demo { keys, rounds, pool, fams, sync_every } => {
             commands::demo::demo(keys, rounds, pool, fams.then_some(sync_every.max(1)))
         }

@@ -297,6 +297,13 @@ fn set_get_del_load_dump_round_trip() {
     again.sort();
     assert_eq!(again, dumped);
 
+    // Stats count what is there (after a reopen: from media).
+    let stats = text(&nvhtm(&["stats", p]).stdout);
+    assert!(stats.starts_with("entries     4\nsegments    1\ndirectory   depth 0 (1 entries)\n"), "{stats}");
+    let json: serde_json::Value = serde_json::from_slice(&nvhtm(&["stats", p, "--json"]).stdout).unwrap();
+    assert_eq!(json["entries"], 4);
+    assert_eq!(json["segments"], 1);
+
     std::fs::write(&input, "no tab here\n").unwrap();
     fails(&["load", p, input.to_str().unwrap()], "in.tsv:1: no tab between key and value");
     std::fs::write(&input, "k\tbad \\q escape\n").unwrap();

@@ -152,6 +152,22 @@ pub fn dump(path: &Path, layout: &str) -> CommandResult {
     Ok(())
 }
 
+/// `nvhtm stats`.
+pub fn stats(path: &Path, layout: &str, json: bool) -> CommandResult {
+    let map = open(path, layout)?;
+    let stats = map.stats()?;
+    map.close()?;
+    if json {
+        super::print_json(&stats);
+    } else {
+        println!("entries     {}", stats.entries);
+        println!("segments    {}", stats.segments);
+        println!("directory   depth {} ({} entries)", stats.global_depth, 1u64 << stats.global_depth);
+        println!("load factor {:.3}", stats.load_factor);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

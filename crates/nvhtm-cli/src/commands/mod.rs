@@ -125,8 +125,8 @@ pub fn grow(path: &Path, size: u64, layout: &str) -> CommandResult {
     Ok(())
 }
 
-fn print_json(info: &PoolInfo) {
-    println!("{}", serde_json::to_string_pretty(info).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
 }
 
 /// `nvhtm litmus`.
