@@ -257,3 +257,47 @@ fn iteration_visits_each_key_once_while_segments_split_and_may_use_the_map() {
     assert!((0..20_000).all(|i| visits.contains_key(&key(i))), "a key present throughout was missed");
     assert_eq!(map.len().unwrap(), 80_001);
 }
+
+#[test]
+fn readers_never_return_a_record_freed_and_reused_under_them() {
+    // Writers replace and remove out-of-place values of changing sizes on a few hot keys, so
+    // records are freed and their memory reused while readers are reading them. Every value
+    // written is self-describing (`len` bytes, each `len % 251`): a reader that returned a
+    // torn, freed or reused record would see a mismatch.
+    let map = map(16 << 20);
+    let value = |len: usize| vec![(len % 251) as u8; len];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..2usize {
+            let (map, stop) = (&map, &stop);
+            s.spawn(move || {
+                for i in 0..4000usize {
+                    let k = format!("hot-{}", i % 8);
+                    let len = 9 + (i * 37 + t * 101) % 3000;
+                    map.upsert(k.as_bytes(), &value(len)).unwrap();
+                    if i % 5 == 0 {
+                        map.remove(k.as_bytes()).unwrap();
+                    }
+                }
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            });
+        }
+        for _ in 0..2 {
+            let (map, stop) = (&map, &stop);
+            s.spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) || seen == 0 {
+                    for i in 0..8 {
+                        if let Some(v) = map.get(format!("hot-{i}").as_bytes()).unwrap() {
+                            assert!(v.len() >= 9, "a value of {} bytes was never written", v.len());
+                            assert!(v == value(v.len()), "a torn or reused record was returned");
+                            seen += 1;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let report = map.heap().check(&mut |_, _| {});
+    assert!(report.is_consistent(), "{:?}", report.problems);
+}

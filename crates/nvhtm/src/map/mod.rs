@@ -446,11 +446,18 @@ impl<D: Domain> StrictMap<D> {
         if held.summary.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
             return Ok(None);
         }
-        self.find(held.segment.at, hash, key)
+        self.find(held.segment.at, hash, key, &|| true)
     }
 
-    /// Looks `key` up in `segment` (its owner), returning where and its value.
-    fn find(&self, segment: u64, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
+    /// Looks `key` up in `segment` (its owner), returning where and its value. `stable` says
+    /// whether no writer has touched the segment since the caller began (always, under its lock).
+    fn find(
+        &self,
+        segment: u64,
+        hash: Hash,
+        key: &[u8],
+        stable: &dyn Fn() -> bool,
+    ) -> Result<Option<(Found, Value)>> {
         let pool = self.heap.pool();
         let home_meta = self.load(bucket_offset(segment, hash.home()))?;
         for i in 0..=reach(home_meta) {
@@ -479,6 +486,14 @@ impl<D: Domain> StrictMap<D> {
                     KIND_RECORD if words[0] == hash.0 => {
                         let record = words[1];
                         let [key_len, value_len]: [u32; 2] = pool.read(record)?;
+                        // A lock-free reader may be looking at a record freed and reused since
+                        // it read the slot: size nothing by its lengths unless the segment is
+                        // unchanged (then the record is live); otherwise report nothing, which
+                        // the caller's validation turns into a retry.
+                        std::sync::atomic::fence(Ordering::Acquire);
+                        if !stable() {
+                            return Ok(None);
+                        }
                         if key_len as usize == key.len() && pool.bytes_eq(record + 8, key)? {
                             let value =
                                 Value::read(pool, record + 8 + u64::from(key_len), value_len as usize)?;
@@ -531,7 +546,7 @@ impl<D: Domain> StrictMap<D> {
                 let found = if maybe {
                     // The home bucket's four lines at once: the slot's miss overlaps the meta's.
                     self.heap.pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
-                    self.find(segment.at, hash, key)?
+                    self.find(segment.at, hash, key, &|| locks.version.load(Ordering::Relaxed) == before)?
                 } else {
                     None
                 };
