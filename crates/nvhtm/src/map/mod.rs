@@ -575,17 +575,26 @@ impl<D: Domain> StrictMap<D> {
     /// The segment that owns `hash`, locked (the directory is read again if a split moved the
     /// hash meanwhile).
     fn lock_owner(&self, hash: Hash) -> Result<(Segment, &SegLocks, MutexGuard<'_, ()>)> {
-        // Each retry follows a completed split, and a hash's segment can split at most 64 times.
-        for _ in 0..=64 {
-            let located = self.locate(hash)?;
-            let locks = self.locks(&located)?;
-            let guard = lock(&locks.lock);
-            let segment = self.segment(located.at)?;
-            if segment.owns(hash) {
-                return Ok((segment, locks, guard));
+        // Each retry follows a split (at most 64 for one hash) or a read of a directory that a
+        // doubling freed meanwhile; a real corruption fails every time.
+        let mut failure = None;
+        for _ in 0..128 {
+            let attempt = (|| {
+                let located = self.locate(hash)?;
+                let locks = self.locks(&located)?;
+                let guard = lock(&locks.lock);
+                let segment = self.segment(located.at)?;
+                Ok::<_, MapError>(segment.owns(hash).then_some((segment, locks, guard)))
+            })();
+            match attempt {
+                Ok(Some(owner)) => return Ok(owner),
+                Ok(None) => {}
+                Err(e) => failure = Some(e),
             }
         }
-        Err(MapError::Corrupt(format!("the directory names no segment owning hash {:#018x}", hash.0)))
+        Err(failure.unwrap_or_else(|| {
+            MapError::Corrupt(format!("the directory names no segment owning hash {:#018x}", hash.0))
+        }))
     }
 
     /// Runs `op` on the segment owning `key`, locked and marked as being written; splits and
