@@ -46,6 +46,9 @@ use crate::persist::Domain;
 use crate::pool::{PPtr, Pool, PoolError};
 use layout::*;
 
+/// Deepest directory (2^40 segments).
+const MAX_DEPTH: u64 = 40;
+
 /// Longest key.
 pub const MAX_KEY: usize = 64 * 1024;
 /// Longest value.
@@ -80,6 +83,10 @@ pub enum MapError {
     /// The map's structure is inconsistent.
     #[error("corrupt map: {0}")]
     Corrupt(String),
+    /// A segment must split and cannot: the directory is at its deepest, or the segment
+    /// table is full.
+    #[error("the map cannot grow further: {0}")]
+    Limit(String),
 }
 
 impl From<PoolError> for MapError {
@@ -203,7 +210,7 @@ impl Value {
 
     /// Copies the `len` bytes at `offset`.
     fn read<D: Domain>(pool: &Pool<D>, offset: u64, len: usize) -> Result<Value> {
-        if len > MAX_VALUE {
+        if len > MAX_VALUE || !pool.contains(offset, len as u64) {
             return Err(MapError::Corrupt(format!("a record at {offset:#x} claims a {len}-byte value")));
         }
         Ok(if len <= SHORT_VALUE {
@@ -229,6 +236,14 @@ impl Value {
 struct RecordChange {
     adopt: Option<crate::heap::Reservation>,
     free: Option<u64>,
+}
+
+/// A slot written and ready to commit.
+struct Prepared {
+    /// Ranges to make durable before the commit.
+    before_commit: Vec<(u64, u64)>,
+    /// Meta words to store at the commit, by bucket.
+    metas: Vec<(u64, u64)>,
 }
 
 /// How a write ended: done, or the window is full and the segment must split first.
@@ -269,7 +284,7 @@ pub struct StrictMap<D: Domain> {
     heap: Heap<D>,
     root: u64,
     segments: SegTable,
-    /// Serialises splits (and walks that must not see one), and counts them.
+    /// Serialises splits (and `shape`, which must not see one), and counts them.
     resize: Mutex<Splits>,
 }
 
@@ -350,7 +365,7 @@ impl<D: Domain> StrictMap<D> {
     /// Reads a segment header.
     fn segment(&self, at: u64) -> Result<Segment> {
         let [magic, depth, pattern, id]: [u64; 4] = self.heap.pool().read(at)?;
-        if magic != SEG_MAGIC || depth > 63 {
+        if magic != SEG_MAGIC || depth > MAX_DEPTH {
             return Err(MapError::Corrupt(format!("no segment at {at:#x}")));
         }
         Ok(Segment { at, depth, pattern, id })
@@ -360,17 +375,21 @@ impl<D: Domain> StrictMap<D> {
     fn locate(&self, hash: Hash) -> Result<Segment> {
         let dir = self.load(self.root + ROOT_DIR)?;
         let [magic, depth]: [u64; 2] = self.heap.pool().read(dir)?;
-        if magic != DIR_MAGIC || depth > 40 {
+        if magic != DIR_MAGIC || depth > MAX_DEPTH {
             return Err(MapError::Corrupt(format!("no directory at {dir:#x}")));
         }
         let at = self.load(dir + DIR_HEADER + 8 * hash.prefix(depth))?;
-        self.segment(at)
+        let segment = self.segment(at)?;
+        if segment.depth > depth {
+            return Err(MapError::Corrupt(format!("segment {at:#x} is deeper than the directory")));
+        }
+        Ok(segment)
     }
 
     /// The directory's depth, refused when it cannot be one.
     fn dir_depth(&self, dir: u64) -> Result<u64> {
         let depth = self.load(dir + 8)?;
-        if depth > 40 {
+        if depth > MAX_DEPTH {
             return Err(MapError::Corrupt(format!("directory depth {depth}")));
         }
         Ok(depth)
@@ -521,7 +540,7 @@ impl<D: Domain> StrictMap<D> {
     fn lookup(&self, key: &[u8]) -> Result<Option<Value>> {
         check_sizes(key, None)?;
         let hash = Hash::of(key);
-        let mut failures = 0;
+        let (mut failures, mut strays) = (0, 0);
         loop {
             let attempt = (|| -> Result<Option<Option<Value>>> {
                 let segment = self.locate(hash)?;
@@ -532,13 +551,21 @@ impl<D: Domain> StrictMap<D> {
                 }
                 let segment = self.segment(segment.at)?;
                 if !segment.owns(hash) {
+                    // Only a split (at most 64 for one hash) can make this happen legitimately.
+                    strays += 1;
+                    if strays > 128 {
+                        return Err(MapError::Corrupt(format!(
+                            "the directory names no segment owning hash {:#018x}",
+                            hash.0
+                        )));
+                    }
                     return Ok(None);
                 }
                 let homes = match locks.summary.get() {
                     Some(summary) => &summary.homes,
                     None => {
-                        let _guard = lock(&locks.lock);
-                        self.summary_locked(&segment, locks)?;
+                        let (owner, owner_locks, _guard) = self.lock_owner(hash)?;
+                        self.summary_locked(&owner, owner_locks)?;
                         return Ok(None); // retry with the summary
                     }
                 };
@@ -584,7 +611,10 @@ impl<D: Domain> StrictMap<D> {
                 let locks = self.locks(&located)?;
                 let guard = lock(&locks.lock);
                 let segment = self.segment(located.at)?;
-                Ok::<_, MapError>(segment.owns(hash).then_some((segment, locks, guard)))
+                // Still the directory's choice: the first read may have followed a directory
+                // freed (and its block reused) by a concurrent doubling.
+                let current = segment.owns(hash) && self.locate(hash)?.at == segment.at;
+                Ok::<_, MapError>(current.then_some((segment, locks, guard)))
             })();
             match attempt {
                 Ok(Some(owner)) => return Ok(owner),
@@ -694,7 +724,7 @@ impl<D: Domain> StrictMap<D> {
                     return Ok(Some((bucket, slot)));
                 }
             }
-            if pass == 0 && !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
+            if pass == 1 || !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
                 break;
             }
             // A cleared slot's bit must be clear on media before new bytes go into the slot:
@@ -870,6 +900,67 @@ impl<D: Domain> StrictMap<D> {
         records: RecordChange,
     ) -> Result<()> {
         let pool = self.heap.pool();
+        let Prepared { mut before_commit, metas } =
+            match self.prepare_slot(segment, hash, (bucket, slot), words, from) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    if let Some(reservation) = records.adopt {
+                        self.heap.cancel(reservation);
+                    }
+                    return Err(e);
+                }
+            };
+        match (metas.as_slice(), &records.adopt, records.free) {
+            // One word, no allocation change: the plain protocol, two fences.
+            ([(bucket, meta)], None, None) => {
+                for &(at, len) in &before_commit {
+                    pool.flush(at, len)?;
+                }
+                pool.fence()?;
+                let at = bucket_offset(segment.at, *bucket);
+                pool.store_u64(at, *meta, Ordering::Release)?;
+                pool.persist(at, 8)?;
+            }
+            // Several words or an allocation: one heap commit (the redo log). Recovery may apply
+            // the meta word from the log, so the fingerprint cannot rely on being stored before
+            // it in the same line: it is made durable before the commit like the slot.
+            _ => {
+                before_commit.push((bucket_offset(segment.at, bucket) + 8, 8));
+                let words: Vec<(u64, u64)> =
+                    metas.iter().map(|&(bucket, meta)| (bucket_offset(segment.at, bucket), meta)).collect();
+                self.heap.transaction(|tx| {
+                    // First: from here on the transaction gives the block back if it aborts.
+                    if let Some(r) = records.adopt {
+                        tx.adopt(r);
+                    }
+                    for &(at, len) in &before_commit {
+                        tx.flush_on_commit(at, len)?;
+                    }
+                    if let Some(old) = records.free {
+                        tx.free(old)?;
+                    }
+                    for &(at, meta) in &words {
+                        tx.redo_store(at, meta)?;
+                    }
+                    Ok::<_, HeapError>(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first half of [`commit_slot`](Self::commit_slot): writes the slot and its
+    /// fingerprint (and raises the home's reach, durable before the commit); returns the ranges
+    /// to make durable before the commit and the meta words to store at it.
+    fn prepare_slot(
+        &self,
+        segment: &Segment,
+        hash: Hash,
+        (bucket, slot): (u64, u64),
+        words: [u64; 4],
+        from: Option<(u64, u64)>,
+    ) -> Result<Prepared> {
+        let pool = self.heap.pool();
         let home = hash.home();
         let s = slot_offset(segment.at, bucket, slot);
         pool.write(s, &words)?;
@@ -903,42 +994,7 @@ impl<D: Domain> StrictMap<D> {
                 }
             }
         }
-        match (metas.as_slice(), &records.adopt, records.free) {
-            // One word, no allocation change: the plain protocol, two fences.
-            ([(bucket, meta)], None, None) => {
-                for &(at, len) in &before_commit {
-                    pool.flush(at, len)?;
-                }
-                pool.fence()?;
-                let at = bucket_offset(segment.at, *bucket);
-                pool.store_u64(at, *meta, Ordering::Release)?;
-                pool.persist(at, 8)?;
-            }
-            // Several words or an allocation: one heap commit (the redo log). Recovery may apply
-            // the meta word from the log, so the fingerprint cannot rely on being stored before
-            // it in the same line: it is made durable before the commit like the slot.
-            _ => {
-                before_commit.push((b + 8, 8));
-                let words: Vec<(u64, u64)> =
-                    metas.iter().map(|&(bucket, meta)| (bucket_offset(segment.at, bucket), meta)).collect();
-                self.heap.transaction(|tx| {
-                    for &(at, len) in &before_commit {
-                        tx.flush_on_commit(at, len)?;
-                    }
-                    if let Some(r) = records.adopt {
-                        tx.adopt(r);
-                    }
-                    if let Some(old) = records.free {
-                        tx.free(old)?;
-                    }
-                    for &(at, meta) in &words {
-                        tx.redo_store(at, meta)?;
-                    }
-                    Ok::<_, HeapError>(())
-                })?;
-            }
-        }
-        Ok(())
+        Ok(Prepared { before_commit, metas })
     }
 
     /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit),
@@ -998,6 +1054,14 @@ impl<D: Domain> StrictMap<D> {
         let dir = self.load(self.root + ROOT_DIR)?;
         let global = self.dir_depth(dir)?;
         let next_id = self.load(self.root + ROOT_NEXT_ID)?;
+        if depth + 1 > MAX_DEPTH {
+            return Err(MapError::Limit(format!(
+                "a full window's keys share a {depth}-bit hash prefix, the deepest a directory goes"
+            )));
+        }
+        if self.segments.get(next_id).is_none() {
+            return Err(MapError::Limit(format!("{next_id} segments, the most one map can have")));
+        }
         let (root, new_pattern) = (self.root, pattern << 1 | 1);
         self.heap.transaction(|tx| {
             // Only the header, the bucket headers and the moved slots need writing: a slot's
@@ -1054,26 +1118,28 @@ impl<D: Domain> StrictMap<D> {
             }
             Ok::<_, HeapError>(())
         })?;
-        // The moved keys' old copies are stale now; clear their bits (the ones moved: stale
-        // copies left by a crash are cleared when a window needs them). Another thread may
-        // reuse a cleared slot as soon as the segment is unlocked, and its fence does not order
-        // this thread's flushes: make the clearing durable first.
-        for (bucket, &mask) in (0..BUCKETS).zip(&moved) {
-            self.clear_slots(segment.at, bucket, u64::from(mask))?;
-        }
-        pool.fence()?; // cross-thread: see above
+        // Committed: DRAM follows first, so that it is right whatever happens below.
         for (word, bits) in summary.homes.iter().zip(staying_homes) {
             word.store(bits, Ordering::Release);
         }
         summary.live.store(live - moving.len() as u64, Ordering::Relaxed);
-        let load = live as f64 / (BUCKETS * SLOTS) as f64;
-        splits.load_min = if splits.count == 0 { load } else { splits.load_min.min(load) };
-        splits.count += 1;
-        splits.load_sum += load;
         if let Some(new) = self.segments.get(next_id) {
             // Unless a writer of the new segment built it from media first.
             let _ = new.summary.set(Summary::new(moving_homes, moving.len() as u64));
         }
+        let load = live as f64 / (BUCKETS * SLOTS) as f64;
+        splits.load_min = if splits.count == 0 { load } else { splits.load_min.min(load) };
+        splits.count += 1;
+        splits.load_sum += load;
+        // The moved keys' old copies are stale now; clear their bits (the ones moved: stale
+        // copies left by a crash are cleared when a window needs them). Another thread may
+        // reuse a cleared slot as soon as the segment is unlocked, and its fence does not order
+        // this thread's flushes: make the clearing durable first. (If a store or the fence
+        // fails, the pool is poisoned and refuses every later write, so no slot is reused.)
+        for (bucket, &mask) in (0..BUCKETS).zip(&moved) {
+            self.clear_slots(segment.at, bucket, u64::from(mask))?;
+        }
+        pool.fence()?; // cross-thread: see above
         Ok(())
     }
 
@@ -1128,6 +1194,12 @@ impl<D: Domain> StrictMap<D> {
                     entries.push((key[..key_len].to_vec(), value[..value_len].to_vec()));
                 } else {
                     let [key_len, value_len]: [u32; 2] = pool.read(words[1])?;
+                    if key_len as usize > MAX_KEY || !pool.contains(words[1] + 8, u64::from(key_len)) {
+                        return Err(MapError::Corrupt(format!(
+                            "a record at {:#x} claims a {key_len}-byte key",
+                            words[1]
+                        )));
+                    }
                     let mut key = vec![0u8; key_len as usize];
                     pool.read_into(words[1] + 8, &mut key)?;
                     let value = Value::read(pool, words[1] + 8 + u64::from(key_len), value_len as usize)?;

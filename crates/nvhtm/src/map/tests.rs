@@ -131,3 +131,83 @@ fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reuse
     assert!(map_sites.len() >= 5, "{mutations}");
     assert!(mutations.missed().is_empty(), "{mutations}");
 }
+
+/// A map of two segments (one split) on the Volatile domain, with its keys.
+fn split_map() -> (StrictMap<crate::Volatile>, Vec<Vec<u8>>) {
+    let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
+    let mut keys = Vec::new();
+    while map.shape().unwrap().0 == 1 {
+        keys.push(prefill_key(keys.len() as u64));
+        map.upsert(keys.last().unwrap(), b"v").unwrap();
+    }
+    (map, keys)
+}
+
+fn corrupt<T>(result: Result<T>) -> String {
+    match result {
+        Err(MapError::Corrupt(why)) => why,
+        Err(e) => panic!("expected a corruption error, got {e}"),
+        Ok(_) => panic!("expected a corruption error, got a result"),
+    }
+}
+
+#[test]
+fn a_directory_naming_the_wrong_segment_is_an_error_not_a_hang() {
+    let (map, keys) = split_map();
+    let dir = map.load(map.root + ROOT_DIR).unwrap();
+    let low = map.load(dir + DIR_HEADER).unwrap();
+    // Both entries name the segment of the hashes starting with bit 0.
+    map.heap().pool().store_u64(dir + DIR_HEADER + 8, low, Ordering::Release).unwrap();
+    let stray = keys.iter().find(|k| Hash::of(k).prefix(1) == 1).unwrap();
+    assert!(corrupt(map.get(stray)).contains("no segment owning"));
+    assert!(corrupt(map.upsert(stray, b"w")).contains("no segment owning"));
+    assert!(corrupt(map.for_each(|_, _| true)).contains("no segment owning"));
+}
+
+#[test]
+fn a_segment_deeper_than_its_directory_is_an_error() {
+    let (map, keys) = split_map();
+    let dir = map.load(map.root + ROOT_DIR).unwrap();
+    let low = map.load(dir + DIR_HEADER).unwrap();
+    map.heap().pool().store_u64(low + SEG_DEPTH, 5, Ordering::Release).unwrap();
+    let key = keys.iter().find(|k| Hash::of(k).prefix(1) == 0).unwrap();
+    assert!(corrupt(map.get(key)).contains("deeper than the directory"));
+    assert!(corrupt(map.remove(key)).contains("deeper than the directory"));
+}
+
+#[test]
+fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
+    let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
+    let key = b"a key long enough to be stored out of place";
+    map.upsert(key, b"value").unwrap();
+    let hash = Hash::of(key);
+    let segment = map.locate(hash).unwrap();
+    let (found, _) = map.find(segment.at, hash, key, &|| true).unwrap().unwrap();
+    let pool = map.heap().pool();
+    pool.write(found.record, &[u32::MAX, 5]).unwrap();
+    assert!(corrupt(map.entries()).contains("claims a 4294967295-byte key"));
+    pool.write(found.record, &[key.len() as u32, u32::MAX]).unwrap();
+    assert!(corrupt(map.get(key)).contains("claims a 4294967295-byte value"));
+}
+
+#[test]
+fn a_split_past_the_segment_limit_is_refused_and_changes_nothing() {
+    let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
+    let limit = 4096 * LOCK_PAGE;
+    map.heap().pool().store_u64(map.root + ROOT_NEXT_ID, limit, Ordering::Release).unwrap();
+    let mut inserted = 0u64;
+    let refused = loop {
+        match map.insert(&prefill_key(inserted), b"v") {
+            Ok(_) => inserted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refused, MapError::Limit(_)), "{refused}");
+    assert_eq!(
+        refused.to_string(),
+        format!("the map cannot grow further: {limit} segments, the most one map can have")
+    );
+    assert_eq!(map.len().unwrap(), inserted);
+    assert!((0..inserted).all(|i| map.get(&prefill_key(i)).unwrap().is_some()));
+    assert_eq!(map.get(&prefill_key(inserted)).unwrap(), None);
+}

@@ -790,6 +790,11 @@ impl<D: Domain> Pool<D> {
         Ok(unsafe { std::ptr::read_unaligned(ptr.cast::<T>()) })
     }
 
+    /// Whether `offset..offset + len` lies inside the pool.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        self.range(offset, len, 0).is_ok()
+    }
+
     /// Whether the `expected.len()` bytes at `offset` equal `expected` (compared in 64-byte
     /// pieces: nothing is allocated).
     pub fn bytes_eq(&self, offset: u64, expected: &[u8]) -> Result<bool> {
