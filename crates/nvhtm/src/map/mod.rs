@@ -1134,8 +1134,10 @@ impl<D: Domain> StrictMap<D> {
         // The moved keys' old copies are stale now; clear their bits (the ones moved: stale
         // copies left by a crash are cleared when a window needs them). Another thread may
         // reuse a cleared slot as soon as the segment is unlocked, and its fence does not order
-        // this thread's flushes: make the clearing durable first. (If a store or the fence
-        // fails, the pool is poisoned and refuses every later write, so no slot is reused.)
+        // this thread's flushes: make the clearing durable first. (Usually this thread's
+        // retried write fences right after anyway, but not when the retry writes nothing. If a
+        // store or the fence fails, the pool is poisoned and refuses every later write, so no
+        // slot is reused.)
         for (bucket, &mask) in (0..BUCKETS).zip(&moved) {
             self.clear_slots(segment.at, bucket, u64::from(mask))?;
         }
