@@ -238,6 +238,15 @@ struct RecordChange {
     free: Option<u64>,
 }
 
+/// A key's slot to write into the free slot `to`, releasing `from` in the same commit.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    hash: Hash,
+    to: (u64, u64),
+    words: [u64; 4],
+    from: Option<(u64, u64)>,
+}
+
 /// A slot written and ready to commit.
 struct Prepared {
     /// Ranges to make durable before the commit.
@@ -844,7 +853,8 @@ impl<D: Domain> StrictMap<D> {
             Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
         };
         let records = RecordChange { adopt: record, free: old.map(|f| f.record).filter(|&r| r != 0) };
-        self.commit_slot(&segment, hash, (bucket, slot), words, old.map(|f| (f.bucket, f.slot)), records)?;
+        let placement = Placement { hash, to: (bucket, slot), words, from: old.map(|f| (f.bucket, f.slot)) };
+        self.commit_slot(&segment, placement, records)?;
         if old.is_none() {
             held.summary.live.fetch_add(1, Ordering::Relaxed);
         }
@@ -879,7 +889,9 @@ impl<D: Domain> StrictMap<D> {
                     };
                     let words: [u64; 4] = self.heap.pool().load_words(slot_offset(segment.at, from, slot))?;
                     let records = RecordChange { adopt: None, free: None };
-                    self.commit_slot(segment, moving, (to, to_slot), words, Some((from, slot)), records)?;
+                    let placement =
+                        Placement { hash: moving, to: (to, to_slot), words, from: Some((from, slot)) };
+                    self.commit_slot(segment, placement, records)?;
                     return Ok(Some((from, slot)));
                 }
             }
@@ -887,29 +899,20 @@ impl<D: Domain> StrictMap<D> {
         Ok(None)
     }
 
-    /// Writes `words` (a key's slot) into the free slot `to` with its fingerprint and commits it,
-    /// releasing the slot `from` and making `records`' heap changes in the same commit,
-    /// failure-atomically.
-    fn commit_slot(
-        &self,
-        segment: &Segment,
-        hash: Hash,
-        (bucket, slot): (u64, u64),
-        words: [u64; 4],
-        from: Option<(u64, u64)>,
-        records: RecordChange,
-    ) -> Result<()> {
+    /// Writes a placement's slot with its fingerprint and commits it, releasing its old slot and
+    /// making `records`' heap changes in the same commit, failure-atomically.
+    fn commit_slot(&self, segment: &Segment, placement: Placement, records: RecordChange) -> Result<()> {
         let pool = self.heap.pool();
-        let Prepared { mut before_commit, metas } =
-            match self.prepare_slot(segment, hash, (bucket, slot), words, from) {
-                Ok(prepared) => prepared,
-                Err(e) => {
-                    if let Some(reservation) = records.adopt {
-                        self.heap.cancel(reservation);
-                    }
-                    return Err(e);
+        let bucket = placement.to.0;
+        let Prepared { mut before_commit, metas } = match self.prepare_slot(segment, placement) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                if let Some(reservation) = records.adopt {
+                    self.heap.cancel(reservation);
                 }
-            };
+                return Err(e);
+            }
+        };
         match (metas.as_slice(), &records.adopt, records.free) {
             // One word, no allocation change: the plain protocol, two fences.
             ([(bucket, meta)], None, None) => {
@@ -952,14 +955,8 @@ impl<D: Domain> StrictMap<D> {
     /// The first half of [`commit_slot`](Self::commit_slot): writes the slot and its
     /// fingerprint (and raises the home's reach, durable before the commit); returns the ranges
     /// to make durable before the commit and the meta words to store at it.
-    fn prepare_slot(
-        &self,
-        segment: &Segment,
-        hash: Hash,
-        (bucket, slot): (u64, u64),
-        words: [u64; 4],
-        from: Option<(u64, u64)>,
-    ) -> Result<Prepared> {
+    fn prepare_slot(&self, segment: &Segment, placement: Placement) -> Result<Prepared> {
+        let Placement { hash, to: (bucket, slot), words, from } = placement;
         let pool = self.heap.pool();
         let home = hash.home();
         let s = slot_offset(segment.at, bucket, slot);
