@@ -722,6 +722,9 @@ struct MapResult {
     op: &'static str,
     mops_per_second: f64,
     ratio_to_hashbrown: f64,
+    /// Throughput over the same map's on the `Volatile` domain (same threads, sizes and
+    /// operation); absent for hashbrown.
+    ratio_to_volatile: Option<f64>,
     lines_flushed_per_op: f64,
     fences_per_op: f64,
 }
@@ -874,8 +877,15 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
             .find(|(c, _)| c.0 == "hashbrown")
             .map(|(_, m)| m.iter().map(|x| x.0).collect())
             .unwrap_or_default();
+        let volatile: std::collections::BTreeMap<usize, Vec<f64>> = medians
+            .iter()
+            .filter(|(c, _)| c.0 == "strict (volatile)")
+            .map(|(c, m)| (c.1, m.iter().map(|x| x.0).collect()))
+            .collect();
         for ((name, threads), ops) in medians {
             for (i, (mops, st)) in ops.into_iter().enumerate() {
+                let ratio_to_volatile =
+                    (name != "hashbrown").then(|| volatile.get(&threads).map_or(f64::NAN, |v| mops / v[i]));
                 results.push(MapResult {
                     map: name.to_string(),
                     threads,
@@ -884,6 +894,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
                     op: MAP_OPS[i],
                     mops_per_second: mops,
                     ratio_to_hashbrown: mops / base[i],
+                    ratio_to_volatile,
                     lines_flushed_per_op: st.lines_flushed as f64 / keys as f64,
                     fences_per_op: st.fences as f64 / keys as f64,
                 });
@@ -923,7 +934,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
     let machine = Machine::here();
     println!("strict map, {keys} keys per case, on {} ({} cores)", machine.cpu, machine.cores);
     print_table(
-        &["map", "thr", "key", "value", "op", "Mops/s", "x hashbrown", "lines", "fences"],
+        &["map", "thr", "key", "value", "op", "Mops/s", "x hashbrown", "x volatile", "lines", "fences"],
         results.iter().map(|r| {
             vec![
                 r.map.clone(),
@@ -933,6 +944,7 @@ fn map(pmem_dir: &Path, keys: u64, open_keys: &[u64], json: Option<&Path>) -> Co
                 r.op.to_string(),
                 format!("{:.2}", r.mops_per_second),
                 format!("{:.2}", r.ratio_to_hashbrown),
+                r.ratio_to_volatile.map_or("-".to_string(), |x| format!("{x:.2}")),
                 format!("{:.2}", r.lines_flushed_per_op),
                 format!("{:.2}", r.fences_per_op),
             ]

@@ -195,39 +195,44 @@ struct Found {
 /// Longest value a lookup copies out on the stack rather than into an allocation.
 const SHORT_VALUE: usize = 128;
 
-/// A value read from a slot or a record: short ones are copied without allocating.
-enum Value {
-    Short([u8; SHORT_VALUE], usize),
-    Long(Vec<u8>),
+/// Where a lookup copies the value it finds (before validating it): short values stay in this
+/// buffer, which the caller owns and nothing moves, so a lookup allocates nothing for them.
+struct ValueBuf {
+    short: [u8; SHORT_VALUE],
+    len: usize,
+    long: Vec<u8>,
 }
 
-impl Value {
-    fn inline(word: u64, len: usize) -> Value {
-        let mut bytes = [0u8; SHORT_VALUE];
-        bytes[..8].copy_from_slice(&word.to_le_bytes());
-        Value::Short(bytes, len.min(INLINE_VALUE))
+impl ValueBuf {
+    fn new() -> ValueBuf {
+        ValueBuf { short: [0; SHORT_VALUE], len: 0, long: Vec::new() }
+    }
+
+    fn set_inline(&mut self, word: u64, len: usize) {
+        self.short[..8].copy_from_slice(&word.to_le_bytes());
+        self.len = len.min(INLINE_VALUE);
     }
 
     /// Copies the `len` bytes at `offset`.
-    fn read<D: Domain>(pool: &Pool<D>, offset: u64, len: usize) -> Result<Value> {
+    fn read<D: Domain>(&mut self, pool: &Pool<D>, offset: u64, len: usize) -> Result<()> {
         if len > MAX_VALUE || !pool.contains(offset, len as u64) {
             return Err(MapError::Corrupt(format!("a record at {offset:#x} claims a {len}-byte value")));
         }
-        Ok(if len <= SHORT_VALUE {
-            let mut bytes = [0u8; SHORT_VALUE];
-            pool.read_into(offset, &mut bytes[..len])?;
-            Value::Short(bytes, len)
+        self.len = len;
+        if len <= SHORT_VALUE {
+            pool.read_into(offset, &mut self.short[..len])?;
         } else {
-            let mut bytes = vec![0u8; len];
-            pool.read_into(offset, &mut bytes)?;
-            Value::Long(bytes)
-        })
+            self.long.resize(len, 0);
+            pool.read_into(offset, &mut self.long)?;
+        }
+        Ok(())
     }
 
     fn as_slice(&self) -> &[u8] {
-        match self {
-            Value::Short(bytes, len) => &bytes[..*len],
-            Value::Long(bytes) => bytes,
+        if self.len <= SHORT_VALUE {
+            &self.short[..self.len]
+        } else {
+            &self.long
         }
     }
 }
@@ -470,22 +475,31 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// Looks `key` up in the segment a writer holds: a key its summary rules out is not probed.
-    fn find_held(&self, held: &Held, hash: Hash, key: &[u8]) -> Result<Option<(Found, Value)>> {
+    /// Copies the value into `value` if given.
+    fn find_held(
+        &self,
+        held: &Held,
+        hash: Hash,
+        key: &[u8],
+        value: Option<&mut ValueBuf>,
+    ) -> Result<Option<Found>> {
         if held.summary.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
             return Ok(None);
         }
-        self.find(held.segment.at, hash, key, &|| true)
+        self.find(held.segment.at, hash, key, &|| true, value)
     }
 
-    /// Looks `key` up in `segment` (its owner), returning where and its value. `stable` says
-    /// whether no writer has touched the segment since the caller began (always, under its lock).
+    /// Looks `key` up in `segment` (its owner), returning where it is and copying its value into
+    /// `value` if given. `stable` says whether no writer has touched the segment since the caller
+    /// began (always, under its lock).
     fn find(
         &self,
         segment: u64,
         hash: Hash,
         key: &[u8],
         stable: &dyn Fn() -> bool,
-    ) -> Result<Option<(Found, Value)>> {
+        value: Option<&mut ValueBuf>,
+    ) -> Result<Option<Found>> {
         let pool = self.heap.pool();
         let home_meta = self.load(bucket_offset(segment, hash.home()))?;
         for i in 0..=reach(home_meta) {
@@ -507,8 +521,10 @@ impl<D: Domain> StrictMap<D> {
                             && key.len() <= INLINE_KEY
                             && &stored[..key.len()] == key
                         {
-                            let value = Value::inline(words[2], info_value_len(info));
-                            return Ok(Some((Found { bucket, slot, info, record: 0 }, value)));
+                            if let Some(value) = value {
+                                value.set_inline(words[2], info_value_len(info));
+                            }
+                            return Ok(Some(Found { bucket, slot, info, record: 0 }));
                         }
                     }
                     KIND_RECORD if words[0] == hash.0 => {
@@ -523,9 +539,10 @@ impl<D: Domain> StrictMap<D> {
                             return Ok(None);
                         }
                         if key_len as usize == key.len() && pool.bytes_eq(record + 8, key)? {
-                            let value =
-                                Value::read(pool, record + 8 + u64::from(key_len), value_len as usize)?;
-                            return Ok(Some((Found { bucket, slot, info, record }, value)));
+                            if let Some(value) = value {
+                                value.read(pool, record + 8 + u64::from(key_len), value_len as usize)?;
+                            }
+                            return Ok(Some(Found { bucket, slot, info, record }));
                         }
                     }
                     _ => {}
@@ -543,15 +560,17 @@ impl<D: Domain> StrictMap<D> {
 
     /// Calls `read` on the value of `key`, if present, without allocating for inline values.
     pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        Ok(self.lookup(key)?.map(|value| read(value.as_slice())))
+        let mut value = ValueBuf::new();
+        Ok(self.lookup(key, &mut value)?.then(|| read(value.as_slice())))
     }
 
-    fn lookup(&self, key: &[u8]) -> Result<Option<Value>> {
+    /// Whether `key` is present, its value copied into `value`.
+    fn lookup(&self, key: &[u8], value: &mut ValueBuf) -> Result<bool> {
         check_sizes(key, None)?;
         let hash = Hash::of(key);
         let (mut failures, mut strays) = (0, 0);
         loop {
-            let attempt = (|| -> Result<Option<Option<Value>>> {
+            let attempt = (|| -> Result<Option<bool>> {
                 let segment = self.locate(hash)?;
                 let locks = self.locks(&segment)?;
                 let before = locks.version.load(Ordering::Acquire);
@@ -582,18 +601,19 @@ impl<D: Domain> StrictMap<D> {
                 let found = if maybe {
                     // The home bucket's four lines at once: the slot's miss overlaps the meta's.
                     self.heap.pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
-                    self.find(segment.at, hash, key, &|| locks.version.load(Ordering::Relaxed) == before)?
+                    let stable = || locks.version.load(Ordering::Relaxed) == before;
+                    self.find(segment.at, hash, key, &stable, Some(&mut *value))?.is_some()
                 } else {
-                    None
+                    false
                 };
                 std::sync::atomic::fence(Ordering::Acquire);
                 if locks.version.load(Ordering::Relaxed) != before {
                     return Ok(None);
                 }
-                Ok(Some(found.map(|(_, value)| value)))
+                Ok(Some(found))
             })();
             match attempt {
-                Ok(Some(value)) => return Ok(value),
+                Ok(Some(found)) => return Ok(found),
                 Ok(None) => {}
                 // Reading a block freed under us can fail; a real corruption fails every time.
                 Err(e) if failures > 64 => return Err(e),
@@ -659,7 +679,7 @@ impl<D: Domain> StrictMap<D> {
     /// Inserts `key` if absent. Returns `false` (and changes nothing) if it was present.
     pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         check_sizes(key, Some(value))?;
-        self.write(key, |held, hash| match self.find_held(held, hash, key)? {
+        self.write(key, |held, hash| match self.find_held(held, hash, key, None)? {
             Some(_) => Ok(Outcome::Done(false)),
             None => Ok(match self.place(held, hash, key, value, None)? {
                 true => Outcome::Done(true),
@@ -672,9 +692,9 @@ impl<D: Domain> StrictMap<D> {
     pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         check_sizes(key, Some(value))?;
         self.write(key, |held, hash| {
-            let found = self.find_held(held, hash, key)?;
+            let found = self.find_held(held, hash, key, None)?;
             let is_new = found.is_none();
-            Ok(match self.place(held, hash, key, value, found.map(|(f, _)| f))? {
+            Ok(match self.place(held, hash, key, value, found)? {
                 true => Outcome::Done(is_new),
                 false => Outcome::Split,
             })
@@ -684,8 +704,8 @@ impl<D: Domain> StrictMap<D> {
     /// Removes `key`. Returns whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool> {
         check_sizes(key, None)?;
-        self.write(key, |held, hash| match self.find_held(held, hash, key)? {
-            Some((found, _)) => {
+        self.write(key, |held, hash| match self.find_held(held, hash, key, None)? {
+            Some(found) => {
                 self.unlink(held, hash, found)?;
                 Ok(Outcome::Done(true))
             }
@@ -703,19 +723,18 @@ impl<D: Domain> StrictMap<D> {
     ) -> Result<Result<(), Option<Vec<u8>>>> {
         check_sizes(key, new)?;
         self.write(key, |held, hash| {
-            let found = self.find_held(held, hash, key)?;
-            let current = found.as_ref().map(|(_, v)| v.as_slice());
+            let mut value = ValueBuf::new();
+            let found = self.find_held(held, hash, key, Some(&mut value))?;
+            let current = found.map(|_| value.as_slice());
             if current != expected {
-                return Ok(Outcome::Done(Err(found.map(|(_, v)| v.as_slice().to_vec()))));
+                return Ok(Outcome::Done(Err(current.map(<[u8]>::to_vec))));
             }
             match (new, found) {
-                (Some(value), found) => {
-                    Ok(match self.place(held, hash, key, value, found.map(|(f, _)| f))? {
-                        true => Outcome::Done(Ok(())),
-                        false => Outcome::Split,
-                    })
-                }
-                (None, Some((found, _))) => {
+                (Some(value), found) => Ok(match self.place(held, hash, key, value, found)? {
+                    true => Outcome::Done(Ok(())),
+                    false => Outcome::Split,
+                }),
+                (None, Some(found)) => {
                     self.unlink(held, hash, found)?;
                     Ok(Outcome::Done(Ok(())))
                 }
@@ -1201,7 +1220,8 @@ impl<D: Domain> StrictMap<D> {
                     }
                     let mut key = vec![0u8; key_len as usize];
                     pool.read_into(words[1] + 8, &mut key)?;
-                    let value = Value::read(pool, words[1] + 8 + u64::from(key_len), value_len as usize)?;
+                    let mut value = ValueBuf::new();
+                    value.read(pool, words[1] + 8 + u64::from(key_len), value_len as usize)?;
                     entries.push((key, value.as_slice().to_vec()));
                 }
                 Ok(())

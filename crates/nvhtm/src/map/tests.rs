@@ -182,7 +182,7 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     map.upsert(key, b"value").unwrap();
     let hash = Hash::of(key);
     let segment = map.locate(hash).unwrap();
-    let (found, _) = map.find(segment.at, hash, key, &|| true).unwrap().unwrap();
+    let found = map.find(segment.at, hash, key, &|| true, None).unwrap().unwrap();
     let pool = map.heap().pool();
     pool.write(found.record, &[u32::MAX, 5]).unwrap();
     assert!(corrupt(map.entries()).contains("claims a 4294967295-byte key"));
