@@ -301,3 +301,64 @@ fn readers_never_return_a_record_freed_and_reused_under_them() {
     let report = map.heap().check(&mut |_, _| {});
     assert!(report.is_consistent(), "{:?}", report.problems);
 }
+
+#[test]
+fn a_full_pool_refuses_inserts_cleanly_and_frees_room_on_removal() {
+    // A pool that cannot grow: inserts of out-of-place values fail with OutOfSpace once the
+    // heap is full; everything acknowledged stays readable and the heap consistent, and
+    // removing keys makes room again.
+    let opts = PoolOptions::layout("map-test").with_size(2 << 20).with_max_size(2 << 20);
+    let map = StrictMap::open(Heap::create_in_memory(&opts, Volatile).unwrap()).unwrap();
+    let value = vec![7u8; 3000];
+    let mut stored = 0u64;
+    let error = loop {
+        match map.insert(&key(stored), &value) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(error, MapError::Heap(nvhtm::HeapError::OutOfSpace { .. })),
+        "expected out of space, got {error}"
+    );
+    assert!(stored > 100, "only {stored} values fit");
+    assert_eq!(map.len().unwrap(), stored);
+    assert!((0..stored).all(|i| map.get(&key(i)).unwrap().as_deref() == Some(&value[..])));
+    assert!(map.get(&key(stored)).unwrap().is_none());
+    assert!(map.heap().check(&mut |_, _| {}).is_consistent());
+    for i in 0..10 {
+        assert!(map.remove(&key(i)).unwrap());
+    }
+    for i in 0..10 {
+        assert!(map.insert(&key(stored + i), &value).unwrap(), "room was freed");
+    }
+    assert_eq!(map.len().unwrap(), stored);
+}
+
+#[test]
+fn a_split_that_finds_no_room_fails_cleanly() {
+    // Inline records need no allocation: here the pool fills when a split needs a segment.
+    let opts = PoolOptions::layout("map-test").with_size(1 << 20).with_max_size(1 << 20);
+    let map = StrictMap::open(Heap::create_in_memory(&opts, Volatile).unwrap()).unwrap();
+    let mut stored = 0u64;
+    let error = loop {
+        match map.insert(&stored.to_le_bytes(), &stored.to_le_bytes()) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(error, MapError::Heap(nvhtm::HeapError::OutOfSpace { .. })), "{error}");
+    let stats = map.stats().unwrap();
+    assert!(stats.segments >= 4 && stats.entries == stored, "{stats:?}");
+    assert!((0..stored).all(|i| map.get(&i.to_le_bytes()).unwrap() == Some(i.to_le_bytes().to_vec())));
+    assert!(map.heap().check(&mut |_, _| {}).is_consistent());
+    // Keys that fit without a split still go in.
+    let mut more = 0;
+    for i in stored + 1..stored + 2000 {
+        if map.insert(&i.to_le_bytes(), b"x").is_ok() {
+            more += 1;
+        }
+    }
+    assert!(more > 0, "no key fitted any more");
+    assert_eq!(map.len().unwrap(), stored + more);
+}
