@@ -362,3 +362,42 @@ fn a_split_that_finds_no_room_fails_cleanly() {
     assert!(more > 0, "no key fitted any more");
     assert_eq!(map.len().unwrap(), stored + more);
 }
+
+#[test]
+fn readers_and_writers_see_no_error_while_the_directory_doubles_under_them() {
+    // Splits that double the directory swap it and deepen a segment while other threads are
+    // finding their segment through it: that must only ever cause retries, never an error.
+    let map = map(256 << 20);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let map = &map;
+                s.spawn(move || {
+                    for i in 0..60_000u64 {
+                        map.insert(&(t << 40 | i).to_le_bytes(), &i.to_le_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            let (map, done) = (&map, &done);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let k = ((i % 2) << 40) | ((i / 2) % 60_000);
+                    if let Some(v) = map.get(&k.to_le_bytes()).unwrap() {
+                        assert_eq!(v, ((i / 2) % 60_000).to_le_bytes());
+                    }
+                    map.upsert(b"reader", &i.to_le_bytes()).unwrap();
+                    i += 1;
+                }
+            });
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+    });
+    assert_eq!(map.len().unwrap(), 120_001);
+}

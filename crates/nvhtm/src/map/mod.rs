@@ -386,7 +386,8 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// The segment the directory names for `hash` now (may be stale by the time it is used).
-    fn locate(&self, hash: Hash) -> Result<Segment> {
+    /// `None` when a split swapped the directory while it was being read: read it again.
+    fn locate(&self, hash: Hash) -> Result<Option<Segment>> {
         let dir = self.load(self.root + ROOT_DIR)?;
         let [magic, depth]: [u64; 2] = self.heap.pool().read(dir)?;
         if magic != DIR_MAGIC || depth > MAX_DEPTH {
@@ -395,9 +396,15 @@ impl<D: Domain> StrictMap<D> {
         let at = self.load(dir + DIR_HEADER + 8 * hash.prefix(depth))?;
         let segment = self.segment(at)?;
         if segment.depth > depth {
+            // A split that doubles the directory swaps the new one in before it deepens the
+            // segment: seeing the deeper segment through the old directory means the swap
+            // happened after the directory was read.
+            if self.load(self.root + ROOT_DIR)? != dir {
+                return Ok(None);
+            }
             return Err(MapError::Corrupt(format!("segment {at:#x} is deeper than the directory")));
         }
-        Ok(segment)
+        Ok(Some(segment))
     }
 
     /// The directory's depth, refused when it cannot be one.
@@ -571,7 +578,9 @@ impl<D: Domain> StrictMap<D> {
         let (mut failures, mut strays) = (0, 0);
         loop {
             let attempt = (|| -> Result<Option<bool>> {
-                let segment = self.locate(hash)?;
+                let Some(segment) = self.locate(hash)? else {
+                    return Ok(None);
+                };
                 let locks = self.locks(&segment)?;
                 let before = locks.version.load(Ordering::Acquire);
                 if before & 1 == 1 {
@@ -579,7 +588,7 @@ impl<D: Domain> StrictMap<D> {
                 }
                 let segment = self.segment(segment.at)?;
                 if !segment.owns(hash) {
-                    // Only a split (at most 64 for one hash) can make this happen legitimately.
+                    // Only a split (at most 40 for one hash) can make this happen legitimately.
                     strays += 1;
                     if strays > 128 {
                         return Err(MapError::Corrupt(format!(
@@ -631,21 +640,27 @@ impl<D: Domain> StrictMap<D> {
     /// The segment that owns `hash`, locked (the directory is read again if a split moved the
     /// hash meanwhile).
     fn lock_owner(&self, hash: Hash) -> Result<(Segment, &SegLocks, MutexGuard<'_, ()>)> {
-        // Each retry follows a split (at most 64 for one hash) or a read of a directory that a
-        // doubling freed meanwhile; a real corruption fails every time.
+        // Each retry follows a split (at most 40 for one hash) or a read of a directory that a
+        // doubling swapped or freed meanwhile; a real corruption fails every time.
         let mut failure = None;
-        for _ in 0..128 {
-            let attempt = (|| {
-                let located = self.locate(hash)?;
+        for attempt in 0..128 {
+            if attempt > 0 {
+                std::thread::yield_now(); // let the split that moved things finish
+            }
+            let owner = (|| {
+                let Some(located) = self.locate(hash)? else {
+                    return Ok(None);
+                };
                 let locks = self.locks(&located)?;
                 let guard = lock(&locks.lock);
                 let segment = self.segment(located.at)?;
                 // Still the directory's choice: the first read may have followed a directory
                 // freed (and its block reused) by a concurrent doubling.
-                let current = segment.owns(hash) && self.locate(hash)?.at == segment.at;
+                let current =
+                    segment.owns(hash) && self.locate(hash)?.is_some_and(|again| again.at == segment.at);
                 Ok::<_, MapError>(current.then_some((segment, locks, guard)))
             })();
-            match attempt {
+            match owner {
                 Ok(Some(owner)) => return Ok(owner),
                 Ok(None) => {}
                 Err(e) => failure = Some(e),
@@ -839,10 +854,6 @@ impl<D: Domain> StrictMap<D> {
         let Some((bucket, slot)) = free else {
             return Ok(false);
         };
-        let home = hash.home();
-        // Readers retry while this segment is being written, so the summary may cover the key
-        // before its commit.
-        held.summary.homes[home as usize].fetch_or(hash.summary_bit(), Ordering::Release);
         let record = if is_inline(key, value) {
             None
         } else {
@@ -873,6 +884,9 @@ impl<D: Domain> StrictMap<D> {
         };
         let records = RecordChange { adopt: record, free: old.map(|f| f.record).filter(|&r| r != 0) };
         let placement = Placement { hash, to: (bucket, slot), words, from: old.map(|f| (f.bucket, f.slot)) };
+        // Readers retry while this segment is being written, so the summary may cover the key
+        // before its commit (a failed commit leaves a bit that only costs a probe).
+        held.summary.homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Release);
         self.commit_slot(&segment, placement, records)?;
         if old.is_none() {
             held.summary.live.fetch_add(1, Ordering::Relaxed);
@@ -1102,11 +1116,11 @@ impl<D: Domain> StrictMap<D> {
                     &[metas[bucket as usize], u64::from_le_bytes(fingerprints[bucket as usize])],
                 )?;
             }
-            tx.redo_store(segment.at + SEG_DEPTH, depth + 1)?;
-            tx.redo_store(segment.at + SEG_PATTERN, pattern << 1)?;
-            tx.redo_store(root + ROOT_NEXT_ID, next_id + 1)?;
             // Directory entries whose prefix at depth + 1 is the new pattern point at the new
-            // segment; the directory doubles first when it is no deeper than the segment.
+            // segment; the directory doubles first when it is no deeper than the segment. The
+            // directory's words come first in the redo log, so while it is applied no reader
+            // finds the segment deeper than the directory it read it through (unless it read
+            // the old one, which `locate` notices).
             let new_global = global.max(depth + 1);
             let first = new_pattern << (new_global - depth - 1);
             let count = 1u64 << (new_global - depth - 1);
@@ -1132,6 +1146,9 @@ impl<D: Domain> StrictMap<D> {
                 tx.redo_store(root + ROOT_DIR, copy)?;
                 tx.free(dir)?;
             }
+            tx.redo_store(segment.at + SEG_DEPTH, depth + 1)?;
+            tx.redo_store(segment.at + SEG_PATTERN, pattern << 1)?;
+            tx.redo_store(root + ROOT_NEXT_ID, next_id + 1)?;
             Ok::<_, HeapError>(())
         })?;
         // Committed: DRAM follows first, so that it is right whatever happens below.

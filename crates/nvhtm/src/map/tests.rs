@@ -24,7 +24,7 @@ fn map_with_stale_copies(sim: &Sim) -> (StrictMap<Sim>, u64, Segment) {
         map.upsert(&prefill_key(keys), &keys.to_le_bytes()).unwrap();
         keys += 1;
     }
-    let old = map.locate(Hash(0)).unwrap();
+    let old = map.locate(Hash(0)).unwrap().unwrap();
     let pool = map.heap().pool();
     let mut restored = 0;
     for bucket in 0..BUCKETS {
@@ -181,7 +181,7 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     let key = b"a key long enough to be stored out of place";
     map.upsert(key, b"value").unwrap();
     let hash = Hash::of(key);
-    let segment = map.locate(hash).unwrap();
+    let segment = map.locate(hash).unwrap().unwrap();
     let found = map.find(segment.at, hash, key, &|| true, None).unwrap().unwrap();
     let pool = map.heap().pool();
     pool.write(found.record, &[u32::MAX, 5]).unwrap();
