@@ -88,6 +88,16 @@ impl Hash {
     }
 }
 
+/// The slots a bucket's meta word marks occupied.
+pub fn occupied(meta: u64) -> impl Iterator<Item = u64> {
+    (0..SLOTS).filter(move |s| meta & (1 << s) != 0)
+}
+
+/// The first slot a bucket's meta word (or occupancy mask) leaves free.
+pub fn first_free(meta: u64) -> Option<u64> {
+    (0..SLOTS).find(|s| meta & (1 << s) == 0)
+}
+
 /// How far `bucket` lies past `home`, wrapping around.
 pub fn distance(home: u64, bucket: u64) -> u64 {
     (bucket + BUCKETS - home) % BUCKETS
@@ -140,7 +150,7 @@ pub fn pack_moved(moving: &[(Hash, (u64, u64))]) -> Vec<(u64, u64)> {
     for (hash, _) in moving {
         let free = (0..WINDOW)
             .map(|i| hash.bucket(i))
-            .find_map(|b| (0..SLOTS).find(|s| used[b as usize] & (1 << s) == 0).map(|s| (b, s)));
+            .find_map(|b| first_free(u64::from(used[b as usize])).map(|s| (b, s)));
         match free {
             Some((bucket, slot)) => {
                 used[bucket as usize] |= 1 << slot;

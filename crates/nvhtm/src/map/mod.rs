@@ -111,7 +111,8 @@ struct SegLocks {
 #[derive(Debug)]
 struct Summary {
     /// Per home bucket, a 64-bit summary of the keys homed there (one bit per value of their
-    /// low 6 hash bits), kept exact: set before a key is committed, recomputed when one is
+    /// low 6 hash bits), kept exact (a write that fails after setting a bit leaves it, which only
+    /// costs a probe): set before a key is committed, recomputed when one is
     /// removed or moved by a split. A lookup whose bit is clear is a miss without touching
     /// persistent memory.
     homes: Box<[AtomicU64]>,
@@ -264,6 +265,17 @@ struct Prepared {
 enum Outcome<R> {
     Done(R),
     Split,
+}
+
+impl<R> Outcome<R> {
+    /// `Done(result)` if `place` placed the key, else `Split`.
+    fn placed(placed: bool, result: R) -> Outcome<R> {
+        if placed {
+            Outcome::Done(result)
+        } else {
+            Outcome::Split
+        }
+    }
 }
 
 /// Counts of the map's shape.
@@ -471,8 +483,7 @@ impl<D: Domain> StrictMap<D> {
         bucket: u64,
         mut visit: impl FnMut(u64, Hash) -> Result<()>,
     ) -> Result<()> {
-        let meta = self.load(bucket_offset(segment.at, bucket))?;
-        for slot in (0..SLOTS).filter(|s| meta & (1 << s) != 0) {
+        for slot in occupied(self.load(bucket_offset(segment.at, bucket))?) {
             let hash = self.slot_hash(segment.at, bucket, slot)?;
             if segment.owns(hash) {
                 visit(slot, hash)?;
@@ -696,10 +707,7 @@ impl<D: Domain> StrictMap<D> {
         check_sizes(key, Some(value))?;
         self.write(key, |held, hash| match self.find_held(held, hash, key, None)? {
             Some(_) => Ok(Outcome::Done(false)),
-            None => Ok(match self.place(held, hash, key, value, None)? {
-                true => Outcome::Done(true),
-                false => Outcome::Split,
-            }),
+            None => Ok(Outcome::placed(self.place(held, hash, key, value, None)?, true)),
         })
     }
 
@@ -709,10 +717,7 @@ impl<D: Domain> StrictMap<D> {
         self.write(key, |held, hash| {
             let found = self.find_held(held, hash, key, None)?;
             let is_new = found.is_none();
-            Ok(match self.place(held, hash, key, value, found)? {
-                true => Outcome::Done(is_new),
-                false => Outcome::Split,
-            })
+            Ok(Outcome::placed(self.place(held, hash, key, value, found)?, is_new))
         })
     }
 
@@ -745,10 +750,9 @@ impl<D: Domain> StrictMap<D> {
                 return Ok(Outcome::Done(Err(current.map(<[u8]>::to_vec))));
             }
             match (new, found) {
-                (Some(value), found) => Ok(match self.place(held, hash, key, value, found)? {
-                    true => Outcome::Done(Ok(())),
-                    false => Outcome::Split,
-                }),
+                (Some(value), found) => {
+                    Ok(Outcome::placed(self.place(held, hash, key, value, found)?, Ok(())))
+                }
                 (None, Some(found)) => {
                     self.unlink(held, hash, found)?;
                     Ok(Outcome::Done(Ok(())))
@@ -760,21 +764,24 @@ impl<D: Domain> StrictMap<D> {
 
     /// A free slot of the window, clearing stale copies a split left behind if there is none.
     fn free_slot(&self, segment: &Segment, hash: Hash) -> Result<Option<(u64, u64)>> {
-        for pass in 0..2 {
+        let first_free_in_window = || -> Result<Option<(u64, u64)>> {
             for bucket in (0..WINDOW).map(|i| hash.bucket(i)) {
-                let meta = self.load(bucket_offset(segment.at, bucket))?;
-                if let Some(slot) = (0..SLOTS).find(|s| meta & (1 << s) == 0) {
+                if let Some(slot) = first_free(self.load(bucket_offset(segment.at, bucket))?) {
                     return Ok(Some((bucket, slot)));
                 }
             }
-            if pass == 1 || !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
-                break;
-            }
-            // A cleared slot's bit must be clear on media before new bytes go into the slot:
-            // otherwise a crash could show them under the stale bit.
-            self.heap.pool().fence()?;
+            Ok(None)
+        };
+        if let Some(free) = first_free_in_window()? {
+            return Ok(Some(free));
         }
-        Ok(None)
+        if !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
+            return Ok(None);
+        }
+        // A cleared slot's bit must be clear on media before new bytes go into the slot:
+        // otherwise a crash could show them under the stale bit.
+        self.heap.pool().fence()?;
+        first_free_in_window()
     }
 
     /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns
@@ -782,11 +789,9 @@ impl<D: Domain> StrictMap<D> {
     fn clear_stale(&self, segment: &Segment, buckets: impl Iterator<Item = u64>) -> Result<bool> {
         let mut cleared = false;
         for bucket in buckets {
-            let at = bucket_offset(segment.at, bucket);
-            let meta = self.load(at)?;
             let mut stale = 0;
-            for slot in 0..SLOTS {
-                if meta & (1 << slot) != 0 && !segment.owns(self.slot_hash(segment.at, bucket, slot)?) {
+            for slot in occupied(self.load(bucket_offset(segment.at, bucket))?) {
+                if !segment.owns(self.slot_hash(segment.at, bucket, slot)?) {
                     stale |= 1 << slot;
                 }
             }
@@ -846,10 +851,10 @@ impl<D: Domain> StrictMap<D> {
                 return Ok(true);
             }
         }
-        let keep = old.map(|f| (f.bucket, f.slot));
+        let old_slot = old.map(|f| (f.bucket, f.slot));
         let free = match self.free_slot(&segment, hash)? {
             Some(free) => Some(free),
-            None => self.displace(&segment, hash, keep)?,
+            None => self.displace(&segment, hash, old_slot)?,
         };
         let Some((bucket, slot)) = free else {
             return Ok(false);
@@ -883,7 +888,7 @@ impl<D: Domain> StrictMap<D> {
             Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
         };
         let records = RecordChange { adopt: record, free: old.map(|f| f.record).filter(|&r| r != 0) };
-        let placement = Placement { hash, to: (bucket, slot), words, from: old.map(|f| (f.bucket, f.slot)) };
+        let placement = Placement { hash, to: (bucket, slot), words, from: old_slot };
         // Readers retry while this segment is being written, so the summary may cover the key
         // before its commit (a failed commit leaves a bit that only costs a probe).
         held.summary.homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Release);
@@ -908,7 +913,7 @@ impl<D: Domain> StrictMap<D> {
         for offset in (1..WINDOW).rev() {
             let from = hash.bucket(offset);
             let meta = self.load(bucket_offset(segment.at, from))?;
-            for slot in (0..SLOTS).filter(|&s| meta & (1 << s) != 0 && Some((from, s)) != keep) {
+            for slot in occupied(meta).filter(|&s| Some((from, s)) != keep) {
                 let moving = self.slot_hash(segment.at, from, slot)?;
                 let behind = distance(home, moving.home());
                 if behind == 0 || behind > offset || !segment.owns(moving) {
@@ -916,8 +921,7 @@ impl<D: Domain> StrictMap<D> {
                 }
                 // Buckets past this window that are still in the moving key's window.
                 for to in (WINDOW - behind..WINDOW).map(|i| moving.bucket(i)) {
-                    let to_meta = self.load(bucket_offset(segment.at, to))?;
-                    let Some(to_slot) = (0..SLOTS).find(|s| to_meta & (1 << s) == 0) else {
+                    let Some(to_slot) = first_free(self.load(bucket_offset(segment.at, to))?) else {
                         continue;
                     };
                     let words: [u64; 4] = self.heap.pool().load_words(slot_offset(segment.at, from, slot))?;

@@ -65,8 +65,8 @@ fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reuse
     // slots are used up, and more, which only fit once its stale copies are cleared.
     let stale_in = |bucket: u64| -> u64 {
         let meta = map.load(bucket_offset(old.at, bucket)).unwrap();
-        (0..SLOTS)
-            .filter(|&s| meta & (1 << s) != 0 && !old.owns(map.slot_hash(old.at, bucket, s).unwrap()))
+        occupied(meta)
+            .filter(|&s| !old.owns(map.slot_hash(old.at, bucket, s).unwrap()))
             .fold(0, |mask, s| mask | 1 << s)
     };
     let home = (0..BUCKETS)

@@ -817,10 +817,10 @@ impl<D: Domain> Pool<D> {
         #[cfg(target_arch = "x86_64")]
         if let Ok(ptr) = self.range(offset, len, 0) {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            for line in (0..len as usize).step_by(64) {
+            for line in crate::persist::lines(ptr, len as usize) {
                 // SAFETY: a prefetch is a hint: it never faults and changes no memory (SSE is
                 // part of every x86-64 CPU).
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(line).cast::<i8>()) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
             }
         }
     }
