@@ -13,6 +13,15 @@
 //! touched their words before retirement); otherwise the undo entries of that generation are
 //! restored, newest first. Both are idempotent, so a crash during recovery is recovered the same
 //! way.
+//!
+//! **No generation is used twice**, across crashes too. An operation with generation `h` writes
+//! to its lane only after the state word's *durable* generation is at least `h - 1` (the
+//! previous operation's activation or retirement was fenced before it returned), so after a
+//! crash nothing on media carries a generation above `state + 1`: the in-flight operation may
+//! have left a redo header or undo entries of `state + 1` without its activation reaching
+//! media. Recovery therefore retires every lane — idle ones too — at `state + 1`, and the
+//! caller fences that before the heap is used: the next operation takes `state + 2`, which no
+//! leftover can match (docs/design.md, "Generations across crashes").
 
 use std::sync::atomic::Ordering;
 
@@ -184,47 +193,76 @@ impl LaneLog {
     }
 
     /// Completes or undoes whatever the lane was doing when the pool was last closed or crashed,
-    /// and retires it. Returns the generation to continue from.
+    /// and retires it past every generation that can be on media (flushed, not fenced: the
+    /// caller fences once for all lanes before any is used). Returns the generation to continue
+    /// from.
     pub fn recover<D: Domain>(&self, pool: &Pool<D>) -> Result<(u64, LaneRecovery)> {
-        let (gen, active) = self.state(pool)?;
-        if !active {
-            return Ok((gen, LaneRecovery::Idle));
-        }
         let corrupt = |what: String| HeapError::Corrupt(format!("lane at {:#x}: {what}", self.base));
+        let (gen, active) = self.state(pool)?;
+        // Nothing on media is newer than `gen + 1` (module docs); retiring there makes any
+        // leftover of the crashed operation older than the next one.
+        let resume = gen
+            .checked_add(1)
+            .filter(|&g| g < 1 << 62)
+            .ok_or_else(|| corrupt(format!("generation {gen}")))?;
+        let [header_gen, ..]: [u64; 3] = pool.read(self.base + REDO_HEADER)?;
+        if header_gen > resume {
+            return Err(corrupt(format!("redo header of generation {header_gen} after state {gen}")));
+        }
         // A redo header of a later generation proves this one finished: a lane starts an
         // operation only after the previous one returned. (An operation with an empty redo log
         // retires lazily, so its state word may still read active after the next one began.)
-        let [header_gen, ..]: [u64; 3] = pool.read(self.base + REDO_HEADER)?;
-        if header_gen > gen {
-            self.retire(pool, gen)?;
+        let outcome = if !active || header_gen > gen {
+            LaneRecovery::Idle
+        } else {
+            let outcome = match self.committed_redo(pool, gen)? {
+                Some(entries) => {
+                    for &(offset, _) in &entries {
+                        if offset % 8 != 0
+                            || offset < HEADER_SIZE
+                            || offset.checked_add(8).is_none_or(|end| end > pool.size())
+                        {
+                            return Err(corrupt(format!("redo entry for offset {offset:#x}")));
+                        }
+                    }
+                    LaneLog::apply(pool, &entries)?;
+                    LaneRecovery::RolledForward(entries.len())
+                }
+                None => {
+                    let entries = self.undo_entries(pool, gen)?;
+                    for (offset, data) in entries.iter().rev() {
+                        if *offset < HEADER_SIZE
+                            || offset.checked_add(data.len() as u64).is_none_or(|end| end > pool.size())
+                        {
+                            return Err(corrupt(format!("undo entry for {offset:#x}+{}", data.len())));
+                        }
+                        pool.write_bytes(*offset, data)?;
+                        pool.flush(*offset, data.len() as u64)?;
+                    }
+                    LaneRecovery::RolledBack(entries.len())
+                }
+            };
+            // Completed or undone before the state says so.
             pool.fence()?;
-            return Ok((gen, LaneRecovery::Idle));
-        }
-        let outcome = match self.committed_redo(pool, gen)? {
-            Some(entries) => {
-                for &(offset, _) in &entries {
-                    if offset % 8 != 0 || offset < HEADER_SIZE || offset + 8 > pool.size() {
-                        return Err(corrupt(format!("redo entry for offset {offset:#x}")));
-                    }
-                }
-                LaneLog::apply(pool, &entries)?;
-                LaneRecovery::RolledForward(entries.len())
-            }
-            None => {
-                let entries = self.undo_entries(pool, gen)?;
-                for (offset, data) in entries.iter().rev() {
-                    if *offset < HEADER_SIZE || offset + data.len() as u64 > pool.size() {
-                        return Err(corrupt(format!("undo entry for {offset:#x}+{}", data.len())));
-                    }
-                    pool.write_bytes(*offset, data)?;
-                    pool.flush(*offset, data.len() as u64)?;
-                }
-                LaneRecovery::RolledBack(entries.len())
-            }
+            outcome
         };
-        pool.fence()?;
-        self.retire(pool, gen)?;
-        pool.fence()?;
-        Ok((gen, outcome))
+        self.retire(pool, resume)?;
+        Ok((resume, outcome))
+    }
+
+    /// Debug check of the invariant the generations rest on: nothing in the lane carries
+    /// generation `gen` or later when an operation is about to take `gen`.
+    pub fn debug_assert_unused<D: Domain>(&self, pool: &Pool<D>, gen: u64) {
+        if cfg!(debug_assertions) {
+            let state = pool.load_u64(self.base, Ordering::Acquire).map_or(0, |w| w >> 1);
+            let [header, ..]: [u64; 3] = pool.read(self.base + REDO_HEADER).unwrap_or([0; 3]);
+            let [first_undo, ..]: [u64; 4] = pool.read(self.base + UNDO_START).unwrap_or([0; 4]);
+            debug_assert!(
+                state < gen && header < gen && first_undo < gen,
+                "lane at {:#x}: generation {gen} is not newer than what is on media (state {state}, \
+                 redo header {header}, first undo entry {first_undo})",
+                self.base
+            );
+        }
     }
 }

@@ -267,6 +267,8 @@ impl<D: Domain> Heap<D> {
             recovery.push(outcome);
             lanes.push(Mutex::new(LaneSlot { log, gen, current: [None; CLASSES.len()] }));
         }
+        // Every lane's retirement past its leftovers is durable before any lane is used.
+        pool.fence()?;
         let heap = Heap {
             pool,
             header,
@@ -532,6 +534,7 @@ impl<D: Domain> Heap<D> {
     /// Runs a redo-only operation on `lane`: commit, apply, retire (three fences).
     fn redo_op(&self, lane: &mut LaneSlot, entries: &[(u64, u64)]) -> Result<()> {
         let gen = lane.gen + 1;
+        lane.log.debug_assert_unused(&self.pool, gen);
         lane.log.activate(&self.pool, gen)?;
         lane.log.write_redo(&self.pool, gen, entries)?;
         self.pool.fence()?;

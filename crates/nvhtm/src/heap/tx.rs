@@ -91,6 +91,7 @@ impl<'h, D: Domain> Tx<'h, D> {
 
     fn activate(&mut self) -> Result<()> {
         if !self.began {
+            self.lane.log.debug_assert_unused(&self.heap.pool, self.gen);
             self.lane.log.activate(&self.heap.pool, self.gen)?;
             self.began = true;
         }

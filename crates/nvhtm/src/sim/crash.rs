@@ -196,14 +196,23 @@ pub struct ImageId {
 /// What the check knows about the crash it is judging.
 #[derive(Debug, Clone)]
 pub struct CrashContext {
-    /// Every mark the workload made before the crash point.
+    /// Every mark made before the crash point: the workload's, then, for a crash at depth ≥ 1,
+    /// those of each check's recording that led here.
     pub marks: Vec<u64>,
+    /// The marks made by the recording crashed at this depth only (the workload's at depth 0,
+    /// the parent check's at depth 1, …): "how far the run that crashed got".
+    pub run_marks: Vec<u64>,
     /// Index of the crash point.
     pub point: usize,
     /// The fence the crash happened just before (`None`: at the end of the recording).
     pub fence: Option<Site>,
-    /// 0 for a crash of the workload, 1 for a crash during recovery of such an image, and so on.
+    /// 0 for a crash of the workload, 1 for a crash during the check of such an image (its
+    /// recovery, or the work it did after recovering), and so on.
     pub depth: u32,
+    /// Whether this check's own recording will be crashed in turn (depth < `recovery_depth`
+    /// and the image selected by `follow_one_in`): only then is work done after recovery, for
+    /// a next run, worth doing.
+    pub followed: bool,
 }
 
 /// A crash image the check rejected, with everything needed to reproduce it.
@@ -352,9 +361,15 @@ pub struct CrashTest {
     pub samples: usize,
     /// Seed of the sampling.
     pub seed: u64,
-    /// How deep to crash recovery: 1 also crashes the check's own recording (recovery) at each
-    /// of its fences and checks those images again, 2 crashes that recovery too, and so on.
+    /// How many crashes in a row: 1 also crashes the check's own recording — its recovery, and
+    /// whatever work the check goes on to do on the recovered pool (a second run) — at each of
+    /// its fences and checks those images again at depth 1; 2 crashes those checks too, and so
+    /// on. See [`CrashTest::run_with`] for passing the model of a run to the checks of its
+    /// crashes.
     pub recovery_depth: u32,
+    /// Follow (crash again) only one in this many distinct images of each depth, chosen by the
+    /// image's hash (1: every image). Bounds the product of the depths' image counts.
+    pub follow_one_in: u64,
     /// Stop at the first rejected image.
     pub stop_at_first_failure: bool,
     /// A flush/fence site whose effect is removed (persistence mutation testing).
@@ -373,6 +388,7 @@ impl Default for CrashTest {
             samples: 512,
             seed: 0x5eed_c0ff_ee00_0001,
             recovery_depth: 0,
+            follow_one_in: 1,
             stop_at_first_failure: true,
             disabled_site: None,
             only: None,
@@ -389,8 +405,58 @@ impl CrashTest {
     where
         C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
     {
+        self.run_with(recording, |sim, image, ctx, _: Option<&()>| check(sim, image, ctx))
+    }
+
+    /// Crashes in a row, each run with its own model. Like [`run`](CrashTest::run), but the check
+    /// also gets what the check of the image it descends from returned (`None` at depth 0), and
+    /// returns what the checks of its own crashes will get. The usual shape of a multi-run
+    /// suite (`recovery_depth: 1` for two runs, 2 for three): the check opens the image with
+    /// `sim`, recovers, compares with the model of the run that crashed (`parent` and
+    /// `ctx.run_marks`), and, when `ctx.followed`, runs the next workload on the recovered
+    /// pool — its stores land in `sim`'s recording, which is crashed at every fence next — and
+    /// returns that run's model.
+    ///
+    /// ```
+    /// use nvhtm::sim::{CrashTest, Sim};
+    /// use nvhtm::{PoolOptions, Pool};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // A counter word at 4096 incremented and persisted once per run.
+    /// let opts = PoolOptions::layout("counter").with_size(64 << 10);
+    /// let bump = |pool: &Pool<Sim>| -> Result<u64, nvhtm::PoolError> {
+    ///     let n = pool.load_u64(4096, std::sync::atomic::Ordering::Acquire)? + 1;
+    ///     pool.store_u64(4096, n, std::sync::atomic::Ordering::Release)?;
+    ///     pool.persist(4096, 8)?;
+    ///     Ok(n)
+    /// };
+    /// let sim = Sim::new();
+    /// let pool = Pool::create_in_memory(&opts, sim.clone())?;
+    /// sim.restart_recording()?;
+    /// bump(&pool)?;
+    /// let test = CrashTest { recovery_depth: 1, ..CrashTest::default() };
+    /// let report = test.run_with(&sim.recording(), |sim, image, ctx, before: Option<&u64>| {
+    ///     let pool = Pool::open_image(image, &opts, sim.clone()).map_err(|e| e.to_string())?;
+    ///     let n = pool.load_u64(4096, std::sync::atomic::Ordering::Acquire).map_err(|e| e.to_string())?;
+    ///     // Run 1 started from 0, run 2 from what run 1's crash left; each adds at most one.
+    ///     let start = before.copied().unwrap_or(0);
+    ///     if n != start && n != start + 1 {
+    ///         return Err(format!("counter {n} after a run that started at {start}"));
+    ///     }
+    ///     if ctx.followed {
+    ///         bump(&pool).map_err(|e| e.to_string())?; // the second run
+    ///     }
+    ///     Ok(n)
+    /// });
+    /// report.assert_passed();
+    /// assert!(report.recovery_images_checked > 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn run_with<T, C>(&self, recording: &Recording, check: C) -> CrashReport
+    where
+        C: Fn(&Sim, &[u8], &CrashContext, Option<&T>) -> Result<T, String>,
+    {
         let mut report = CrashReport::default();
-        let _ = self.explore(recording, &check, 0, &[], &mut Vec::new(), &mut report);
+        let _ = self.explore(recording, &check, 0, &[], None, &mut Vec::new(), &mut report);
         report
     }
 
@@ -400,15 +466,24 @@ impl CrashTest {
     where
         C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
     {
+        self.mutation_run_with(recording, |sim, image, ctx, _: Option<&()>| check(sim, image, ctx))
+    }
+
+    /// [`mutation_run`](CrashTest::mutation_run) for a check of [`run_with`](CrashTest::run_with)'s
+    /// shape (crashes in a row).
+    pub fn mutation_run_with<T, C>(&self, recording: &Recording, check: C) -> MutationReport
+    where
+        C: Fn(&Sim, &[u8], &CrashContext, Option<&T>) -> Result<T, String>,
+    {
         let base = CrashTest { disabled_site: None, ..self.clone() };
-        let baseline = base.run(recording, &check);
+        let baseline = base.run_with(recording, &check);
         let sites = baseline
             .sites
             .iter()
             .map(|&site| {
                 let mutant =
                     CrashTest { disabled_site: Some(site), stop_at_first_failure: true, ..base.clone() };
-                let report = mutant.run(recording, &check);
+                let report = mutant.run_with(recording, &check);
                 SiteOutcome {
                     site,
                     caught: !report.passed(),
@@ -420,26 +495,29 @@ impl CrashTest {
         MutationReport { baseline, sites }
     }
 
-    fn explore<C>(
+    #[allow(clippy::too_many_arguments)]
+    fn explore<T, C>(
         &self,
         recording: &Recording,
         check: &C,
         depth: u32,
         marks: &[u64],
+        parent: Option<&T>,
         path: &mut Vec<ImageId>,
         report: &mut CrashReport,
     ) -> ControlFlow<()>
     where
-        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+        C: Fn(&Sim, &[u8], &CrashContext, Option<&T>) -> Result<T, String>,
     {
         let mut replay = Replay::new(&recording.initial, marks, recording.unit);
+        let run = Run { depth, first_mark: marks.len(), parent };
         let mut seen = HashSet::new();
         let mut point = 0;
         for event in &recording.events {
             match *event {
                 Event::Fence { site, .. } => {
                     report.sites.insert(site);
-                    self.crash_point(point, Some(site), &replay, &mut seen, check, depth, path, report)?;
+                    self.crash_point(point, Some(site), &replay, &mut seen, check, &run, path, report)?;
                     point += 1;
                 }
                 Event::Flush { site, .. } => {
@@ -449,7 +527,7 @@ impl CrashTest {
             }
             replay.step(event, self.disabled_site);
         }
-        self.crash_point(point, None, &replay, &mut seen, check, depth, path, report)
+        self.crash_point(point, None, &replay, &mut seen, check, &run, path, report)
     }
 
     /// The prefix choices to try at one crash point.
@@ -472,20 +550,21 @@ impl CrashTest {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn crash_point<C>(
+    fn crash_point<T, C>(
         &self,
         point: usize,
         fence: Option<Site>,
         replay: &Replay,
         seen: &mut HashSet<u64>,
         check: &C,
-        depth: u32,
+        run: &Run<'_, T>,
         path: &mut Vec<ImageId>,
         report: &mut CrashReport,
     ) -> ControlFlow<()>
     where
-        C: Fn(&Sim, &[u8], &CrashContext) -> Result<(), String>,
+        C: Fn(&Sim, &[u8], &CrashContext, Option<&T>) -> Result<T, String>,
     {
+        let depth = run.depth;
         let wanted = self.only.as_ref().map(|only| only.get(depth as usize));
         if let Some(wanted) = wanted {
             match wanted {
@@ -502,25 +581,35 @@ impl CrashTest {
             Some(_) => return ControlFlow::Continue(()),
             None => self.choices(point, depth, &dirty, report),
         };
-        let context = CrashContext { marks: replay.marks.clone(), point, fence, depth };
+        let mut context = CrashContext {
+            marks: replay.marks.clone(),
+            run_marks: replay.marks[run.first_mark..].to_vec(),
+            point,
+            fence,
+            depth,
+            followed: false,
+        };
         let mut image = replay.base.clone().unwrap_or_default();
         for choice in choices {
             replay.reset(&mut image, &dirty);
             replay.apply_choice(&mut image, &dirty, &choice);
             report.images_built += 1;
-            if self.deduplicate && !seen.insert(replay.key(&image)) {
+            let key = replay.key(&image);
+            if self.deduplicate && !seen.insert(key) {
                 report.duplicates += 1;
                 continue;
             }
+            context.followed =
+                depth < self.recovery_depth && (self.follow_one_in <= 1 || key % self.follow_one_in == 0);
             if depth == 0 {
                 report.images_checked += 1;
             } else {
                 report.recovery_images_checked += 1;
             }
-            // Only a check whose recovery will itself be crashed needs recording.
-            let sim = if depth < self.recovery_depth { Sim::new() } else { Sim::passive() };
+            // Only a check whose recording will itself be crashed needs recording.
+            let sim = if context.followed { Sim::new() } else { Sim::passive() };
             path.push(ImageId { point, choice });
-            let verdict = check(&sim, &image, &context);
+            let verdict = check(&sim, &image, &context, run.parent);
             let flow = match verdict {
                 Err(message) => {
                     let choice = &path[path.len() - 1].choice;
@@ -538,15 +627,15 @@ impl CrashTest {
                         ControlFlow::Continue(())
                     }
                 }
-                Ok(()) if depth < self.recovery_depth => {
+                Ok(model) if context.followed => {
                     let nested = sim.recording();
                     if nested.initial.is_empty() {
                         ControlFlow::Continue(())
                     } else {
-                        self.explore(&nested, check, depth + 1, &replay.marks, path, report)
+                        self.explore(&nested, check, depth + 1, &replay.marks, Some(&model), path, report)
                     }
                 }
-                Ok(()) => ControlFlow::Continue(()),
+                Ok(_) => ControlFlow::Continue(()),
             };
             path.pop();
             flow?;
@@ -555,9 +644,20 @@ impl CrashTest {
     }
 }
 
+/// The recording being crashed: its depth, where its own marks begin, and the model its
+/// parent check returned.
+struct Run<'a, T> {
+    depth: u32,
+    first_mark: usize,
+    parent: Option<&'a T>,
+}
+
 /// The choices to try when each of several pending sequences may independently keep any prefix
 /// of `0..=maxima[i]` of its entries: every combination when there are at most `limit`, else
-/// keep-none, keep-all and `samples` drawn from `rng` (then the flag is true).
+/// (then the flag is true) keep-none, keep-all, each sequence alone kept whole, each sequence
+/// alone lost with all the others kept — the images that catch one line persisting without
+/// another, which uniform draws almost never produce when lines hold many stores; for more than
+/// `max(samples, 64)` sequences, `samples` of them drawn — and `samples` drawn from `rng`.
 pub(crate) fn prefix_choices(
     maxima: &[u32],
     limit: u64,
@@ -584,6 +684,23 @@ pub(crate) fn prefix_choices(
         }
         _ => {
             let mut some = vec![vec![0; maxima.len()], maxima.to_vec()];
+            // Each line alone kept / alone lost: all of them for up to `samples` lines, else
+            // `samples` of them (a crash point with thousands of dirty lines is a bulk copy,
+            // whose lines matter together, not one by one).
+            let n = maxima.len();
+            let lines: Vec<usize> = if n <= samples.max(64) {
+                (0..n).collect()
+            } else {
+                (0..samples).map(|_| rng.usize(..n)).collect()
+            };
+            for i in lines {
+                let mut alone = vec![0; n];
+                alone[i] = maxima[i];
+                some.push(alone);
+                let mut without = maxima.to_vec();
+                without[i] = 0;
+                some.push(without);
+            }
             some.extend((0..samples).map(|_| maxima.iter().map(|&m| rng.u32(..=m)).collect()));
             (some, true)
         }
