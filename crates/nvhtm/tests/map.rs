@@ -184,6 +184,23 @@ fn the_typed_map_stores_plain_data() {
     assert!(typed.remove(&[1, 2]).unwrap());
 }
 
+#[test]
+fn the_typed_map_reports_stored_entries_of_another_length() {
+    let map = map(1 << 20);
+    map.insert(b"short", &7u64.to_le_bytes()).unwrap();
+    map.insert(&8u64.to_le_bytes(), b"a 24-byte value, too long").unwrap();
+    let typed: TypedMap<u64, u64, Volatile> = TypedMap::new(map);
+    let err = typed.get(&8).unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { what: "value", expected: 8, found: 25 }), "{err:?}");
+    assert_eq!(err.to_string(), "a stored value is 25 bytes, but the typed map reads 8-byte values");
+    let err = typed.entries().unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { expected: 8, .. }), "{err:?}");
+    typed.bytes().remove(&8u64.to_le_bytes()).unwrap();
+    let err = typed.entries().unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { what: "key", expected: 8, found: 5 }), "{err:?}");
+    assert_eq!(err.to_string(), "a stored key is 5 bytes, but the typed map reads 8-byte keys");
+}
+
 /// A linearizability check on one register: threads increment a counter with compare-and-swap
 /// while readers watch it. Linearizable operations lose no increment (the final value is the
 /// number of successful swaps) and no reader sees the counter go backwards.

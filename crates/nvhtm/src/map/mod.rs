@@ -87,6 +87,17 @@ pub enum MapError {
     /// table is full.
     #[error("the map cannot grow further: {0}")]
     Limit(String),
+    /// A [`TypedMap`] found a stored key or value whose length is not its type's size (the
+    /// map was written with other types, or through the byte map).
+    #[error("a stored {what} is {found} bytes, but the typed map reads {expected}-byte {what}s")]
+    WrongLength {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// The size of the type the typed map reads it as.
+        expected: usize,
+        /// The stored length.
+        found: usize,
+    },
 }
 
 impl From<PoolError> for MapError {
