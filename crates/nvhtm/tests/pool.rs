@@ -357,6 +357,35 @@ fn the_msync_domain_syncs_pages_and_batches_ranges() {
     assert_eq!(used.bytes_written, 410);
 }
 
+/// A thread's pending msync ranges belong to the pool that flushed them: a range left behind
+/// by a pool dropped on another thread (so never fenced by this one) is not synced by this
+/// thread's next fence in another pool, which would fail on the unmapped memory and poison it.
+#[test]
+fn an_msync_fence_syncs_only_its_own_pools_ranges() {
+    let dir = disk_dir();
+    let a = std::sync::Arc::new(Pool::<Msync>::create(dir.path().join("a.pool"), &opts()).unwrap());
+    let b = Pool::<Msync>::create(dir.path().join("b.pool"), &opts()).unwrap();
+    let (flushed, wait_flushed) = std::sync::mpsc::channel();
+    let (dropped, wait_dropped) = std::sync::mpsc::channel();
+    let a_there = a.clone();
+    let worker = std::thread::spawn(move || {
+        a_there.write_bytes(8192, b"pending").unwrap();
+        a_there.flush(8192, 7).unwrap();
+        drop(a_there);
+        flushed.send(()).unwrap();
+        wait_dropped.recv().unwrap();
+        b.write_bytes(8192, b"b's data").unwrap();
+        (b.persist(8192, 8), b)
+    });
+    wait_flushed.recv().unwrap();
+    drop(a); // the last handle: A closes and unmaps on this thread
+    dropped.send(()).unwrap();
+    let (persisted, b) = worker.join().unwrap();
+    persisted.expect("B's fence syncs B's ranges only");
+    b.write_bytes(8192, b"more").expect("B is not poisoned");
+    b.close().unwrap();
+}
+
 /// Header updates (root, size, clean flag) are failure-atomic: a crash at any point of a run
 /// that moves the root back and forth and grows the pool opens as some state the run went
 /// through, never a mix, and never loses a completed update. Crashes during the opening
