@@ -2,9 +2,12 @@
 //! file left untouched), and crash atomicity of header updates under the simulator.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use nvhtm::persist::{thread_stats, Domain, DomainKind, PersistError, Site};
+mod common;
+
+use common::FailingFence;
+use nvhtm::persist::{thread_stats, Domain, DomainKind};
 use nvhtm::pool::{MappingKind, PoolInfo, MIN_POOL_SIZE};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{AutoDomain, Cpu, Msync, PPtr, Pool, PoolError, PoolOptions, Volatile};
@@ -85,7 +88,7 @@ fn an_image_taken_while_open_reopens_as_not_clean() {
     let pool = Pool::<AutoDomain>::open(&path, &opts()).unwrap();
     pool.write_bytes(4096, &[7; 100]).unwrap();
     pool.persist(4096, 100).unwrap();
-    let crashed = Pool::open_image(&pool.image(), &opts(), Volatile).unwrap();
+    let crashed = Pool::open_image(&pool.image().unwrap(), &opts(), Volatile).unwrap();
     assert!(!crashed.was_clean());
     assert_eq!(crashed.read::<[u8; 100]>(4096).unwrap(), [7; 100]);
 }
@@ -272,68 +275,39 @@ fn accessors_check_bounds_alignment_and_protect_the_header() {
     assert_eq!(pool.load_u64(4096, Ordering::Acquire).unwrap(), 5);
 }
 
-/// A domain whose fences fail once `failing` is set, like an msync that returned EIO.
-#[derive(Clone, Default)]
-struct FailingFence {
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Domain for FailingFence {
-    fn kind(&self) -> DomainKind {
-        DomainKind::Msync
-    }
-    unsafe fn write(&self, dst: *mut u8, src: &[u8]) {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.write(dst, src) }
-    }
-    unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.store_u64(dst, value, order) }
-    }
-    unsafe fn compare_exchange_u64(
-        &self,
-        d: *const AtomicU64,
-        c: u64,
-        n: u64,
-        o: Ordering,
-    ) -> Result<u64, u64> {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.compare_exchange_u64(d, c, n, o) }
-    }
-    unsafe fn flush(&self, _: *const u8, _: usize) {}
-    #[track_caller]
-    fn fence(&self) -> Result<(), PersistError> {
-        if !self.failing.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        Err(PersistError { op: "msync", site: Site::caller(), source: std::io::Error::from_raw_os_error(5) })
-    }
-}
-
 #[test]
 fn a_failed_flush_poisons_the_pool() {
     let domain = FailingFence::default();
     let pool = Pool::create_in_memory(&opts(), domain.clone()).unwrap();
     pool.write_bytes(8192, b"data").unwrap();
-    domain.failing.store(true, Ordering::Relaxed);
+    domain.fail_after(0);
     let err = pool.persist(8192, 4).unwrap_err();
     assert!(matches!(err, PoolError::Persist(_)), "{err}");
     assert!(err.to_string().starts_with("msync failed at crates/nvhtm/tests/pool.rs:"), "{err}");
-    // Every later write is refused, even after the device recovers, until the pool is reopened.
-    domain.failing.store(false, Ordering::Relaxed);
+    // Every later access is refused, even after the device recovers, until the pool is
+    // reopened: reads too, since the memory holds bytes whose persist failed.
+    domain.recover();
+    assert!(matches!(pool.read::<[u8; 4]>(8192), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.read_into(8192, &mut [0; 4]), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.load_u64(8192, Ordering::Acquire), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.load_words::<2>(8192), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.bytes_eq(8192, b"data"), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.root::<u64>(), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.image(), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.fence(), Err(PoolError::Poisoned(_))), "no fence vouches for the pool");
     let err = pool.write_bytes(8192, b"more").unwrap_err();
     assert!(matches!(err, PoolError::Poisoned(_)), "{err}");
     assert!(err
         .to_string()
-        .starts_with("the pool refuses writes until it is reopened: an earlier flush failed"));
+        .starts_with("the pool refuses reads and writes until it is reopened: an earlier flush failed"));
     assert!(matches!(pool.store_u64(8192, 1, Ordering::Relaxed), Err(PoolError::Poisoned(_))));
     assert!(matches!(pool.set_root(PPtr::<u64>::new(8192)), Err(PoolError::Poisoned(_))));
     assert!(matches!(pool.close(), Err(PoolError::Poisoned(_))), "a poisoned pool is not marked clean");
 
     // Opening writes the header, so a failing device fails the open too.
-    let image = Pool::create_in_memory(&opts(), Volatile).unwrap().image();
+    let image = Pool::create_in_memory(&opts(), Volatile).unwrap().image().unwrap();
     let failing = FailingFence::default();
-    failing.failing.store(true, Ordering::Relaxed);
+    failing.fail_after(0);
     let err = Pool::open_image(&image, &opts(), failing).unwrap_err();
     assert!(matches!(err, PoolError::Persist(_)), "{err}");
 }

@@ -20,7 +20,9 @@
 //! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
 //!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
 //!   optimistically and retry if the version changed — so a reader never returns data that is
-//!   not yet durable. Locks and versions live in DRAM: recovery has none to reset.
+//!   not yet durable. A commit that fails poisons the pool before its writer releases the
+//!   version, and a poisoned pool refuses reads: a failed commit is never read either. Locks
+//!   and versions live in DRAM: recovery has none to reset.
 //! - **Resizing**: a full window splits its segment: the keys whose next hash bit is 1 are
 //!   copied into a new segment, and the directory entries (doubling the directory when needed),
 //!   both segments' depths and the new segment's allocation are committed in one heap
@@ -347,6 +349,11 @@ fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
     Ok(())
 }
 
+/// Whether `e` is the pool refusing access after a failed persist: final, no retry can help.
+fn is_poisoned(e: &MapError) -> bool {
+    matches!(e, MapError::Heap(HeapError::Pool(PoolError::Poisoned(_))))
+}
+
 fn is_inline(key: &[u8], value: &[u8]) -> bool {
     key.len() <= INLINE_KEY && value.len() <= INLINE_VALUE
 }
@@ -647,7 +654,7 @@ impl<D: Domain> StrictMap<D> {
                 Ok(Some(found)) => return Ok(found),
                 Ok(None) => {}
                 // Reading a block freed under us can fail; a real corruption fails every time.
-                Err(e) if failures > 64 => return Err(e),
+                Err(e) if failures > 64 || is_poisoned(&e) => return Err(e),
                 Err(_) => failures += 1,
             }
             std::thread::yield_now();
@@ -685,6 +692,7 @@ impl<D: Domain> StrictMap<D> {
             match owner {
                 Ok(Some(owner)) => return Ok(owner),
                 Ok(None) => {}
+                Err(e) if is_poisoned(&e) => return Err(e),
                 Err(e) => failure = Some(e),
             }
         }

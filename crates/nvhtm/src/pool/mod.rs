@@ -2,8 +2,8 @@
 //! pointers, growth in place, and an exclusive lock against a second writer.
 //!
 //! Every store into the pool goes through the pool's persistence [`Domain`]; the pool's accessors
-//! bounds-check offsets, keep the header out of reach of user writes, and refuse writes after a
-//! failed flush ([`PoolError::Poisoned`]).
+//! bounds-check offsets, keep the header out of reach of user writes, and refuse every read and
+//! write after a failed flush ([`PoolError::Poisoned`]).
 
 mod error;
 mod header;
@@ -152,6 +152,19 @@ impl FileDomain for AutoDomain {
 }
 
 /// A mapped pool.
+///
+/// # Poisoning
+///
+/// The first failed persist (a fence, a header update, a sync) poisons the pool for good: from
+/// then on every accessor that reads or writes the pool's bytes — [`read`](Pool::read),
+/// [`read_into`](Pool::read_into), [`load_u64`](Pool::load_u64), [`root`](Pool::root),
+/// [`image`](Pool::image), the writes, [`flush`](Pool::flush), [`fence`](Pool::fence),
+/// [`sync`](Pool::sync), [`grow`](Pool::grow) — returns [`PoolError::Poisoned`]. Reads are
+/// refused too because the memory may hold data whose persist failed (a commit's meta word
+/// stored, its fence failed): after a failed persist nothing may return data that is not
+/// durable. The poison is set before the failing call returns, so a structure that releases a
+/// lock or a version after the error publishes the poison with it. Only reopening the pool
+/// (reading back what the medium holds) makes it usable again.
 pub struct Pool<D: Domain> {
     /// For a FAMS pool: the commit machinery (dropped before the region it tracks).
     fams: Option<Mutex<crate::fams::Committer<crate::fams::FileStorage>>>,
@@ -556,7 +569,7 @@ impl<D: Domain> Pool<D> {
         current: &mut StateSlot,
         change: impl FnOnce(&mut StateSlot),
     ) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let mut next = *current;
         change(&mut next);
         next.seq = current.seq + 1;
@@ -597,7 +610,7 @@ impl<D: Domain> Pool<D> {
     }
 
     fn shutdown(&self) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         self.sync()?;
         self.update_state(|s| s.clean_shutdown = 1)?;
         self.sync()
@@ -612,7 +625,7 @@ impl<D: Domain> Pool<D> {
     /// commit captures pages as they are, and with no fences on a FAMS pool, a half-done
     /// operation elsewhere would be captured half done.
     pub fn sync(&self) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let synced = match &self.fams {
             Some(committer) => {
                 let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
@@ -692,12 +705,14 @@ impl<D: Domain> Pool<D> {
     }
 
     /// A copy of the pool's bytes.
-    pub fn image(&self) -> Vec<u8> {
-        self.region.to_vec()
+    pub fn image(&self) -> Result<Vec<u8>> {
+        self.check_poison()?;
+        Ok(self.region.to_vec())
     }
 
     /// The root object, if one was set.
     pub fn root<T: Pod>(&self) -> Result<Option<PPtr<T>>> {
+        self.check_poison()?;
         let state = *self.lock_state();
         if state.root_offset == 0 {
             return Ok(None);
@@ -735,7 +750,7 @@ impl<D: Domain> Pool<D> {
         if self.file.is_some() && self.region.is_private() {
             return Err(PoolError::ReadOnly { path: self.path.clone() });
         }
-        self.check_writable()?;
+        self.check_poison()?;
         if let Some(committer) = &self.fams {
             // The file grows at the next sync, with the rest of the commit.
             committer.lock().unwrap_or_else(|e| e.into_inner()).grow(&self.region, new_size)?;
@@ -753,7 +768,8 @@ impl<D: Domain> Pool<D> {
         self.update_state_locked(&mut state, |s| s.size = new_size)
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses access to a poisoned pool (see [`Pool`]).
+    fn check_poison(&self) -> Result<()> {
         match self.poison.get() {
             Some(why) => Err(PoolError::Poisoned(why.clone())),
             None => Ok(()),
@@ -785,6 +801,7 @@ impl<D: Domain> Pool<D> {
 
     /// Reads a plain-data value (anywhere in the pool, the header included).
     pub fn read<T: Pod>(&self, offset: u64) -> Result<T> {
+        self.check_poison()?;
         let ptr = self.range(offset, std::mem::size_of::<T>() as u64, 0)?;
         // SAFETY: the range is inside the mapping; T is Pod, so any bytes are a valid T.
         Ok(unsafe { std::ptr::read_unaligned(ptr.cast::<T>()) })
@@ -798,6 +815,7 @@ impl<D: Domain> Pool<D> {
     /// Whether the `expected.len()` bytes at `offset` equal `expected` (compared in 64-byte
     /// pieces: nothing is allocated).
     pub fn bytes_eq(&self, offset: u64, expected: &[u8]) -> Result<bool> {
+        self.check_poison()?;
         let ptr = self.range(offset, expected.len() as u64, 0)?;
         let mut piece = [0u8; 64];
         for (i, want) in expected.chunks(64).enumerate() {
@@ -827,6 +845,7 @@ impl<D: Domain> Pool<D> {
 
     /// Loads `N` consecutive aligned words at `offset` (relaxed, one bounds check).
     pub fn load_words<const N: usize>(&self, offset: u64) -> Result<[u64; N]> {
+        self.check_poison()?;
         let first = self.word(offset, 0)?;
         self.range(offset, 8 * N as u64, 0)?;
         // SAFETY: the N words are aligned (the first is) and inside the mapping (checked).
@@ -835,6 +854,7 @@ impl<D: Domain> Pool<D> {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, buf.len() as u64, 0)?;
         // SAFETY: the range is inside the mapping and `buf` is a distinct live slice.
         unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), buf.len()) };
@@ -848,7 +868,7 @@ impl<D: Domain> Pool<D> {
 
     /// Stores `bytes` at `offset` with ordinary stores (not yet durable).
     pub fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write(ptr, bytes) };
@@ -868,7 +888,7 @@ impl<D: Domain> Pool<D> {
     /// Stores `bytes` so they are durable at the next [`fence`](Pool::fence) without a flush.
     #[track_caller]
     pub fn write_persistent(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write_persistent(ptr, bytes) };
@@ -877,6 +897,7 @@ impl<D: Domain> Pool<D> {
 
     /// Atomically loads the aligned 8-byte word at `offset`.
     pub fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64> {
+        self.check_poison()?;
         let word = self.word(offset, 0)?;
         // SAFETY: the word is aligned and inside the mapping.
         Ok(unsafe { (*word).load(order) })
@@ -884,7 +905,7 @@ impl<D: Domain> Pool<D> {
 
     /// Atomically stores the aligned 8-byte word at `offset`: the failure-atomic unit.
     pub fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
         // SAFETY: the word is aligned and in user space.
         unsafe { self.domain.store_u64(word, value, order) };
@@ -900,7 +921,7 @@ impl<D: Domain> Pool<D> {
         new: u64,
         order: Ordering,
     ) -> Result<Result<u64, u64>> {
-        self.check_writable()?;
+        self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
         // SAFETY: the word is aligned and in user space.
         Ok(unsafe { self.domain.compare_exchange_u64(word, current, new, order) })
@@ -909,6 +930,7 @@ impl<D: Domain> Pool<D> {
     /// Starts writing back `offset..offset + len`.
     #[track_caller]
     pub fn flush(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, len, 0)?;
         // SAFETY: the range is inside the mapping.
         unsafe { self.domain.flush(ptr, len as usize) };
@@ -918,6 +940,7 @@ impl<D: Domain> Pool<D> {
     /// Waits for this thread's write-backs; a failure poisons the pool.
     #[track_caller]
     pub fn fence(&self) -> Result<()> {
+        self.check_poison()?;
         let fenced = self.domain.fence();
         self.note_persist(fenced)
     }
@@ -925,6 +948,7 @@ impl<D: Domain> Pool<D> {
     /// Makes `offset..offset + len` durable (flush, then fence).
     #[track_caller]
     pub fn persist(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, len, 0)?;
         // SAFETY: the range is inside the mapping.
         let persisted = unsafe { self.domain.persist(ptr, len as usize) };
