@@ -259,6 +259,21 @@ fn pools_grow_in_place_and_stop_at_the_reservation() {
     }
 }
 
+/// A grow whose header update failed left the mapping grown and the header at the old size: a
+/// retry must not take the grown mapping for a finished grow and report success.
+#[test]
+fn a_retried_grow_is_not_done_until_the_header_says_so() {
+    let domain = FailingFence::default();
+    let pool = Pool::create_in_memory(&opts().with_max_size(4 << 20), domain.clone()).unwrap();
+    domain.fail_after(0);
+    let err = pool.grow(2 << 20).unwrap_err();
+    assert!(matches!(err, PoolError::Persist(_)), "{err}");
+    domain.recover();
+    let retried = pool.grow(2 << 20);
+    assert!(matches!(retried, Err(PoolError::Poisoned(_))), "{retried:?}");
+    assert_eq!(pool.info().size, 1 << 20, "the header still has the old size");
+}
+
 #[test]
 fn accessors_check_bounds_alignment_and_protect_the_header() {
     let pool = Pool::create_in_memory(&opts(), Volatile).unwrap();

@@ -22,6 +22,8 @@ mod snapshot;
 mod storage;
 
 pub use dirty::TrackerKind;
+#[cfg(test)]
+pub(crate) use dirty::FAIL_NEXT_GROW;
 pub use snapshot::{snapshot_paths, SnapshotFile};
 pub use storage::{journal_path, Fault, FileCrashReport, FileStorage, Role, SimStorage, Storage, SECTOR};
 
@@ -183,20 +185,33 @@ impl<S: Storage> Committer<S> {
         self.tracker.kind()
     }
 
-    /// Grows `region` (the one this committer tracks).
+    /// Grows `region` (the one this committer tracks) and tracks its new pages. A failure to
+    /// track them, after the region grew, poisons the committer: writes to those pages would
+    /// go unseen by every later sync.
     pub fn grow(&mut self, region: &Region, new_len: u64) -> Result<()> {
+        if let Some(why) = &self.poison {
+            return Err(FamsError::Poisoned(why.clone()));
+        }
         if new_len % self.page != 0 {
             return Err(FamsError::BadSize(new_len));
-        }
-        if new_len <= region.len() {
-            return Ok(());
         }
         if new_len > region.reserved() {
             return Err(FamsError::GrowthLimit { requested: new_len, limit: region.reserved() });
         }
-        region.grow(None, new_len).map_err(io("grow"))?;
+        if new_len > region.len() {
+            region.grow(None, new_len).map_err(io("grow"))?;
+        }
         // SAFETY: the grown region stays mapped as long as the tracker.
-        unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"))
+        let tracked = unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"));
+        if let Err(e) = &tracked {
+            self.poison = Some(e.to_string());
+        }
+        tracked
+    }
+
+    /// Why the committer refuses to sync, if an earlier failure poisoned it.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poison.as_deref()
     }
 
     /// Commits every change to `region` since the previous sync (see the module docs).

@@ -736,11 +736,15 @@ impl<D: Domain> Pool<D> {
 
     /// Grows the pool to `new_size` bytes in place: the file is extended (with real blocks),
     /// the new part mapped into the reserved address range, then the header updated. A crash
-    /// at any point leaves either the old or the new size.
+    /// at any point leaves either the old or the new size. The pool has grown when its header
+    /// says so: a retry after a failure finishes what the failed grow left undone. For a FAMS
+    /// pool, new pages that cannot be tracked poison the pool (no sync could commit them).
     pub fn grow(&self, new_size: u64) -> Result<()> {
         let mut state = self.lock_state();
         let new_size = page_round(new_size);
-        let old = self.region.len();
+        // The header's size, not the mapping's: a grow that failed after mapping more left the
+        // mapping longer than the header.
+        let old = state.size;
         if new_size <= old {
             return Ok(());
         }
@@ -753,18 +757,26 @@ impl<D: Domain> Pool<D> {
         self.check_poison()?;
         if let Some(committer) = &self.fams {
             // The file grows at the next sync, with the rest of the commit.
-            committer.lock().unwrap_or_else(|e| e.into_inner()).grow(&self.region, new_size)?;
+            let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = committer.grow(&self.region, new_size) {
+                if let Some(why) = committer.poisoned() {
+                    let _ = self.poison.set(why.to_string());
+                }
+                return Err(e.into());
+            }
         } else {
             if let Some(file) = &self.file {
                 allocate(file, &self.path, old, new_size - old)?;
                 file.sync_all().map_err(|e| PoolError::io(&self.path, "fsync", e))?;
             }
-            self.region
-                .grow(self.file.as_ref(), new_size)
-                .map_err(|e| PoolError::io(&self.path, "mmap", e))?;
+            if new_size > self.region.len() {
+                self.region
+                    .grow(self.file.as_ref(), new_size)
+                    .map_err(|e| PoolError::io(&self.path, "mmap", e))?;
+            }
         }
         // SAFETY: the grown region stays mapped for the pool's lifetime.
-        unsafe { self.domain.attach(self.region.base(), new_size as usize) };
+        unsafe { self.domain.attach(self.region.base(), self.region.len() as usize) };
         self.update_state_locked(&mut state, |s| s.size = new_size)
     }
 
@@ -969,5 +981,28 @@ impl<D: Domain> Drop for Pool<D> {
             // the next open treats the pool as crashed.
             let _ = self.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// New pages of a FAMS pool that cannot be tracked poison the pool: no write may land where
+    /// no sync would see it, and a retried grow must not report them grown.
+    #[test]
+    fn a_fams_grow_whose_pages_cannot_be_tracked_poisons_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PoolOptions::layout("test").with_size(1 << 20).with_max_size(4 << 20);
+        let pool = Pool::<Volatile>::create_fams(dir.path().join("f.pool"), &opts).unwrap();
+        crate::fams::FAIL_NEXT_GROW.set(true);
+        let err = pool.grow(2 << 20).unwrap_err();
+        assert!(err.to_string().starts_with("track failed"), "{err}");
+        let written = pool.write_bytes(1 << 20, b"unseen");
+        assert!(matches!(written, Err(PoolError::Poisoned(_))), "{written:?}");
+        let retried = pool.grow(2 << 20);
+        assert!(matches!(retried, Err(PoolError::Poisoned(_))), "{retried:?}");
+        assert!(matches!(pool.sync(), Err(PoolError::Poisoned(_))));
+        assert_eq!(pool.info().size, 1 << 20, "the header still has the old size");
     }
 }
