@@ -165,6 +165,40 @@ fn real_files_commit_and_recover() {
     assert!(err.to_string().contains("open failed"), "a second opener is locked out: {err}");
 }
 
+/// A journal whose checksum holds (xxh3 is not keyed: anyone can write one) but whose fields
+/// cannot describe a commit of this file: one page entry at `index` and a new length.
+fn crafted_journal(index: u64, file_len: u64) -> Vec<u8> {
+    let header = [u64::from_le_bytes(*b"NVFAMSJ1"), 7, 1, file_len, PAGE];
+    let mut body = index.to_le_bytes().to_vec();
+    body.extend_from_slice(&[0xab; PAGE as usize]);
+    let mut signed: Vec<u8> = header.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    signed.extend_from_slice(&body);
+    let checksum = xxhash_rust::xxh3::xxh3_64(&signed);
+    let mut journal: Vec<u8> = header.iter().chain(&[checksum, 0, 0]).flat_map(|w| w.to_ne_bytes()).collect();
+    journal.extend_from_slice(&body);
+    journal
+}
+
+#[test]
+fn a_journal_whose_offsets_or_lengths_overflow_is_an_error_and_applies_nothing() {
+    let data = vec![1u8; 4 * PAGE as usize];
+    for (index, file_len, why) in [
+        // The page's offset overflows; its end overflows; it lies past the new length.
+        (u64::MAX / PAGE + 1, 4 * PAGE, "entry 0 names page 4503599627370496, past the new file length"),
+        (u64::MAX / PAGE, u64::MAX - (PAGE - 1), "entry 0 names page 4503599627370495, past the new file"),
+        (4, 4 * PAGE, "entry 0 names page 4, past the new file length 16384"),
+        // The new length is no whole number of pages, or none.
+        (0, u64::MAX, "the new file length 18446744073709551615 is not a positive multiple of its 4096"),
+        (0, 0, "the new file length 0 is not a positive multiple"),
+    ] {
+        let sim = SimStorage::from_image(data.clone(), crafted_journal(index, file_len));
+        let err = FamsFile::open_storage(sim.clone(), 64 * PAGE).unwrap_err();
+        assert!(matches!(err, FamsError::CorruptJournal(_)), "page {index}, length {file_len}: {err:?}");
+        assert!(err.to_string().contains(why), "{err}");
+        assert_eq!(sim.current(Role::Data), data, "nothing was applied");
+    }
+}
+
 mod pools {
     use nvhtm::persist::thread_stats;
     use nvhtm::pool::PoolInfo;

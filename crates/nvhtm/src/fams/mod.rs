@@ -66,6 +66,11 @@ pub enum FamsError {
         /// The contents' length.
         size: u64,
     },
+    /// A complete journal (its checksum holds) whose fields cannot describe a commit of this
+    /// file: an entry past the new length (or whose offset overflows), a length that is not a
+    /// positive multiple of the page size. Nothing of it was applied.
+    #[error("corrupt FAMS journal: {0}")]
+    CorruptJournal(String),
     /// Growth past the reserved address space.
     #[error("cannot grow to {requested} bytes: {limit} bytes are reserved")]
     GrowthLimit {
@@ -102,7 +107,8 @@ struct Journal {
     entries: Vec<(u64, Vec<u8>)>,
 }
 
-/// The journal, if it is complete.
+/// The journal, if it is complete; its fields checked (the checksum proves only that the journal
+/// is whole, not that this program wrote it).
 fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
     let len = storage.len(Role::Journal).map_err(io("stat journal"))?;
     if len < JOURNAL_HEADER {
@@ -122,14 +128,29 @@ fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
     if h.digest() != checksum {
         return Ok(None); // torn or never completed: the data file was not touched
     }
+    if file_len == 0 || file_len % page != 0 {
+        return Err(FamsError::CorruptJournal(format!(
+            "the new file length {file_len} is not a positive multiple of its {page}-byte pages"
+        )));
+    }
     let entries = body
         .chunks_exact((8 + page) as usize)
-        .map(|e| (u64::from_le_bytes(e[..8].try_into().unwrap_or_default()), e[8..].to_vec()))
-        .collect();
+        .enumerate()
+        .map(|(i, e)| {
+            let index = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            match index.checked_mul(page).and_then(|at| at.checked_add(page)) {
+                Some(end) if end <= file_len => Ok((index, e[8..].to_vec())),
+                _ => Err(FamsError::CorruptJournal(format!(
+                    "entry {i} names page {index}, past the new file length {file_len}"
+                ))),
+            }
+        })
+        .collect::<Result<_>>()?;
     Ok(Some(Journal { seq, file_len, page, entries }))
 }
 
-/// Writes journal entries into the data file and syncs it.
+/// Writes journal entries into the data file and syncs it. Each entry's page lies within
+/// `file_len` (checked by [`read_journal`]; a commit's pages come from the tracker).
 fn apply<S: Storage>(storage: &S, file_len: u64, page: u64, entries: &[(u64, Vec<u8>)]) -> Result<()> {
     if storage.len(Role::Data).map_err(io("stat"))? != file_len {
         storage.set_len(Role::Data, file_len).map_err(io("set length"))?;
