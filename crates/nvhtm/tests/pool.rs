@@ -107,6 +107,24 @@ fn create_refuses_existing_files_small_sizes_and_bad_layouts() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// A sparse copy of a pool (`cp --sparse=always`) has holes where the pool had zeros; a store
+/// into a hole of a full file system would be SIGBUS, not an error. Opening allocates them.
+#[test]
+fn open_allocates_the_blocks_of_a_sparse_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = disk_dir();
+    let path = create(&dir);
+    let copy = dir.path().join("sparse.pool");
+    let copied = std::process::Command::new("cp").arg("--sparse=always").arg(&path).arg(&copy).status();
+    assert!(copied.unwrap().success());
+    let allocated = || std::fs::metadata(&copy).unwrap().blocks() * 512;
+    let size = std::fs::metadata(&copy).unwrap().len();
+    assert!(allocated() < size, "the copy is sparse: {} of {size} bytes allocated", allocated());
+    let pool = Pool::<AutoDomain>::open(&copy, &opts()).unwrap();
+    assert!(allocated() >= size, "after open, {} of {size} bytes are allocated", allocated());
+    pool.close().unwrap();
+}
+
 #[test]
 fn open_rejects_a_file_that_is_not_a_pool() {
     let dir = disk_dir();

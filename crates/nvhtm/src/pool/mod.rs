@@ -230,7 +230,12 @@ fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
             Err(PoolError::NoSpace { path: path.to_path_buf(), op: "allocate", bytes: len })
         }
+        // Without fallocate, at least make the file long enough (never shorter).
         Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+            let file_len = file.metadata().map_err(|e| PoolError::io(path, "stat", e))?.len();
+            if file_len >= offset + len {
+                return Ok(());
+            }
             file.set_len(offset + len).map_err(|e| PoolError::io(path, "extend", e))
         }
         Err(e) => Err(PoolError::io(path, "allocate", e.into())),
@@ -323,7 +328,9 @@ impl<D: FileDomain> Pool<D> {
     }
 
     /// Opens an existing pool for reading and writing, taking its exclusive lock. Every check
-    /// of the header runs before anything is written.
+    /// of the header runs before anything is written. The file's blocks are then allocated, as
+    /// at creation: a sparse copy of a pool has holes, and a store into a hole of a full file
+    /// system would be SIGBUS, not an error (a full one fails the open with `NoSpace`).
     pub fn open(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
         Pool::open_mapped(path, opts, |mapping| D::for_mapping(mapping, opts, path))
@@ -351,6 +358,7 @@ impl<D: Domain> Pool<D> {
         let header = read_header(&file, path)?;
         check_layout(&header, &opts.layout, path)?;
         refuse_fams(&header, path)?;
+        allocate(&file, path, 0, header.state.size)?;
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
