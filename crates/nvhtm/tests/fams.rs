@@ -200,6 +200,7 @@ fn a_journal_whose_offsets_or_lengths_overflow_is_an_error_and_applies_nothing()
 }
 
 mod pools {
+    use nvhtm::fams::journal_path;
     use nvhtm::persist::thread_stats;
     use nvhtm::pool::PoolInfo;
     use nvhtm::{AutoDomain, Heap, Pool, PoolError, PoolOptions, StrictMap};
@@ -239,6 +240,32 @@ mod pools {
         let report = map.heap().check(&mut |_, _| {});
         assert!(report.is_consistent(), "{report:?}");
         assert!(map.heap().pool().size() > 1 << 20, "the pool grew through FAMS");
+    }
+
+    /// `open_fams` checks the header (as the journal would leave it) before it creates or
+    /// replays anything: a plain pool, even with a complete journal beside it, and a file that
+    /// is no pool get a specific error, no journal file, and their bytes unchanged.
+    #[test]
+    fn open_fams_checks_the_header_before_creating_or_replaying_a_journal() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let plain = dir.path().join("plain.pool");
+        Pool::<AutoDomain>::create(&plain, &opts()).unwrap().close().unwrap();
+        let text = dir.path().join("text");
+        std::fs::write(&text, b"hello, this is not a pool at all".repeat(4096)).unwrap();
+        for (path, expected) in [(&plain, "FamsMode"), (&text, "NotAPool")] {
+            let before = std::fs::read(path).unwrap();
+            let err = Pool::<AutoDomain>::open_fams(path, &opts()).unwrap_err();
+            assert!(format!("{err:?}").starts_with(expected), "{}: {err:?}", path.display());
+            assert!(!journal_path(path).exists(), "a journal was created beside {}", path.display());
+            assert_eq!(std::fs::read(path).unwrap(), before, "{} changed", path.display());
+        }
+        let journal = super::crafted_journal(1, 1 << 20);
+        std::fs::write(journal_path(&plain), &journal).unwrap();
+        let before = std::fs::read(&plain).unwrap();
+        let err = Pool::<AutoDomain>::open_fams(&plain, &opts()).unwrap_err();
+        assert!(matches!(err, PoolError::FamsMode { .. }), "{err:?}");
+        assert_eq!(std::fs::read(&plain).unwrap(), before, "the journal was not replayed");
+        assert_eq!(std::fs::read(journal_path(&plain)).unwrap(), journal, "nor retired");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub(crate) use dirty::FAIL_NEXT_GROW;
 pub use snapshot::{snapshot_paths, SnapshotFile};
 pub use storage::{journal_path, Fault, FileCrashReport, FileStorage, Role, SimStorage, Storage, SECTOR};
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -109,19 +111,19 @@ struct Journal {
 
 /// The journal, if it is complete; its fields checked (the checksum proves only that the journal
 /// is whole, not that this program wrote it).
-fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
-    let len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+/// `len` is the journal file's length, `read(offset, buf)` reads it.
+fn read_journal(len: u64, read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>) -> Result<Option<Journal>> {
     if len < JOURNAL_HEADER {
         return Ok(None);
     }
     let mut header = [0u64; 8];
-    storage.read_at(Role::Journal, 0, bytemuck::cast_slice_mut(&mut header)).map_err(io("read journal"))?;
+    read(0, bytemuck::cast_slice_mut(&mut header)).map_err(io("read journal"))?;
     let [magic, seq, pages, file_len, page, checksum, ..] = header;
     if magic != JOURNAL_MAGIC || page == 0 || page > 1 << 21 || pages > (len - JOURNAL_HEADER) / (8 + page) {
         return Ok(None);
     }
     let mut body = vec![0u8; (pages * (8 + page)) as usize];
-    storage.read_at(Role::Journal, JOURNAL_HEADER, &mut body).map_err(io("read journal"))?;
+    read(JOURNAL_HEADER, &mut body).map_err(io("read journal"))?;
     let mut h = Xxh3::new();
     h.update(bytemuck::cast_slice(&header[..5]));
     h.update(&body);
@@ -147,6 +149,35 @@ fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
         })
         .collect::<Result<_>>()?;
     Ok(Some(Journal { seq, file_len, page, entries }))
+}
+
+/// The first `head.len()` bytes the data file `data` will hold once opened — a complete journal
+/// at `journal` applied, in memory — and its length then. Reads only: neither file is written,
+/// and no journal is created, so a caller can check what it is about to open before
+/// [`Committer::open`] replays anything into it.
+pub(crate) fn peek_recovered(data: &File, journal: &Path, head: &mut [u8]) -> Result<u64> {
+    let data_len = data.metadata().map_err(io("stat"))?.len();
+    head.fill(0);
+    let present = head.len().min(data_len as usize);
+    data.read_exact_at(&mut head[..present], 0).map_err(io("read"))?;
+    let journal = match File::open(journal) {
+        Ok(journal) => journal,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(data_len),
+        Err(e) => return Err(FamsError::Io { op: "open journal", source: e }),
+    };
+    let journal_len = journal.metadata().map_err(io("stat journal"))?.len();
+    let Some(complete) = read_journal(journal_len, |at, buf| journal.read_exact_at(buf, at))? else {
+        return Ok(data_len);
+    };
+    for (index, bytes) in &complete.entries {
+        // In range: read_journal checked that every page ends within the new length.
+        let at = index * complete.page;
+        if let Some(into) = head.get_mut(at as usize..) {
+            let n = into.len().min(bytes.len());
+            into[..n].copy_from_slice(&bytes[..n]);
+        }
+    }
+    Ok(complete.file_len)
 }
 
 /// Writes journal entries into the data file and syncs it. Each entry's page lies within
@@ -180,7 +211,8 @@ impl<S: Storage> Committer<S> {
     pub fn open(storage: S, max_len: u64) -> Result<(Region, Committer<S>)> {
         let page = rustix::param::page_size() as u64;
         let mut seq = 0;
-        if let Some(journal) = read_journal(&storage)? {
+        let journal_len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+        if let Some(journal) = read_journal(journal_len, |at, buf| storage.read_at(Role::Journal, at, buf))? {
             apply(&storage, journal.file_len, journal.page, &journal.entries)?;
             storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
             seq = journal.seq;

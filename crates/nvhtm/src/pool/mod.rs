@@ -398,21 +398,20 @@ impl<D: FileDomain> Pool<D> {
     }
 
     /// Opens a FAMS pool, first completing a sync that a crash interrupted after its journal was
-    /// durable.
+    /// durable. The header is checked first — as that journal would leave it, read without
+    /// writing — so a file that is not a FAMS pool gets an error before a journal is created or
+    /// replayed into it.
     pub fn open_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
-        let storage = crate::fams::FileStorage::open(path, false).map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::WOULDBLOCK.raw_os_error()) {
-                PoolError::Locked { path: path.to_path_buf() }
-            } else {
-                PoolError::io(path, "open", e)
-            }
-        })?;
-        let (mut region, committer) = crate::fams::Committer::open(storage, opts.max_size)?;
-        region.mark_fams();
-        // SAFETY: the region holds `len` initialised bytes (the file) and is not shared yet.
-        let bytes = unsafe { std::slice::from_raw_parts(region.base(), region.len() as usize) };
-        let header = header::parse(path, bytes, region.len())?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| PoolError::io(path, "open", e))?;
+        lock_exclusive(&file, path)?;
+        let mut head = vec![0u8; HEADER_BYTES];
+        let len = crate::fams::peek_recovered(&file, &crate::fams::journal_path(path), &mut head)?;
+        let header = header::parse(path, &head[..HEADER_BYTES.min(len as usize)], len)?;
         check_layout(&header, &opts.layout, path)?;
         if header.fixed.incompat_flags & INCOMPAT_FAMS == 0 {
             return Err(PoolError::FamsMode {
@@ -420,6 +419,11 @@ impl<D: FileDomain> Pool<D> {
                 what: "not a FAMS pool: open it without FAMS mode",
             });
         }
+        let storage = crate::fams::FileStorage::with_data(file, path, false)
+            .map_err(|e| PoolError::io(path, "open journal", e))?;
+        // The replay leaves exactly the header checked above.
+        let (mut region, committer) = crate::fams::Committer::open(storage, opts.max_size)?;
+        region.mark_fams();
         let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
         let mut pool = Pool::start(region, domain, None, path, header)?;
         pool.fams = Some(Mutex::new(committer));
