@@ -165,7 +165,42 @@ fn real_files_commit_and_recover() {
     assert!(err.to_string().contains("open failed"), "a second opener is locked out: {err}");
 }
 
+/// A journal whose checksum holds (xxh3 is not keyed: anyone can write one) but whose fields
+/// cannot describe a commit of this file: one page entry at `index` and a new length.
+fn crafted_journal(index: u64, file_len: u64) -> Vec<u8> {
+    let header = [u64::from_le_bytes(*b"NVFAMSJ1"), 7, 1, file_len, PAGE];
+    let mut body = index.to_le_bytes().to_vec();
+    body.extend_from_slice(&[0xab; PAGE as usize]);
+    let mut signed: Vec<u8> = header.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    signed.extend_from_slice(&body);
+    let checksum = xxhash_rust::xxh3::xxh3_64(&signed);
+    let mut journal: Vec<u8> = header.iter().chain(&[checksum, 0, 0]).flat_map(|w| w.to_ne_bytes()).collect();
+    journal.extend_from_slice(&body);
+    journal
+}
+
+#[test]
+fn a_journal_whose_offsets_or_lengths_overflow_is_an_error_and_applies_nothing() {
+    let data = vec![1u8; 4 * PAGE as usize];
+    for (index, file_len, why) in [
+        // The page's offset overflows; its end overflows; it lies past the new length.
+        (u64::MAX / PAGE + 1, 4 * PAGE, "entry 0 names page 4503599627370496, past the new file length"),
+        (u64::MAX / PAGE, u64::MAX - (PAGE - 1), "entry 0 names page 4503599627370495, past the new file"),
+        (4, 4 * PAGE, "entry 0 names page 4, past the new file length 16384"),
+        // The new length is no whole number of pages, or none.
+        (0, u64::MAX, "the new file length 18446744073709551615 is not a positive multiple of its 4096"),
+        (0, 0, "the new file length 0 is not a positive multiple"),
+    ] {
+        let sim = SimStorage::from_image(data.clone(), crafted_journal(index, file_len));
+        let err = FamsFile::open_storage(sim.clone(), 64 * PAGE).unwrap_err();
+        assert!(matches!(err, FamsError::CorruptJournal(_)), "page {index}, length {file_len}: {err:?}");
+        assert!(err.to_string().contains(why), "{err}");
+        assert_eq!(sim.current(Role::Data), data, "nothing was applied");
+    }
+}
+
 mod pools {
+    use nvhtm::fams::journal_path;
     use nvhtm::persist::thread_stats;
     use nvhtm::pool::PoolInfo;
     use nvhtm::{AutoDomain, Heap, Pool, PoolError, PoolOptions, StrictMap};
@@ -205,6 +240,32 @@ mod pools {
         let report = map.heap().check(&mut |_, _| {});
         assert!(report.is_consistent(), "{report:?}");
         assert!(map.heap().pool().size() > 1 << 20, "the pool grew through FAMS");
+    }
+
+    /// `open_fams` checks the header (as the journal would leave it) before it creates or
+    /// replays anything: a plain pool, even with a complete journal beside it, and a file that
+    /// is no pool get a specific error, no journal file, and their bytes unchanged.
+    #[test]
+    fn open_fams_checks_the_header_before_creating_or_replaying_a_journal() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let plain = dir.path().join("plain.pool");
+        Pool::<AutoDomain>::create(&plain, &opts()).unwrap().close().unwrap();
+        let text = dir.path().join("text");
+        std::fs::write(&text, b"hello, this is not a pool at all".repeat(4096)).unwrap();
+        for (path, expected) in [(&plain, "FamsMode"), (&text, "NotAPool")] {
+            let before = std::fs::read(path).unwrap();
+            let err = Pool::<AutoDomain>::open_fams(path, &opts()).unwrap_err();
+            assert!(format!("{err:?}").starts_with(expected), "{}: {err:?}", path.display());
+            assert!(!journal_path(path).exists(), "a journal was created beside {}", path.display());
+            assert_eq!(std::fs::read(path).unwrap(), before, "{} changed", path.display());
+        }
+        let journal = super::crafted_journal(1, 1 << 20);
+        std::fs::write(journal_path(&plain), &journal).unwrap();
+        let before = std::fs::read(&plain).unwrap();
+        let err = Pool::<AutoDomain>::open_fams(&plain, &opts()).unwrap_err();
+        assert!(matches!(err, PoolError::FamsMode { .. }), "{err:?}");
+        assert_eq!(std::fs::read(&plain).unwrap(), before, "the journal was not replayed");
+        assert_eq!(std::fs::read(journal_path(&plain)).unwrap(), journal, "nor retired");
     }
 
     #[test]

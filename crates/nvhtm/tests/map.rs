@@ -1,10 +1,13 @@
 //! The strict map without crashes: operations against a model, splits, records of every size,
 //! concurrency, the typed wrapper.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::FailingFence;
 use nvhtm::map::{MapError, MAX_KEY};
-use nvhtm::{Heap, PoolOptions, StrictMap, TypedMap, Volatile};
+use nvhtm::{Heap, HeapError, PoolError, PoolOptions, StrictMap, TypedMap, Volatile};
 
 fn map(size: u64) -> StrictMap<Volatile> {
     let opts = PoolOptions::layout("map-test").with_size(size).with_max_size(1 << 30);
@@ -182,6 +185,23 @@ fn the_typed_map_stores_plain_data() {
     assert_eq!(typed.get(&[1, 2]).unwrap(), Some(4));
     assert_eq!(typed.entries().unwrap(), vec![([1, 2], 4)]);
     assert!(typed.remove(&[1, 2]).unwrap());
+}
+
+#[test]
+fn the_typed_map_reports_stored_entries_of_another_length() {
+    let map = map(1 << 20);
+    map.insert(b"short", &7u64.to_le_bytes()).unwrap();
+    map.insert(&8u64.to_le_bytes(), b"a 24-byte value, too long").unwrap();
+    let typed: TypedMap<u64, u64, Volatile> = TypedMap::new(map);
+    let err = typed.get(&8).unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { what: "value", expected: 8, found: 25 }), "{err:?}");
+    assert_eq!(err.to_string(), "a stored value is 25 bytes, but the typed map reads 8-byte values");
+    let err = typed.entries().unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { expected: 8, .. }), "{err:?}");
+    typed.bytes().remove(&8u64.to_le_bytes()).unwrap();
+    let err = typed.entries().unwrap_err();
+    assert!(matches!(err, MapError::WrongLength { what: "key", expected: 8, found: 5 }), "{err:?}");
+    assert_eq!(err.to_string(), "a stored key is 5 bytes, but the typed map reads 8-byte keys");
 }
 
 /// A linearizability check on one register: threads increment a counter with compare-and-swap
@@ -400,4 +420,29 @@ fn readers_and_writers_see_no_error_while_the_directory_doubles_under_them() {
         done.store(true, std::sync::atomic::Ordering::Release);
     });
     assert_eq!(map.len().unwrap(), 120_001);
+}
+
+/// After a failed persist nothing may be read: the insert whose commit fence failed has its
+/// bit set in memory (the segment unlocked again by its writer), and neither it nor a key
+/// committed earlier may be returned by a lock-free reader or a walk.
+#[test]
+fn a_poisoned_map_returns_no_value_not_even_one_whose_commit_failed() {
+    let domain = FailingFence::default();
+    let opts = PoolOptions::layout("map-test").with_size(1 << 20);
+    let map = StrictMap::open(Heap::create_in_memory(&opts, domain.clone()).unwrap()).unwrap();
+    assert!(map.insert(b"durable", b"1").unwrap());
+    // An inline insert fences twice: its slot, then its meta word (the commit). Fail the second.
+    domain.fail_after(1);
+    let err = map.insert(b"lost", b"2").unwrap_err();
+    assert!(err.to_string().starts_with("msync failed at"), "{err}");
+    domain.recover();
+    fn poisoned<T>(result: &Result<T, MapError>) -> bool {
+        matches!(result, Err(MapError::Heap(HeapError::Pool(PoolError::Poisoned(_)))))
+    }
+    let got = map.get(b"lost");
+    assert!(poisoned(&got), "the value whose commit failed is not returned: {got:?}");
+    let got = map.get(b"durable");
+    assert!(poisoned(&got), "no read at all is served: {got:?}");
+    assert!(poisoned(&map.entries()), "nor a walk");
+    assert!(poisoned(&map.insert(b"more", b"3")));
 }

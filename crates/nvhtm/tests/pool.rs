@@ -2,9 +2,12 @@
 //! file left untouched), and crash atomicity of header updates under the simulator.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use nvhtm::persist::{thread_stats, Domain, DomainKind, PersistError, Site};
+mod common;
+
+use common::FailingFence;
+use nvhtm::persist::{thread_stats, Domain, DomainKind};
 use nvhtm::pool::{MappingKind, PoolInfo, MIN_POOL_SIZE};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{AutoDomain, Cpu, Msync, PPtr, Pool, PoolError, PoolOptions, Volatile};
@@ -85,7 +88,7 @@ fn an_image_taken_while_open_reopens_as_not_clean() {
     let pool = Pool::<AutoDomain>::open(&path, &opts()).unwrap();
     pool.write_bytes(4096, &[7; 100]).unwrap();
     pool.persist(4096, 100).unwrap();
-    let crashed = Pool::open_image(&pool.image(), &opts(), Volatile).unwrap();
+    let crashed = Pool::open_image(&pool.image().unwrap(), &opts(), Volatile).unwrap();
     assert!(!crashed.was_clean());
     assert_eq!(crashed.read::<[u8; 100]>(4096).unwrap(), [7; 100]);
 }
@@ -102,6 +105,24 @@ fn create_refuses_existing_files_small_sizes_and_bad_layouts() {
     assert!(matches!(err, PoolError::InvalidLayout { .. }), "{err}");
     // Nothing but the one pool was left behind, temporary files included.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+/// A sparse copy of a pool (`cp --sparse=always`) has holes where the pool had zeros; a store
+/// into a hole of a full file system would be SIGBUS, not an error. Opening allocates them.
+#[test]
+fn open_allocates_the_blocks_of_a_sparse_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = disk_dir();
+    let path = create(&dir);
+    let copy = dir.path().join("sparse.pool");
+    let copied = std::process::Command::new("cp").arg("--sparse=always").arg(&path).arg(&copy).status();
+    assert!(copied.unwrap().success());
+    let allocated = || std::fs::metadata(&copy).unwrap().blocks() * 512;
+    let size = std::fs::metadata(&copy).unwrap().len();
+    assert!(allocated() < size, "the copy is sparse: {} of {size} bytes allocated", allocated());
+    let pool = Pool::<AutoDomain>::open(&copy, &opts()).unwrap();
+    assert!(allocated() >= size, "after open, {} of {size} bytes are allocated", allocated());
+    pool.close().unwrap();
 }
 
 #[test]
@@ -256,6 +277,21 @@ fn pools_grow_in_place_and_stop_at_the_reservation() {
     }
 }
 
+/// A grow whose header update failed left the mapping grown and the header at the old size: a
+/// retry must not take the grown mapping for a finished grow and report success.
+#[test]
+fn a_retried_grow_is_not_done_until_the_header_says_so() {
+    let domain = FailingFence::default();
+    let pool = Pool::create_in_memory(&opts().with_max_size(4 << 20), domain.clone()).unwrap();
+    domain.fail_after(0);
+    let err = pool.grow(2 << 20).unwrap_err();
+    assert!(matches!(err, PoolError::Persist(_)), "{err}");
+    domain.recover();
+    let retried = pool.grow(2 << 20);
+    assert!(matches!(retried, Err(PoolError::Poisoned(_))), "{retried:?}");
+    assert_eq!(pool.info().size, 1 << 20, "the header still has the old size");
+}
+
 #[test]
 fn accessors_check_bounds_alignment_and_protect_the_header() {
     let pool = Pool::create_in_memory(&opts(), Volatile).unwrap();
@@ -272,68 +308,39 @@ fn accessors_check_bounds_alignment_and_protect_the_header() {
     assert_eq!(pool.load_u64(4096, Ordering::Acquire).unwrap(), 5);
 }
 
-/// A domain whose fences fail once `failing` is set, like an msync that returned EIO.
-#[derive(Clone, Default)]
-struct FailingFence {
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Domain for FailingFence {
-    fn kind(&self) -> DomainKind {
-        DomainKind::Msync
-    }
-    unsafe fn write(&self, dst: *mut u8, src: &[u8]) {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.write(dst, src) }
-    }
-    unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.store_u64(dst, value, order) }
-    }
-    unsafe fn compare_exchange_u64(
-        &self,
-        d: *const AtomicU64,
-        c: u64,
-        n: u64,
-        o: Ordering,
-    ) -> Result<u64, u64> {
-        // SAFETY: forwarded caller contract.
-        unsafe { Volatile.compare_exchange_u64(d, c, n, o) }
-    }
-    unsafe fn flush(&self, _: *const u8, _: usize) {}
-    #[track_caller]
-    fn fence(&self) -> Result<(), PersistError> {
-        if !self.failing.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        Err(PersistError { op: "msync", site: Site::caller(), source: std::io::Error::from_raw_os_error(5) })
-    }
-}
-
 #[test]
 fn a_failed_flush_poisons_the_pool() {
     let domain = FailingFence::default();
     let pool = Pool::create_in_memory(&opts(), domain.clone()).unwrap();
     pool.write_bytes(8192, b"data").unwrap();
-    domain.failing.store(true, Ordering::Relaxed);
+    domain.fail_after(0);
     let err = pool.persist(8192, 4).unwrap_err();
     assert!(matches!(err, PoolError::Persist(_)), "{err}");
     assert!(err.to_string().starts_with("msync failed at crates/nvhtm/tests/pool.rs:"), "{err}");
-    // Every later write is refused, even after the device recovers, until the pool is reopened.
-    domain.failing.store(false, Ordering::Relaxed);
+    // Every later access is refused, even after the device recovers, until the pool is
+    // reopened: reads too, since the memory holds bytes whose persist failed.
+    domain.recover();
+    assert!(matches!(pool.read::<[u8; 4]>(8192), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.read_into(8192, &mut [0; 4]), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.load_u64(8192, Ordering::Acquire), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.load_words::<2>(8192), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.bytes_eq(8192, b"data"), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.root::<u64>(), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.image(), Err(PoolError::Poisoned(_))));
+    assert!(matches!(pool.fence(), Err(PoolError::Poisoned(_))), "no fence vouches for the pool");
     let err = pool.write_bytes(8192, b"more").unwrap_err();
     assert!(matches!(err, PoolError::Poisoned(_)), "{err}");
     assert!(err
         .to_string()
-        .starts_with("the pool refuses writes until it is reopened: an earlier flush failed"));
+        .starts_with("the pool refuses reads and writes until it is reopened: an earlier flush failed"));
     assert!(matches!(pool.store_u64(8192, 1, Ordering::Relaxed), Err(PoolError::Poisoned(_))));
     assert!(matches!(pool.set_root(PPtr::<u64>::new(8192)), Err(PoolError::Poisoned(_))));
     assert!(matches!(pool.close(), Err(PoolError::Poisoned(_))), "a poisoned pool is not marked clean");
 
     // Opening writes the header, so a failing device fails the open too.
-    let image = Pool::create_in_memory(&opts(), Volatile).unwrap().image();
+    let image = Pool::create_in_memory(&opts(), Volatile).unwrap().image().unwrap();
     let failing = FailingFence::default();
-    failing.failing.store(true, Ordering::Relaxed);
+    failing.fail_after(0);
     let err = Pool::open_image(&image, &opts(), failing).unwrap_err();
     assert!(matches!(err, PoolError::Persist(_)), "{err}");
 }
@@ -355,6 +362,35 @@ fn the_msync_domain_syncs_pages_and_batches_ranges() {
     assert_eq!(used.fences, 1);
     assert_eq!(used.syncs, 2, "four flushes in one page and one in another: two msyncs");
     assert_eq!(used.bytes_written, 410);
+}
+
+/// A thread's pending msync ranges belong to the pool that flushed them: a range left behind
+/// by a pool dropped on another thread (so never fenced by this one) is not synced by this
+/// thread's next fence in another pool, which would fail on the unmapped memory and poison it.
+#[test]
+fn an_msync_fence_syncs_only_its_own_pools_ranges() {
+    let dir = disk_dir();
+    let a = std::sync::Arc::new(Pool::<Msync>::create(dir.path().join("a.pool"), &opts()).unwrap());
+    let b = Pool::<Msync>::create(dir.path().join("b.pool"), &opts()).unwrap();
+    let (flushed, wait_flushed) = std::sync::mpsc::channel();
+    let (dropped, wait_dropped) = std::sync::mpsc::channel();
+    let a_there = a.clone();
+    let worker = std::thread::spawn(move || {
+        a_there.write_bytes(8192, b"pending").unwrap();
+        a_there.flush(8192, 7).unwrap();
+        drop(a_there);
+        flushed.send(()).unwrap();
+        wait_dropped.recv().unwrap();
+        b.write_bytes(8192, b"b's data").unwrap();
+        (b.persist(8192, 8), b)
+    });
+    wait_flushed.recv().unwrap();
+    drop(a); // the last handle: A closes and unmaps on this thread
+    dropped.send(()).unwrap();
+    let (persisted, b) = worker.join().unwrap();
+    persisted.expect("B's fence syncs B's ranges only");
+    b.write_bytes(8192, b"more").expect("B is not poisoned");
+    b.close().unwrap();
 }
 
 /// Header updates (root, size, clean flag) are failure-atomic: a crash at any point of a run

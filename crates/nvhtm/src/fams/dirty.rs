@@ -110,6 +110,13 @@ unsafe fn ioctl<T>(fd: &impl AsRawFd, request: libc::c_ulong, arg: &mut T) -> io
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next [`Tracker::grow`] fail, as a refused registration would (the
+    /// kernel gives no way to make one fail on demand).
+    pub(crate) static FAIL_NEXT_GROW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Tracks writes to one region of this process's memory.
 pub(crate) struct Tracker {
     base: usize,
@@ -179,6 +186,10 @@ impl Tracker {
     pub unsafe fn grow(&mut self, new_len: usize) -> io::Result<()> {
         if new_len <= self.len {
             return Ok(());
+        }
+        #[cfg(test)]
+        if FAIL_NEXT_GROW.take() {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
         let (start, extra) = (self.base + self.len, new_len - self.len);
         match &mut self.method {

@@ -22,9 +22,13 @@ mod snapshot;
 mod storage;
 
 pub use dirty::TrackerKind;
+#[cfg(test)]
+pub(crate) use dirty::FAIL_NEXT_GROW;
 pub use snapshot::{snapshot_paths, SnapshotFile};
 pub use storage::{journal_path, Fault, FileCrashReport, FileStorage, Role, SimStorage, Storage, SECTOR};
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -64,6 +68,11 @@ pub enum FamsError {
         /// The contents' length.
         size: u64,
     },
+    /// A complete journal (its checksum holds) whose fields cannot describe a commit of this
+    /// file: an entry past the new length (or whose offset overflows), a length that is not a
+    /// positive multiple of the page size. Nothing of it was applied.
+    #[error("corrupt FAMS journal: {0}")]
+    CorruptJournal(String),
     /// Growth past the reserved address space.
     #[error("cannot grow to {requested} bytes: {limit} bytes are reserved")]
     GrowthLimit {
@@ -100,34 +109,79 @@ struct Journal {
     entries: Vec<(u64, Vec<u8>)>,
 }
 
-/// The journal, if it is complete.
-fn read_journal<S: Storage>(storage: &S) -> Result<Option<Journal>> {
-    let len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+/// The journal, if it is complete; its fields checked (the checksum proves only that the journal
+/// is whole, not that this program wrote it).
+/// `len` is the journal file's length, `read(offset, buf)` reads it.
+fn read_journal(len: u64, read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>) -> Result<Option<Journal>> {
     if len < JOURNAL_HEADER {
         return Ok(None);
     }
     let mut header = [0u64; 8];
-    storage.read_at(Role::Journal, 0, bytemuck::cast_slice_mut(&mut header)).map_err(io("read journal"))?;
+    read(0, bytemuck::cast_slice_mut(&mut header)).map_err(io("read journal"))?;
     let [magic, seq, pages, file_len, page, checksum, ..] = header;
     if magic != JOURNAL_MAGIC || page == 0 || page > 1 << 21 || pages > (len - JOURNAL_HEADER) / (8 + page) {
         return Ok(None);
     }
     let mut body = vec![0u8; (pages * (8 + page)) as usize];
-    storage.read_at(Role::Journal, JOURNAL_HEADER, &mut body).map_err(io("read journal"))?;
+    read(JOURNAL_HEADER, &mut body).map_err(io("read journal"))?;
     let mut h = Xxh3::new();
     h.update(bytemuck::cast_slice(&header[..5]));
     h.update(&body);
     if h.digest() != checksum {
         return Ok(None); // torn or never completed: the data file was not touched
     }
+    if file_len == 0 || file_len % page != 0 {
+        return Err(FamsError::CorruptJournal(format!(
+            "the new file length {file_len} is not a positive multiple of its {page}-byte pages"
+        )));
+    }
     let entries = body
         .chunks_exact((8 + page) as usize)
-        .map(|e| (u64::from_le_bytes(e[..8].try_into().unwrap_or_default()), e[8..].to_vec()))
-        .collect();
+        .enumerate()
+        .map(|(i, e)| {
+            let index = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            match index.checked_mul(page).and_then(|at| at.checked_add(page)) {
+                Some(end) if end <= file_len => Ok((index, e[8..].to_vec())),
+                _ => Err(FamsError::CorruptJournal(format!(
+                    "entry {i} names page {index}, past the new file length {file_len}"
+                ))),
+            }
+        })
+        .collect::<Result<_>>()?;
     Ok(Some(Journal { seq, file_len, page, entries }))
 }
 
-/// Writes journal entries into the data file and syncs it.
+/// The first `head.len()` bytes the data file `data` will hold once opened — a complete journal
+/// at `journal` applied, in memory — and its length then. Reads only: neither file is written,
+/// and no journal is created, so a caller can check what it is about to open before
+/// [`Committer::open`] replays anything into it.
+pub(crate) fn peek_recovered(data: &File, journal: &Path, head: &mut [u8]) -> Result<u64> {
+    let data_len = data.metadata().map_err(io("stat"))?.len();
+    head.fill(0);
+    let present = head.len().min(data_len as usize);
+    data.read_exact_at(&mut head[..present], 0).map_err(io("read"))?;
+    let journal = match File::open(journal) {
+        Ok(journal) => journal,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(data_len),
+        Err(e) => return Err(FamsError::Io { op: "open journal", source: e }),
+    };
+    let journal_len = journal.metadata().map_err(io("stat journal"))?.len();
+    let Some(complete) = read_journal(journal_len, |at, buf| journal.read_exact_at(buf, at))? else {
+        return Ok(data_len);
+    };
+    for (index, bytes) in &complete.entries {
+        // In range: read_journal checked that every page ends within the new length.
+        let at = index * complete.page;
+        if let Some(into) = head.get_mut(at as usize..) {
+            let n = into.len().min(bytes.len());
+            into[..n].copy_from_slice(&bytes[..n]);
+        }
+    }
+    Ok(complete.file_len)
+}
+
+/// Writes journal entries into the data file and syncs it. Each entry's page lies within
+/// `file_len` (checked by [`read_journal`]; a commit's pages come from the tracker).
 fn apply<S: Storage>(storage: &S, file_len: u64, page: u64, entries: &[(u64, Vec<u8>)]) -> Result<()> {
     if storage.len(Role::Data).map_err(io("stat"))? != file_len {
         storage.set_len(Role::Data, file_len).map_err(io("set length"))?;
@@ -157,7 +211,8 @@ impl<S: Storage> Committer<S> {
     pub fn open(storage: S, max_len: u64) -> Result<(Region, Committer<S>)> {
         let page = rustix::param::page_size() as u64;
         let mut seq = 0;
-        if let Some(journal) = read_journal(&storage)? {
+        let journal_len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+        if let Some(journal) = read_journal(journal_len, |at, buf| storage.read_at(Role::Journal, at, buf))? {
             apply(&storage, journal.file_len, journal.page, &journal.entries)?;
             storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
             seq = journal.seq;
@@ -183,20 +238,33 @@ impl<S: Storage> Committer<S> {
         self.tracker.kind()
     }
 
-    /// Grows `region` (the one this committer tracks).
+    /// Grows `region` (the one this committer tracks) and tracks its new pages. A failure to
+    /// track them, after the region grew, poisons the committer: writes to those pages would
+    /// go unseen by every later sync.
     pub fn grow(&mut self, region: &Region, new_len: u64) -> Result<()> {
+        if let Some(why) = &self.poison {
+            return Err(FamsError::Poisoned(why.clone()));
+        }
         if new_len % self.page != 0 {
             return Err(FamsError::BadSize(new_len));
-        }
-        if new_len <= region.len() {
-            return Ok(());
         }
         if new_len > region.reserved() {
             return Err(FamsError::GrowthLimit { requested: new_len, limit: region.reserved() });
         }
-        region.grow(None, new_len).map_err(io("grow"))?;
+        if new_len > region.len() {
+            region.grow(None, new_len).map_err(io("grow"))?;
+        }
         // SAFETY: the grown region stays mapped as long as the tracker.
-        unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"))
+        let tracked = unsafe { self.tracker.grow(new_len as usize) }.map_err(io("track"));
+        if let Err(e) = &tracked {
+            self.poison = Some(e.to_string());
+        }
+        tracked
+    }
+
+    /// Why the committer refuses to sync, if an earlier failure poisoned it.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poison.as_deref()
     }
 
     /// Commits every change to `region` since the previous sync (see the module docs).

@@ -56,6 +56,13 @@ impl FileStorage {
     pub fn open(path: &Path, create: bool) -> io::Result<FileStorage> {
         let data = OpenOptions::new().read(true).write(true).create_new(create).open(path)?;
         rustix::fs::flock(&data, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+        FileStorage::with_data(data, path, create)
+    }
+
+    /// The storage of `data`, the data file at `path`, which the caller opened for reading and
+    /// writing and locked: opens its journal, creating it if there is none; with `create` (a new
+    /// data file), syncs the directory so that both entries are durable.
+    pub(crate) fn with_data(data: File, path: &Path, create: bool) -> io::Result<FileStorage> {
         let journal = OpenOptions::new()
             .read(true)
             .write(true)

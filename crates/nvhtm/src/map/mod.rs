@@ -20,7 +20,9 @@
 //! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
 //!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
 //!   optimistically and retry if the version changed — so a reader never returns data that is
-//!   not yet durable. Locks and versions live in DRAM: recovery has none to reset.
+//!   not yet durable. A commit that fails poisons the pool before its writer releases the
+//!   version, and a poisoned pool refuses reads: a failed commit is never read either. Locks
+//!   and versions live in DRAM: recovery has none to reset.
 //! - **Resizing**: a full window splits its segment: the keys whose next hash bit is 1 are
 //!   copied into a new segment, and the directory entries (doubling the directory when needed),
 //!   both segments' depths and the new segment's allocation are committed in one heap
@@ -87,6 +89,17 @@ pub enum MapError {
     /// table is full.
     #[error("the map cannot grow further: {0}")]
     Limit(String),
+    /// A [`TypedMap`] found a stored key or value whose length is not its type's size (the
+    /// map was written with other types, or through the byte map).
+    #[error("a stored {what} is {found} bytes, but the typed map reads {expected}-byte {what}s")]
+    WrongLength {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// The size of the type the typed map reads it as.
+        expected: usize,
+        /// The stored length.
+        found: usize,
+    },
 }
 
 impl From<PoolError> for MapError {
@@ -334,6 +347,11 @@ fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `e` is the pool refusing access after a failed persist: final, no retry can help.
+fn is_poisoned(e: &MapError) -> bool {
+    matches!(e, MapError::Heap(HeapError::Pool(PoolError::Poisoned(_))))
 }
 
 fn is_inline(key: &[u8], value: &[u8]) -> bool {
@@ -636,7 +654,7 @@ impl<D: Domain> StrictMap<D> {
                 Ok(Some(found)) => return Ok(found),
                 Ok(None) => {}
                 // Reading a block freed under us can fail; a real corruption fails every time.
-                Err(e) if failures > 64 => return Err(e),
+                Err(e) if failures > 64 || is_poisoned(&e) => return Err(e),
                 Err(_) => failures += 1,
             }
             std::thread::yield_now();
@@ -674,6 +692,7 @@ impl<D: Domain> StrictMap<D> {
             match owner {
                 Ok(Some(owner)) => return Ok(owner),
                 Ok(None) => {}
+                Err(e) if is_poisoned(&e) => return Err(e),
                 Err(e) => failure = Some(e),
             }
         }

@@ -4,14 +4,26 @@ use std::marker::PhantomData;
 
 use bytemuck::Pod;
 
-use super::{Result, StrictMap};
+use super::{MapError, Result, StrictMap};
 use crate::persist::Domain;
 
 /// The strict map with `K` keys and `V` values (plain data, compared and stored as bytes).
+///
+/// A stored key or value of another length than its type (written through the byte map, or with
+/// other types) is reported as [`MapError::WrongLength`], never reinterpreted.
 #[derive(Debug)]
 pub struct TypedMap<K, V, D: Domain> {
     map: StrictMap<D>,
     _types: PhantomData<fn(K) -> V>,
+}
+
+/// `bytes` as a `T`, if they are exactly its size.
+fn decode<T: Pod>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    let expected = std::mem::size_of::<T>();
+    if bytes.len() != expected {
+        return Err(MapError::WrongLength { what, expected, found: bytes.len() });
+    }
+    Ok(bytemuck::pod_read_unaligned(bytes))
 }
 
 impl<K: Pod, V: Pod, D: Domain> TypedMap<K, V, D> {
@@ -27,7 +39,7 @@ impl<K: Pod, V: Pod, D: Domain> TypedMap<K, V, D> {
 
     /// The value of `key`.
     pub fn get(&self, key: &K) -> Result<Option<V>> {
-        Ok(self.map.get(bytemuck::bytes_of(key))?.map(|v| bytemuck::pod_read_unaligned(&v)))
+        self.map.get_with(bytemuck::bytes_of(key), |v| decode("value", v))?.transpose()
     }
 
     /// Inserts if absent; `false` if present.
@@ -45,13 +57,20 @@ impl<K: Pod, V: Pod, D: Domain> TypedMap<K, V, D> {
         self.map.remove(bytemuck::bytes_of(key))
     }
 
-    /// Every entry.
+    /// Every entry; the first one of another length ends the walk with its error.
     pub fn entries(&self) -> Result<Vec<(K, V)>> {
-        Ok(self
-            .map
-            .entries()?
-            .into_iter()
-            .map(|(k, v)| (bytemuck::pod_read_unaligned(&k), bytemuck::pod_read_unaligned(&v)))
-            .collect())
+        let mut all = Vec::new();
+        let mut wrong = None;
+        self.map.for_each(|k, v| match decode("key", k).and_then(|k| Ok((k, decode("value", v)?))) {
+            Ok(entry) => {
+                all.push(entry);
+                true
+            }
+            Err(e) => {
+                wrong = Some(e);
+                false
+            }
+        })?;
+        wrong.map_or(Ok(all), Err)
     }
 }

@@ -6,7 +6,7 @@ use super::{Cpu, Domain, DomainKind, Msync, PersistError, Volatile};
 
 /// One of the production domains, picked when a pool is opened (see
 /// [`crate::pool::Mode::Auto`]): `Cpu` on DAX and `/dev/shm`, `Msync` on ordinary files.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum AutoDomain {
     /// Cache-line write-back.
     Cpu(Cpu),

@@ -204,8 +204,9 @@ pub enum PoolError {
         /// Size of the type.
         requested: u64,
     },
-    /// A flush or sync failed earlier: the pool may have lost writes and refuses more.
-    #[error("the pool refuses writes until it is reopened: an earlier flush failed ({0})")]
+    /// A flush or sync failed earlier: the pool may have lost writes, and its memory may hold
+    /// data that is not durable, so it refuses every read and write until it is reopened.
+    #[error("the pool refuses reads and writes until it is reopened: an earlier flush failed ({0})")]
     Poisoned(String),
     /// A flush or sync failed just now.
     #[error(transparent)]

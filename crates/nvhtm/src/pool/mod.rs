@@ -2,8 +2,8 @@
 //! pointers, growth in place, and an exclusive lock against a second writer.
 //!
 //! Every store into the pool goes through the pool's persistence [`Domain`]; the pool's accessors
-//! bounds-check offsets, keep the header out of reach of user writes, and refuse writes after a
-//! failed flush ([`PoolError::Poisoned`]).
+//! bounds-check offsets, keep the header out of reach of user writes, and refuse every read and
+//! write after a failed flush ([`PoolError::Poisoned`]).
 
 mod error;
 mod header;
@@ -152,6 +152,19 @@ impl FileDomain for AutoDomain {
 }
 
 /// A mapped pool.
+///
+/// # Poisoning
+///
+/// The first failed persist (a fence, a header update, a sync) poisons the pool for good: from
+/// then on every accessor that reads or writes the pool's bytes — [`read`](Pool::read),
+/// [`read_into`](Pool::read_into), [`load_u64`](Pool::load_u64), [`root`](Pool::root),
+/// [`image`](Pool::image), the writes, [`flush`](Pool::flush), [`fence`](Pool::fence),
+/// [`sync`](Pool::sync), [`grow`](Pool::grow) — returns [`PoolError::Poisoned`]. Reads are
+/// refused too because the memory may hold data whose persist failed (a commit's meta word
+/// stored, its fence failed): after a failed persist nothing may return data that is not
+/// durable. The poison is set before the failing call returns, so a structure that releases a
+/// lock or a version after the error publishes the poison with it. Only reopening the pool
+/// (reading back what the medium holds) makes it usable again.
 pub struct Pool<D: Domain> {
     /// For a FAMS pool: the commit machinery (dropped before the region it tracks).
     fams: Option<Mutex<crate::fams::Committer<crate::fams::FileStorage>>>,
@@ -217,7 +230,12 @@ fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
             Err(PoolError::NoSpace { path: path.to_path_buf(), op: "allocate", bytes: len })
         }
+        // Without fallocate, at least make the file long enough (never shorter).
         Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+            let file_len = file.metadata().map_err(|e| PoolError::io(path, "stat", e))?.len();
+            if file_len >= offset + len {
+                return Ok(());
+            }
             file.set_len(offset + len).map_err(|e| PoolError::io(path, "extend", e))
         }
         Err(e) => Err(PoolError::io(path, "allocate", e.into())),
@@ -310,7 +328,9 @@ impl<D: FileDomain> Pool<D> {
     }
 
     /// Opens an existing pool for reading and writing, taking its exclusive lock. Every check
-    /// of the header runs before anything is written.
+    /// of the header runs before anything is written. The file's blocks are then allocated, as
+    /// at creation: a sparse copy of a pool has holes, and a store into a hole of a full file
+    /// system would be SIGBUS, not an error (a full one fails the open with `NoSpace`).
     pub fn open(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
         Pool::open_mapped(path, opts, |mapping| D::for_mapping(mapping, opts, path))
@@ -338,6 +358,7 @@ impl<D: Domain> Pool<D> {
         let header = read_header(&file, path)?;
         check_layout(&header, &opts.layout, path)?;
         refuse_fams(&header, path)?;
+        allocate(&file, path, 0, header.state.size)?;
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
@@ -377,21 +398,20 @@ impl<D: FileDomain> Pool<D> {
     }
 
     /// Opens a FAMS pool, first completing a sync that a crash interrupted after its journal was
-    /// durable.
+    /// durable. The header is checked first — as that journal would leave it, read without
+    /// writing — so a file that is not a FAMS pool gets an error before a journal is created or
+    /// replayed into it.
     pub fn open_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
         let path = path.as_ref();
-        let storage = crate::fams::FileStorage::open(path, false).map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::WOULDBLOCK.raw_os_error()) {
-                PoolError::Locked { path: path.to_path_buf() }
-            } else {
-                PoolError::io(path, "open", e)
-            }
-        })?;
-        let (mut region, committer) = crate::fams::Committer::open(storage, opts.max_size)?;
-        region.mark_fams();
-        // SAFETY: the region holds `len` initialised bytes (the file) and is not shared yet.
-        let bytes = unsafe { std::slice::from_raw_parts(region.base(), region.len() as usize) };
-        let header = header::parse(path, bytes, region.len())?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| PoolError::io(path, "open", e))?;
+        lock_exclusive(&file, path)?;
+        let mut head = vec![0u8; HEADER_BYTES];
+        let len = crate::fams::peek_recovered(&file, &crate::fams::journal_path(path), &mut head)?;
+        let header = header::parse(path, &head[..HEADER_BYTES.min(len as usize)], len)?;
         check_layout(&header, &opts.layout, path)?;
         if header.fixed.incompat_flags & INCOMPAT_FAMS == 0 {
             return Err(PoolError::FamsMode {
@@ -399,6 +419,11 @@ impl<D: FileDomain> Pool<D> {
                 what: "not a FAMS pool: open it without FAMS mode",
             });
         }
+        let storage = crate::fams::FileStorage::with_data(file, path, false)
+            .map_err(|e| PoolError::io(path, "open journal", e))?;
+        // The replay leaves exactly the header checked above.
+        let (mut region, committer) = crate::fams::Committer::open(storage, opts.max_size)?;
+        region.mark_fams();
         let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
         let mut pool = Pool::start(region, domain, None, path, header)?;
         pool.fams = Some(Mutex::new(committer));
@@ -556,7 +581,7 @@ impl<D: Domain> Pool<D> {
         current: &mut StateSlot,
         change: impl FnOnce(&mut StateSlot),
     ) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let mut next = *current;
         change(&mut next);
         next.seq = current.seq + 1;
@@ -597,7 +622,7 @@ impl<D: Domain> Pool<D> {
     }
 
     fn shutdown(&self) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         self.sync()?;
         self.update_state(|s| s.clean_shutdown = 1)?;
         self.sync()
@@ -612,7 +637,7 @@ impl<D: Domain> Pool<D> {
     /// commit captures pages as they are, and with no fences on a FAMS pool, a half-done
     /// operation elsewhere would be captured half done.
     pub fn sync(&self) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let synced = match &self.fams {
             Some(committer) => {
                 let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
@@ -692,12 +717,14 @@ impl<D: Domain> Pool<D> {
     }
 
     /// A copy of the pool's bytes.
-    pub fn image(&self) -> Vec<u8> {
-        self.region.to_vec()
+    pub fn image(&self) -> Result<Vec<u8>> {
+        self.check_poison()?;
+        Ok(self.region.to_vec())
     }
 
     /// The root object, if one was set.
     pub fn root<T: Pod>(&self) -> Result<Option<PPtr<T>>> {
+        self.check_poison()?;
         let state = *self.lock_state();
         if state.root_offset == 0 {
             return Ok(None);
@@ -721,11 +748,15 @@ impl<D: Domain> Pool<D> {
 
     /// Grows the pool to `new_size` bytes in place: the file is extended (with real blocks),
     /// the new part mapped into the reserved address range, then the header updated. A crash
-    /// at any point leaves either the old or the new size.
+    /// at any point leaves either the old or the new size. The pool has grown when its header
+    /// says so: a retry after a failure finishes what the failed grow left undone. For a FAMS
+    /// pool, new pages that cannot be tracked poison the pool (no sync could commit them).
     pub fn grow(&self, new_size: u64) -> Result<()> {
         let mut state = self.lock_state();
         let new_size = page_round(new_size);
-        let old = self.region.len();
+        // The header's size, not the mapping's: a grow that failed after mapping more left the
+        // mapping longer than the header.
+        let old = state.size;
         if new_size <= old {
             return Ok(());
         }
@@ -735,25 +766,34 @@ impl<D: Domain> Pool<D> {
         if self.file.is_some() && self.region.is_private() {
             return Err(PoolError::ReadOnly { path: self.path.clone() });
         }
-        self.check_writable()?;
+        self.check_poison()?;
         if let Some(committer) = &self.fams {
             // The file grows at the next sync, with the rest of the commit.
-            committer.lock().unwrap_or_else(|e| e.into_inner()).grow(&self.region, new_size)?;
+            let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = committer.grow(&self.region, new_size) {
+                if let Some(why) = committer.poisoned() {
+                    let _ = self.poison.set(why.to_string());
+                }
+                return Err(e.into());
+            }
         } else {
             if let Some(file) = &self.file {
                 allocate(file, &self.path, old, new_size - old)?;
                 file.sync_all().map_err(|e| PoolError::io(&self.path, "fsync", e))?;
             }
-            self.region
-                .grow(self.file.as_ref(), new_size)
-                .map_err(|e| PoolError::io(&self.path, "mmap", e))?;
+            if new_size > self.region.len() {
+                self.region
+                    .grow(self.file.as_ref(), new_size)
+                    .map_err(|e| PoolError::io(&self.path, "mmap", e))?;
+            }
         }
         // SAFETY: the grown region stays mapped for the pool's lifetime.
-        unsafe { self.domain.attach(self.region.base(), new_size as usize) };
+        unsafe { self.domain.attach(self.region.base(), self.region.len() as usize) };
         self.update_state_locked(&mut state, |s| s.size = new_size)
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses access to a poisoned pool (see [`Pool`]).
+    fn check_poison(&self) -> Result<()> {
         match self.poison.get() {
             Some(why) => Err(PoolError::Poisoned(why.clone())),
             None => Ok(()),
@@ -785,6 +825,7 @@ impl<D: Domain> Pool<D> {
 
     /// Reads a plain-data value (anywhere in the pool, the header included).
     pub fn read<T: Pod>(&self, offset: u64) -> Result<T> {
+        self.check_poison()?;
         let ptr = self.range(offset, std::mem::size_of::<T>() as u64, 0)?;
         // SAFETY: the range is inside the mapping; T is Pod, so any bytes are a valid T.
         Ok(unsafe { std::ptr::read_unaligned(ptr.cast::<T>()) })
@@ -798,6 +839,7 @@ impl<D: Domain> Pool<D> {
     /// Whether the `expected.len()` bytes at `offset` equal `expected` (compared in 64-byte
     /// pieces: nothing is allocated).
     pub fn bytes_eq(&self, offset: u64, expected: &[u8]) -> Result<bool> {
+        self.check_poison()?;
         let ptr = self.range(offset, expected.len() as u64, 0)?;
         let mut piece = [0u8; 64];
         for (i, want) in expected.chunks(64).enumerate() {
@@ -827,6 +869,7 @@ impl<D: Domain> Pool<D> {
 
     /// Loads `N` consecutive aligned words at `offset` (relaxed, one bounds check).
     pub fn load_words<const N: usize>(&self, offset: u64) -> Result<[u64; N]> {
+        self.check_poison()?;
         let first = self.word(offset, 0)?;
         self.range(offset, 8 * N as u64, 0)?;
         // SAFETY: the N words are aligned (the first is) and inside the mapping (checked).
@@ -835,6 +878,7 @@ impl<D: Domain> Pool<D> {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, buf.len() as u64, 0)?;
         // SAFETY: the range is inside the mapping and `buf` is a distinct live slice.
         unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), buf.len()) };
@@ -848,7 +892,7 @@ impl<D: Domain> Pool<D> {
 
     /// Stores `bytes` at `offset` with ordinary stores (not yet durable).
     pub fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write(ptr, bytes) };
@@ -868,7 +912,7 @@ impl<D: Domain> Pool<D> {
     /// Stores `bytes` so they are durable at the next [`fence`](Pool::fence) without a flush.
     #[track_caller]
     pub fn write_persistent(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write_persistent(ptr, bytes) };
@@ -877,6 +921,7 @@ impl<D: Domain> Pool<D> {
 
     /// Atomically loads the aligned 8-byte word at `offset`.
     pub fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64> {
+        self.check_poison()?;
         let word = self.word(offset, 0)?;
         // SAFETY: the word is aligned and inside the mapping.
         Ok(unsafe { (*word).load(order) })
@@ -884,7 +929,7 @@ impl<D: Domain> Pool<D> {
 
     /// Atomically stores the aligned 8-byte word at `offset`: the failure-atomic unit.
     pub fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<()> {
-        self.check_writable()?;
+        self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
         // SAFETY: the word is aligned and in user space.
         unsafe { self.domain.store_u64(word, value, order) };
@@ -900,7 +945,7 @@ impl<D: Domain> Pool<D> {
         new: u64,
         order: Ordering,
     ) -> Result<Result<u64, u64>> {
-        self.check_writable()?;
+        self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
         // SAFETY: the word is aligned and in user space.
         Ok(unsafe { self.domain.compare_exchange_u64(word, current, new, order) })
@@ -909,6 +954,7 @@ impl<D: Domain> Pool<D> {
     /// Starts writing back `offset..offset + len`.
     #[track_caller]
     pub fn flush(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, len, 0)?;
         // SAFETY: the range is inside the mapping.
         unsafe { self.domain.flush(ptr, len as usize) };
@@ -918,6 +964,7 @@ impl<D: Domain> Pool<D> {
     /// Waits for this thread's write-backs; a failure poisons the pool.
     #[track_caller]
     pub fn fence(&self) -> Result<()> {
+        self.check_poison()?;
         let fenced = self.domain.fence();
         self.note_persist(fenced)
     }
@@ -925,6 +972,7 @@ impl<D: Domain> Pool<D> {
     /// Makes `offset..offset + len` durable (flush, then fence).
     #[track_caller]
     pub fn persist(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_poison()?;
         let ptr = self.range(offset, len, 0)?;
         // SAFETY: the range is inside the mapping.
         let persisted = unsafe { self.domain.persist(ptr, len as usize) };
@@ -945,5 +993,28 @@ impl<D: Domain> Drop for Pool<D> {
             // the next open treats the pool as crashed.
             let _ = self.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// New pages of a FAMS pool that cannot be tracked poison the pool: no write may land where
+    /// no sync would see it, and a retried grow must not report them grown.
+    #[test]
+    fn a_fams_grow_whose_pages_cannot_be_tracked_poisons_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PoolOptions::layout("test").with_size(1 << 20).with_max_size(4 << 20);
+        let pool = Pool::<Volatile>::create_fams(dir.path().join("f.pool"), &opts).unwrap();
+        crate::fams::FAIL_NEXT_GROW.set(true);
+        let err = pool.grow(2 << 20).unwrap_err();
+        assert!(err.to_string().starts_with("track failed"), "{err}");
+        let written = pool.write_bytes(1 << 20, b"unseen");
+        assert!(matches!(written, Err(PoolError::Poisoned(_))), "{written:?}");
+        let retried = pool.grow(2 << 20);
+        assert!(matches!(retried, Err(PoolError::Poisoned(_))), "{retried:?}");
+        assert!(matches!(pool.sync(), Err(PoolError::Poisoned(_))));
+        assert_eq!(pool.info().size, 1 << 20, "the header still has the old size");
     }
 }

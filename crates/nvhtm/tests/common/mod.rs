@@ -1,0 +1,74 @@
+//! Test helpers shared by several test files.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nvhtm::persist::{Domain, DomainKind, PersistError, Site};
+use nvhtm::Volatile;
+
+/// A domain whose fences fail on demand, like an msync that returned EIO. Clones share the
+/// setting; by default every fence succeeds.
+#[derive(Clone)]
+pub struct FailingFence {
+    /// Fences that still succeed; `u64::MAX`: all of them.
+    fences_left: Arc<AtomicU64>,
+}
+
+impl Default for FailingFence {
+    fn default() -> FailingFence {
+        FailingFence { fences_left: Arc::new(AtomicU64::new(u64::MAX)) }
+    }
+}
+
+impl FailingFence {
+    /// Lets `n` more fences succeed, then fails every later one.
+    pub fn fail_after(&self, n: u64) {
+        self.fences_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Fences succeed again (the device recovered).
+    pub fn recover(&self) {
+        self.fences_left.store(u64::MAX, Ordering::SeqCst);
+    }
+}
+
+impl Domain for FailingFence {
+    fn kind(&self) -> DomainKind {
+        DomainKind::Msync
+    }
+    unsafe fn write(&self, dst: *mut u8, src: &[u8]) {
+        // SAFETY: forwarded caller contract.
+        unsafe { Volatile.write(dst, src) }
+    }
+    unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
+        // SAFETY: forwarded caller contract.
+        unsafe { Volatile.store_u64(dst, value, order) }
+    }
+    unsafe fn compare_exchange_u64(
+        &self,
+        d: *const AtomicU64,
+        c: u64,
+        n: u64,
+        o: Ordering,
+    ) -> Result<u64, u64> {
+        // SAFETY: forwarded caller contract.
+        unsafe { Volatile.compare_exchange_u64(d, c, n, o) }
+    }
+    unsafe fn flush(&self, _: *const u8, _: usize) {}
+    #[track_caller]
+    fn fence(&self) -> Result<(), PersistError> {
+        let left = |n| match n {
+            u64::MAX => Some(n),
+            0 => None,
+            n => Some(n - 1),
+        };
+        match self.fences_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, left) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(PersistError {
+                op: "msync",
+                site: Site::caller(),
+                source: std::io::Error::from_raw_os_error(5),
+            }),
+        }
+    }
+}
