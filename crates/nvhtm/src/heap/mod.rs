@@ -54,6 +54,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Armed across a lane's commit protocol: dropped by a panic there, it poisons the pool. The
+/// lane is then half way through its steps on media and DRAM (run bitmaps, the chunk mirror,
+/// the lane's generation) may disagree with it; only reopening, and recovery, can judge. Without
+/// it the lane's next operation would reuse the interrupted one's generation.
+struct PoisonOnPanic<'a, D: Domain>(&'a Pool<D>);
+
+impl<D: Domain> Drop for PoisonOnPanic<'_, D> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poison("a panic interrupted a heap commit; reopen the pool to recover".into());
+        }
+    }
+}
+
 /// How to lay out a new heap.
 #[derive(Debug, Clone)]
 pub struct HeapOptions {
@@ -533,6 +547,7 @@ impl<D: Domain> Heap<D> {
 
     /// Runs a redo-only operation on `lane`: commit, apply, retire (three fences).
     fn redo_op(&self, lane: &mut LaneSlot, entries: &[(u64, u64)]) -> Result<()> {
+        let _armed = PoisonOnPanic(&self.pool);
         let gen = lane.gen + 1;
         lane.log.debug_assert_unused(&self.pool, gen);
         lane.log.activate(&self.pool, gen)?;

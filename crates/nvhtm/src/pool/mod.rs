@@ -792,6 +792,13 @@ impl<D: Domain> Pool<D> {
         self.update_state_locked(&mut state, |s| s.size = new_size)
     }
 
+    /// Poisons the pool (see [`Pool`]): for a structure whose protocol stopped half way for
+    /// another reason than a failed persist (a panic), so that only reopening — and recovery —
+    /// judges what is on media.
+    pub(crate) fn poison(&self, why: String) {
+        let _ = self.poison.set(why);
+    }
+
     /// Refuses access to a poisoned pool (see [`Pool`]).
     fn check_poison(&self) -> Result<()> {
         match self.poison.get() {
