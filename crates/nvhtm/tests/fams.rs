@@ -88,6 +88,39 @@ fn recovery_survives_crashes_of_its_own() {
     assert!(nested > 100);
 }
 
+/// Two crashes in a row: every crash state of a first run is recovered, a second run of writes,
+/// a growth and syncs works on the recovered file — its journal reused, its sync sequence
+/// continued — and is crashed at every storage call in turn. A journal left by the first run
+/// must never be taken for the second's.
+#[test]
+fn two_runs_in_a_row_survive_a_crash_in_each() {
+    let sim = fresh(8);
+    let states = workload(&sim, 31, 6);
+    let (mut followed, mut nested) = (0, 0);
+    let report = sim.crash_test(16, 31, |data, journal, marks| {
+        check(&states, data, journal, marks)?;
+        // Follow one state in four (by its bytes) with a second run, crashed everywhere.
+        if (digest(data) ^ digest(journal) ^ marks.len() as u64) % 4 != 0 {
+            return Ok(());
+        }
+        followed += 1;
+        let storage = SimStorage::from_image(data.to_vec(), journal.to_vec());
+        let second = workload(&storage, 32 + marks.len() as u64, 4);
+        let inner = storage.crash_test(8, 1, |d, j, m| check(&second, d, j, m));
+        nested += inner.images_checked;
+        match inner.failures.first() {
+            Some(f) => Err(format!("second run: {f}")),
+            None => Ok(()),
+        }
+    });
+    println!(
+        "{} states, {followed} followed by a second run, {nested} second-run states",
+        report.images_checked
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(followed > 10 && nested > 500, "{followed} followed, {nested} states");
+}
+
 #[test]
 fn the_storage_model_is_not_vacuous() {
     // A sync that skips the journal and writes pages in place is caught: torn states appear.
