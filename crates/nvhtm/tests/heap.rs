@@ -372,3 +372,24 @@ fn a_panic_inside_a_commit_poisons_the_pool_and_reopening_recovers() {
     }
     assert!(poisoned >= 3 && clean >= 1, "{poisoned} poisoned, {clean} clean");
 }
+
+/// Creation is crash-atomic: the heap is laid out before the pool is published, so a failure
+/// (or a crash) while laying it out leaves no pool at the path — never a pool without a heap,
+/// which a later `create` would refuse as existing and `open` as not a heap.
+#[test]
+fn a_heap_that_cannot_be_laid_out_leaves_no_pool_behind() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("small.pool");
+    // 64 KiB cannot hold the heap's lanes and first chunk, and may not grow.
+    let tiny = PoolOptions::layout("heap-test").with_size(64 << 10).with_max_size(64 << 10);
+    let err = Heap::<Msync>::create(&path, &tiny).unwrap_err();
+    assert!(matches!(err, HeapError::Pool(PoolError::GrowthLimit { .. })), "{err}");
+    assert!(!path.exists(), "a pool without a heap was left at the path");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+    let heap = Heap::<Msync>::create(&path, &opts(1 << 20)).unwrap();
+    assert!(heap.root::<u64>().is_ok());
+    let fams = dir.path().join("small-fams.pool");
+    let err = Heap::<Msync>::create_fams(&fams, &tiny).unwrap_err();
+    assert!(matches!(err, HeapError::Pool(PoolError::GrowthLimit { .. })), "{err}");
+    assert!(!fams.exists() && !nvhtm::fams::journal_path(&fams).exists());
+}

@@ -165,9 +165,15 @@ impl<D: Domain> std::fmt::Debug for Heap<D> {
 }
 
 impl<D: FileDomain> Heap<D> {
-    /// Creates a pool file holding an empty heap.
+    /// Creates a pool file holding an empty heap. Crash-atomic: the heap is laid out before the
+    /// pool appears at `path`.
     pub fn create(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Heap<D>> {
-        Heap::format(Pool::create(path, opts)?, &HeapOptions::default())
+        Heap::load(Pool::create_with(path, opts, |pool| Heap::lay_out(pool, &HeapOptions::default()))?)
+    }
+
+    /// Creates a FAMS pool holding an empty heap, laid out in the pool's first committed state.
+    pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Heap<D>> {
+        Heap::load(Pool::create_fams_with(path, opts, |pool| Heap::lay_out(pool, &HeapOptions::default()))?)
     }
 
     /// Opens a pool file's heap, recovering whatever was in flight.
@@ -210,6 +216,12 @@ impl<D: Domain> Heap<D> {
 
     /// Lays out an empty heap in a new pool (one with no root object yet).
     pub fn format(pool: Pool<D>, opts: &HeapOptions) -> Result<Heap<D>> {
+        Heap::lay_out(&pool, opts)?;
+        Heap::load(pool)
+    }
+
+    /// Writes an empty heap's header and lanes into a new pool and makes it the pool's root.
+    fn lay_out(pool: &Pool<D>, opts: &HeapOptions) -> Result<()> {
         if pool.info().root_offset != 0 {
             return Err(HeapError::NotAHeap(
                 "the pool already has a root object; a heap needs a new pool".into(),
@@ -242,8 +254,7 @@ impl<D: Domain> Heap<D> {
         pool.write(HEAP_OFFSET, &header)?;
         pool.write(layout::ROOT_WORD, &[0u64, 0u64])?;
         pool.persist(HEAP_OFFSET, 80)?;
-        pool.set_root(PPtr::<HeapHeader>::new(HEAP_OFFSET))?;
-        Heap::load(pool)
+        pool.set_root(PPtr::<HeapHeader>::new(HEAP_OFFSET)).map_err(HeapError::from)
     }
 
     /// Takes over a pool holding a heap: recovers every lane, then rebuilds the allocator from

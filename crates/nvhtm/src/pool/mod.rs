@@ -283,6 +283,17 @@ impl<D: FileDomain> Pool<D> {
     /// Creates a pool file at `path`. The file appears under its name only once it is complete
     /// and durable (it is built under a temporary name and renamed), and `path` must not exist.
     pub fn create(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        Pool::create_with(path, opts, |_| Ok::<(), PoolError>(()))
+    }
+
+    /// [`Pool::create`], with `init` run on the new pool before it is published at `path`: a
+    /// crash at any point leaves either no pool there or one that `init` finished (what a
+    /// structure lays out in a new pool — a heap — is then never missing from it).
+    pub fn create_with<E: From<PoolError>>(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+        init: impl FnOnce(&Pool<D>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         let size = validate_new(path, opts)?;
         let dir = match path.parent() {
@@ -314,6 +325,8 @@ impl<D: FileDomain> Pool<D> {
                 Region::map_file(&file, size, reserved).map_err(|e| PoolError::io(path, "mmap", e))?;
             let domain = D::for_mapping(region.kind(), opts, path)?;
             let pool = Pool::format(region, domain, Some(file), path, &opts.layout)?;
+            init(&pool)?;
+            // Everything `init` wrote, and the header, durable before the name appears.
             if let Some(file) = &pool.file {
                 file.sync_all().map_err(|e| PoolError::io(path, "fsync", e))?;
             }
@@ -373,6 +386,16 @@ impl<D: FileDomain> Pool<D> {
     /// structure runs on it unchanged, without flushes (choose [`Volatile`], or
     /// [`AutoDomain`] which picks it).
     pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        Pool::create_fams_with(path, opts, |_| Ok::<(), PoolError>(()))
+    }
+
+    /// [`Pool::create_fams`], with `init` run on the new pool before its first sync: what `init`
+    /// lays out is in the pool's first committed state.
+    pub fn create_fams_with<E: From<PoolError>>(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+        init: impl FnOnce(&Pool<D>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         let size = validate_new(path, opts)?;
         let storage =
@@ -382,11 +405,12 @@ impl<D: FileDomain> Pool<D> {
             storage.set_len(crate::fams::Role::Data, size).map_err(|e| PoolError::io(path, "extend", e))?;
             storage.sync(crate::fams::Role::Data).map_err(|e| PoolError::io(path, "fsync", e))?;
             let (mut region, committer) =
-                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size)))?;
+                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size))).map_err(PoolError::from)?;
             region.mark_fams();
             let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
             let mut pool = Pool::format_with(region, domain, None, path, &opts.layout, INCOMPAT_FAMS)?;
             pool.fams = Some(Mutex::new(committer));
+            init(&pool)?;
             pool.sync()?;
             Ok(pool)
         })();
