@@ -429,6 +429,7 @@ impl<D: Domain> Heap<D> {
         &self,
         body: impl FnOnce(&mut Tx<'_, D>) -> Result<R, E>,
     ) -> Result<R, E> {
+        let _writer = self.pool.enter_writer();
         let mut tx = Tx::begin(self, self.lane());
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut tx))) {
             Ok(Ok(value)) => {
@@ -448,6 +449,8 @@ impl<D: Domain> Heap<D> {
 
     /// Reserves a block of at least `size` bytes in DRAM only (no persistent change).
     pub fn reserve(&self, size: u64) -> Result<Reservation> {
+        // A reservation may create a run or merge chunks on media.
+        let _writer = self.pool.enter_writer();
         let mut lane = self.lane();
         self.reserve_in(&mut lane, size)
     }

@@ -17,11 +17,12 @@ pub use info::PoolInfo;
 pub use pptr::PPtr;
 pub use region::MappingKind;
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -178,7 +179,32 @@ pub struct Pool<D: Domain> {
     state: Mutex<StateSlot>,
     was_clean: bool,
     poison: OnceLock<String>,
+    /// A FAMS pool's writer gate: writers share it, a sync takes it alone (see
+    /// [`Pool::enter_writer`]).
+    gate: RwLock<()>,
     open: bool,
+}
+
+thread_local! {
+    /// The writer gates this thread is inside (by address): entering one again is free, and a
+    /// sync from inside one is refused instead of waiting for itself.
+    static GATES_HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A writer's pass through a FAMS pool's gate ([`Pool::enter_writer`]); leaving is dropping it.
+#[derive(Debug)]
+#[must_use = "the writer leaves the gate when this is dropped"]
+pub struct WriterGuard<'a> {
+    shared: Option<RwLockReadGuard<'a, ()>>,
+    gate: usize,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if self.shared.is_some() {
+            GATES_HELD.with(|held| held.borrow_mut().retain(|&g| g != self.gate));
+        }
+    }
 }
 
 impl<D: Domain> std::fmt::Debug for Pool<D> {
@@ -405,7 +431,8 @@ impl<D: FileDomain> Pool<D> {
             storage.set_len(crate::fams::Role::Data, size).map_err(|e| PoolError::io(path, "extend", e))?;
             storage.sync(crate::fams::Role::Data).map_err(|e| PoolError::io(path, "fsync", e))?;
             let (mut region, committer) =
-                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size))).map_err(PoolError::from)?;
+                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size)))
+                    .map_err(PoolError::from)?;
             region.mark_fams();
             let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
             let mut pool = Pool::format_with(region, domain, None, path, &opts.layout, INCOMPAT_FAMS)?;
@@ -586,6 +613,7 @@ impl<D: Domain> Pool<D> {
             state: Mutex::new(header.state),
             was_clean,
             poison: OnceLock::new(),
+            gate: RwLock::new(()),
             open: true,
         }
     }
@@ -656,14 +684,21 @@ impl<D: Domain> Pool<D> {
     /// change since the previous sync; for a file pool, an `msync` of the whole mapping; for an
     /// in-memory pool, nothing. A failure poisons the pool.
     ///
-    /// For a FAMS pool, call it at a quiescent point — no operation of the heap or a map in
-    /// flight on another thread — as FAMS asks ("sync whenever the data are consistent"): the
-    /// commit captures pages as they are, and with no fences on a FAMS pool, a half-done
-    /// operation elsewhere would be captured half done.
+    /// For a FAMS pool the commit is the state at one point between writers: it waits for the
+    /// heap's transactions and the maps' operations in flight on other threads to finish, and
+    /// holds new ones back until it is done (the writer gate, [`Pool::enter_writer`]). Called
+    /// from inside a writer on this thread it would wait for itself, so it returns
+    /// [`PoolError::SyncInsideWriter`].
     pub fn sync(&self) -> Result<()> {
         self.check_poison()?;
         let synced = match &self.fams {
             Some(committer) => {
+                if self.inside_gate() {
+                    return Err(PoolError::SyncInsideWriter);
+                }
+                // Every writer in flight finishes first, and none starts until the commit is
+                // done: the commit is the state at one point between operations.
+                let _alone = self.gate.write().unwrap_or_else(|e| e.into_inner());
                 let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
                 committer.sync(&self.region).map(drop).map_err(PoolError::from)
             }
@@ -673,6 +708,48 @@ impl<D: Domain> Pool<D> {
             let _ = self.poison.set(e.to_string());
         }
         synced
+    }
+
+    /// Enters the pool as a writer. On a FAMS pool, [`sync`](Pool::sync) waits until every
+    /// writer inside has left and holds new ones back until its commit is done, so a commit
+    /// never captures an operation half done on another thread. The heap's transactions and
+    /// reservations and the maps' writes enter by themselves; code that writes into the pool
+    /// directly (`write_bytes`, `store_u64`, ...) and needs several writes to be committed
+    /// together enters around them. Re-entrant on one thread; on other pools it costs nothing.
+    /// A writer must not wait for another thread's writer to start (a sync waiting between
+    /// them would hold that one back: a deadlock).
+    ///
+    /// ```
+    /// # use nvhtm::{Pool, PoolOptions, Volatile};
+    /// # fn main() -> Result<(), nvhtm::PoolError> {
+    /// # let dir = std::env::temp_dir().join(format!("nvhtm-gate-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let path = dir.join("gate.pool");
+    /// let pool = Pool::<Volatile>::create_fams(&path, &PoolOptions::layout("doc"))?;
+    /// {
+    ///     let _writer = pool.enter_writer();
+    ///     pool.write_bytes(4096, b"two writes ")?;
+    ///     pool.write_bytes(4107, b"committed together")?;
+    ///     // A sync from inside the gate would wait for itself: it is refused.
+    ///     assert!(pool.sync().is_err());
+    /// }
+    /// pool.sync()?;
+    /// # drop(pool); std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn enter_writer(&self) -> WriterGuard<'_> {
+        let gate = &self.gate as *const RwLock<()> as usize;
+        if self.fams.is_none() || self.inside_gate() {
+            return WriterGuard { shared: None, gate };
+        }
+        let shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        GATES_HELD.with(|held| held.borrow_mut().push(gate));
+        WriterGuard { shared: Some(shared), gate }
+    }
+
+    fn inside_gate(&self) -> bool {
+        let gate = &self.gate as *const RwLock<()> as usize;
+        GATES_HELD.with(|held| held.borrow().contains(&gate))
     }
 
     /// Whether the pool is committed by failure-atomic msync.
