@@ -639,7 +639,14 @@ impl<D: Domain> Pool<D> {
         next.seq = current.seq + 1;
         let next = next.sealed(self.fixed.checksum);
         let offset = SLOT_OFFSETS[(next.seq % 2) as usize];
-        self.write_header_bytes(offset, bytemuck::bytes_of(&next));
+        // One copy's words may persist in any order, so the slot's `seq` — which names it the
+        // newest — is stored after the rest: a slot showing the new `seq` holds the whole update,
+        // and a torn one keeps the slot's old `seq` and fails its checksum. (With `seq` inside
+        // the copy, a torn update's words plus the same `seq` rewritten by the next run's
+        // update could form a valid slot of an update that never completed.)
+        let bytes = bytemuck::bytes_of(&next);
+        self.write_header_bytes(offset + 8, &bytes[8..]);
+        self.write_header_bytes(offset, &bytes[..8]);
         self.persist_header(offset, 64)?;
         *current = next;
         Ok(())
