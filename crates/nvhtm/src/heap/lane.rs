@@ -139,8 +139,13 @@ impl LaneLog {
             pool.write_bytes(self.base + REDO_ENTRIES, bytemuck::cast_slice(&words))?;
             pool.flush(self.base + REDO_ENTRIES, words.len() as u64 * 8)?;
         }
-        let header = [gen, entries.len() as u64, redo_checksum(gen, entries)];
-        pool.write(self.base + REDO_HEADER, &header)?;
+        // The generation first, in a store of its own, then count and checksum: one copy's
+        // words may persist in any order, and recovery reads a header of a later generation as
+        // "the previous operation finished" (it may have retired lazily, its state word still
+        // active). A header whose new count or checksum persisted without its new generation
+        // would look like a torn commit record of that finished operation, and roll it back.
+        pool.store_u64(self.base + REDO_HEADER, gen, Ordering::Release)?;
+        pool.write(self.base + REDO_HEADER + 8, &[entries.len() as u64, redo_checksum(gen, entries)])?;
         Ok(pool.flush(self.base + REDO_HEADER, 24)?)
     }
 
