@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use nvhtm::heap::{HeapError, CHUNK, MAX_SMALL};
 use nvhtm::persist::thread_stats;
-use nvhtm::{AutoDomain, Heap, PPtr, PoolOptions, Volatile};
+use nvhtm::{AutoDomain, Heap, Msync, PPtr, Pool, PoolError, PoolOptions, Volatile};
+
+mod common;
+use common::FailingFence;
 
 fn opts(size: u64) -> PoolOptions {
     PoolOptions::layout("heap-test").with_size(size).with_max_size(64 << 20)
@@ -310,4 +313,83 @@ fn alloc_into_links_a_filled_block_and_stats_count_it() {
     assert_eq!(after.small_blocks, before.small_blocks + 1, "{before:?} -> {after:?}");
     heap.free_from(root.offset()).unwrap();
     assert_eq!(heap.stats().unwrap().small_blocks, before.small_blocks);
+}
+
+/// A panic inside the commit protocol (here: in one of its fences) poisons the pool — the lane is
+/// half way through its steps, so no later operation may run on it, or it would reuse the
+/// interrupted one's generation — and reopening recovers all or nothing. A panic earlier, in the
+/// transaction's body (a snapshot's fence), aborts cleanly and leaves the heap usable.
+#[test]
+fn a_panic_inside_a_commit_poisons_the_pool_and_reopening_recovers() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let opts = opts(1 << 20);
+    let (mut poisoned, mut clean) = (0, 0);
+    for fence in 0..12 {
+        let path = dir.path().join(format!("p{fence}.pool"));
+        Heap::<Msync>::create(&path, &opts).unwrap().close().unwrap();
+        let domain = FailingFence::default();
+        let heap = Heap::load(Pool::open_with_domain(&path, &opts, domain.clone()).unwrap()).unwrap();
+        let root = heap.root::<[u64; 2]>().unwrap();
+        heap.transaction(|tx| {
+            let block = tx.alloc(&7u64)?;
+            tx.write(root, &[block.offset(), 1])
+        })
+        .unwrap();
+        let [old_block, _] = heap.get(root).unwrap();
+        domain.panic_after(fence);
+        let replace = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            heap.transaction(|tx| {
+                tx.free(old_block)?;
+                let block = tx.alloc(&8u64)?;
+                tx.write(root, &[block.offset(), 2])
+            })
+        }));
+        if replace.is_ok() {
+            domain.panic_after(u64::MAX);
+            assert!(fence >= 5, "the body has a fence and the commit four: all of them were hit");
+            break;
+        }
+        let after = heap.get(root);
+        if matches!(after, Err(HeapError::Pool(PoolError::Poisoned(_)))) {
+            poisoned += 1;
+            let write = heap.transaction(|tx| tx.write(root, &[0, 3]));
+            assert!(matches!(write, Err(HeapError::Pool(PoolError::Poisoned(_)))), "{write:?}");
+        } else {
+            // The body's snapshot fence panicked: aborted, nothing changed, still usable.
+            clean += 1;
+            assert_eq!(after.unwrap(), [old_block, 1]);
+        }
+        drop(heap);
+        let heap = Heap::<Msync>::open(&path, &opts).unwrap();
+        let [block, version] = heap.get(root).unwrap();
+        assert!(version == 1 && block == old_block || version == 2, "fence {fence}: {version}");
+        assert_eq!(heap.get(PPtr::<u64>::new(block)).unwrap(), [7, 7, 8][version as usize]);
+        let report = heap.check(&mut |_, _| {});
+        assert!(report.is_consistent(), "fence {fence}: {:?}", report.problems);
+        assert_eq!(report.small_blocks + report.large_blocks, 2, "root + the linked block");
+        heap.transaction(|tx| tx.write(root, &[block, 9])).unwrap();
+        assert_eq!(heap.get(root).unwrap(), [block, 9]);
+    }
+    assert!(poisoned >= 3 && clean >= 1, "{poisoned} poisoned, {clean} clean");
+}
+
+/// Creation is crash-atomic: the heap is laid out before the pool is published, so a failure
+/// (or a crash) while laying it out leaves no pool at the path — never a pool without a heap,
+/// which a later `create` would refuse as existing and `open` as not a heap.
+#[test]
+fn a_heap_that_cannot_be_laid_out_leaves_no_pool_behind() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("small.pool");
+    // 64 KiB cannot hold the heap's lanes and first chunk, and may not grow.
+    let tiny = PoolOptions::layout("heap-test").with_size(64 << 10).with_max_size(64 << 10);
+    let err = Heap::<Msync>::create(&path, &tiny).unwrap_err();
+    assert!(matches!(err, HeapError::Pool(PoolError::GrowthLimit { .. })), "{err}");
+    assert!(!path.exists(), "a pool without a heap was left at the path");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+    let heap = Heap::<Msync>::create(&path, &opts(1 << 20)).unwrap();
+    assert!(heap.root::<u64>().is_ok());
+    let fams = dir.path().join("small-fams.pool");
+    let err = Heap::<Msync>::create_fams(&fams, &tiny).unwrap_err();
+    assert!(matches!(err, HeapError::Pool(PoolError::GrowthLimit { .. })), "{err}");
+    assert!(!fams.exists() && !nvhtm::fams::journal_path(&fams).exists());
 }

@@ -63,6 +63,20 @@ fn apply<D: Domain>(map: &StrictMap<D>, model: &mut Model, op: &Op) {
     }
 }
 
+/// A random operation on `k`: upsert, remove, or a compare-and-swap expecting the model's value
+/// or nothing.
+fn random_op(rng: &mut fastrand::Rng, model: &Model, k: Vec<u8>, step: u64) -> Op {
+    match rng.u8(..6) {
+        0..=2 => Op::Upsert(k, value(rng, step)),
+        3 => Op::Remove(k),
+        _ => {
+            let expected = if rng.bool() { model.get(&k).cloned() } else { None };
+            let new = if rng.u8(..4) == 0 { None } else { Some(value(rng, step)) };
+            Op::Cas(k, expected, new)
+        }
+    }
+}
+
 /// How many of the pre-fill keys fit before the first split (found on a volatile map).
 fn keys_before_first_split() -> u64 {
     let map = StrictMap::open(Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap()).unwrap();
@@ -117,15 +131,7 @@ fn record_with(
                         while threads > 1 && k.last().is_some_and(|b| (*b as usize) % threads != t) {
                             k = key(&mut rng, prefill + 400);
                         }
-                        let op = match rng.u8(..6) {
-                            0..=2 => Op::Upsert(k, value(&mut rng, step)),
-                            3 => Op::Remove(k),
-                            _ => {
-                                let expected = if rng.bool() { model.get(&k).cloned() } else { None };
-                                let new = if rng.u8(..4) == 0 { None } else { Some(value(&mut rng, step)) };
-                                Op::Cas(k, expected, new)
-                            }
-                        };
+                        let op = random_op(&mut rng, &model, k, step);
                         apply(map, &mut model, &op);
                         history.push(model.clone());
                         sim.mark((t as u64) << 32 | step);
@@ -171,55 +177,67 @@ fn check(
     move |sim, image, ctx| {
         let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
         let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-        let mut found = Model::new();
-        map.for_each(|k, v| {
-            found.insert(k.to_vec(), v.to_vec());
-            true
-        })
-        .map_err(|e| e.to_string())?;
-        let mine = |t: usize, m: &Model| -> Model {
-            m.iter()
-                .filter(|(k, _)| threads == 1 || (*k.last().unwrap() as usize) % threads == t)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        for (t, history) in histories.iter().enumerate() {
-            let done = ctx.marks.iter().filter(|&&m| (m >> 32) as usize == t).count();
-            let now = mine(t, &found);
-            let allowed = [&history[done], &history[(done + 1).min(history.len() - 1)]];
-            if !allowed.iter().any(|m| mine(t, m) == now) {
-                let diff: Vec<_> = now.keys().filter(|k| !history[done].contains_key(*k)).take(3).collect();
-                return Err(format!(
-                    "thread {t}: after {done} operations the map has {} keys (expected {} or {}); e.g. {diff:?}",
-                    now.len(),
-                    mine(t, allowed[0]).len(),
-                    mine(t, allowed[1]).len()
-                ));
-            }
-        }
-        // Every key is found by a lookup too (not only by the scan): fingerprints and reaches
-        // must be durable with their keys, including keys a displacement moved.
-        for (k, v) in &found {
-            if map.get(k).map_err(|e| e.to_string())?.as_ref() != Some(v) {
-                return Err(format!("{k:?} is scanned but not found by get"));
-            }
-        }
-        let report = map.heap().check(&mut |_, _| {});
-        if !report.is_consistent() {
-            return Err(format!("heap: {:?}", report.problems));
-        }
-        let stats = map.stats().map_err(|e| e.to_string())?;
-        if stats.entries != found.len() as u64 {
-            return Err(format!("len {} but the scan finds {}", stats.entries, found.len()));
-        }
-        let records = found.iter().filter(|(k, v)| k.len() > 16 || v.len() > 8).count() as u64;
-        let expected = 2 + stats.segments + records; // map root, directory, segments, records
-        let allocated = report.small_blocks + report.large_blocks;
-        if allocated != expected {
-            return Err(format!("{allocated} blocks allocated, the map holds {expected}: a leak"));
-        }
-        Ok(())
+        let done = |t: usize| ctx.marks.iter().filter(|&&m| (m >> 32) as usize == t).count();
+        check_recovered(&map, threads, histories, done).map(drop)
     }
+}
+
+/// Compares a recovered map with the models allowed for each thread (`done(t)`: how many of
+/// thread `t`'s operations completed), and the heap with the map. Returns what the map holds.
+fn check_recovered<D: Domain>(
+    map: &StrictMap<D>,
+    threads: usize,
+    histories: &[Vec<Model>],
+    done: impl Fn(usize) -> usize,
+) -> Result<Model, String> {
+    let mut found = Model::new();
+    map.for_each(|k, v| {
+        found.insert(k.to_vec(), v.to_vec());
+        true
+    })
+    .map_err(|e| e.to_string())?;
+    let mine = |t: usize, m: &Model| -> Model {
+        m.iter()
+            .filter(|(k, _)| threads == 1 || (*k.last().unwrap() as usize) % threads == t)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    for (t, history) in histories.iter().enumerate() {
+        let done = done(t);
+        let now = mine(t, &found);
+        let allowed = [&history[done], &history[(done + 1).min(history.len() - 1)]];
+        if !allowed.iter().any(|m| mine(t, m) == now) {
+            let diff: Vec<_> = now.keys().filter(|k| !history[done].contains_key(*k)).take(3).collect();
+            return Err(format!(
+                "thread {t}: after {done} operations the map has {} keys (expected {} or {}); e.g. {diff:?}",
+                now.len(),
+                mine(t, allowed[0]).len(),
+                mine(t, allowed[1]).len()
+            ));
+        }
+    }
+    // Every key is found by a lookup too (not only by the scan): fingerprints and reaches
+    // must be durable with their keys, including keys a displacement moved.
+    for (k, v) in &found {
+        if map.get(k).map_err(|e| e.to_string())?.as_ref() != Some(v) {
+            return Err(format!("{k:?} is scanned but not found by get"));
+        }
+    }
+    let report = map.heap().check(&mut |_, _| {});
+    if !report.is_consistent() {
+        return Err(format!("heap: {:?}", report.problems));
+    }
+    let stats = map.stats().map_err(|e| e.to_string())?;
+    if stats.entries != found.len() as u64 {
+        return Err(format!("len {} but the scan finds {}", stats.entries, found.len()));
+    }
+    let records = found.iter().filter(|(k, v)| k.len() > 16 || v.len() > 8).count() as u64;
+    let expected = 2 + stats.segments + records; // map root, directory, segments, records
+    let allocated = report.small_blocks + report.large_blocks;
+    if allocated != expected {
+        return Err(format!("{allocated} blocks allocated, the map holds {expected}: a leak"));
+    }
+    Ok(found)
 }
 
 #[test]
@@ -289,5 +307,51 @@ fn operations_survive_the_file_model() {
     let test = CrashTest { exhaustive_limit: 64, samples: 12, ..CrashTest::default() };
     let report = test.run(&recording, check(1, &histories));
     println!("file model: {} fences, {report}", recording.fences());
+    report.assert_passed();
+}
+
+/// Two and three crashes in a row: every crash image of a first run is recovered and checked;
+/// one in `follow_one_in` goes on with a second run of random operations on the recovered map —
+/// the same lanes, the same segment, records freed and reallocated — which is crashed at every
+/// fence in turn, and so on. (A small map: each check scans and looks up every key, so its cost
+/// grows with the map, and the image count is a product of the runs'.)
+#[test]
+fn runs_in_a_row_survive_a_crash_in_each() {
+    let (recording, histories) = record(7, 20, 25, 1);
+    let next_run = |sim: &Sim, map: &StrictMap<Sim>, start: Model, depth: u32| -> Vec<Model> {
+        let mut rng = fastrand::Rng::with_seed(700 + u64::from(depth));
+        let mut model = start;
+        let mut history = vec![model.clone()];
+        for step in 0..12 {
+            let k = key(&mut rng, 60);
+            let op = random_op(&mut rng, &model, k, 1000 * (u64::from(depth) + 1) + step);
+            apply(map, &mut model, &op);
+            history.push(model.clone());
+            sim.mark(step);
+        }
+        history
+    };
+    let check = |sim: &Sim, image: &[u8], ctx: &CrashContext, parent: Option<&Vec<Model>>| {
+        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
+        let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
+        let run = parent.map_or_else(|| histories[0].clone(), Clone::clone);
+        let found = check_recovered(&map, 1, std::slice::from_ref(&run), |_| ctx.run_marks.len())
+            .map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
+        Ok(if ctx.followed { next_run(sim, &map, found, ctx.depth) } else { Vec::new() })
+    };
+    let two = CrashTest {
+        recovery_depth: 1,
+        follow_one_in: 16,
+        exhaustive_limit: 64,
+        samples: 8,
+        ..CrashTest::default()
+    };
+    let report = two.run_with(&recording, check);
+    println!("two runs: {} fences, {report}", recording.fences());
+    report.assert_passed();
+    assert!(report.recovery_images_checked > 2000, "{report}");
+    let three = CrashTest { recovery_depth: 2, follow_one_in: 24, ..two };
+    let report = three.run_with(&recording, check);
+    println!("three runs: {report}");
     report.assert_passed();
 }

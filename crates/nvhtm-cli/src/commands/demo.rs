@@ -67,8 +67,7 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) ->
     let _ = std::fs::remove_file(nvhtm::fams::journal_path(&pool));
     let opts = PoolOptions::default().with_size(64 << 20);
     match fams {
-        Some(_) => Heap::format(nvhtm::Pool::<AutoDomain>::create_fams(&pool, &opts)?, &Default::default())?
-            .close()?,
+        Some(_) => Heap::<AutoDomain>::create_fams(&pool, &opts)?.close()?,
         None => Heap::<AutoDomain>::create(&pool, &opts)?.close()?,
     }
     let sync_every = fams.unwrap_or(0);

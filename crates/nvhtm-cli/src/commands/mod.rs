@@ -27,7 +27,7 @@ pub fn open_pool(path: &Path, opts: &PoolOptions) -> Result<Pool<AutoDomain>, Po
 pub fn create(path: &Path, size: u64, layout: &str, fams: bool, json: bool) -> CommandResult {
     let opts = PoolOptions::layout(layout).with_size(size);
     let heap = if fams {
-        Heap::format(Pool::<AutoDomain>::create_fams(path, &opts)?, &Default::default())?
+        Heap::<AutoDomain>::create_fams(path, &opts)?
     } else {
         Heap::<AutoDomain>::create(path, &opts)?
     };

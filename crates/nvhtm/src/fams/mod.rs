@@ -12,9 +12,10 @@
 //! 4. retire the journal by clobbering its magic (no sync needed: replaying a complete journal
 //!    again is harmless, and the next sync overwrites it).
 //!
-//! Opening replays a complete journal (checksum valid) into the data file and discards an
-//! incomplete one, so the file is always the last synced state, or the one being synced when
-//! that sync's journal was already durable. Replay is idempotent, so a crash during recovery is
+//! Opening replays a complete journal (checksum valid) into the data file and durably clobbers
+//! an incomplete one (its magic zeroed and fsynced, so that no later torn journal can complete
+//! it), so the file is always the last synced state, or the one being synced when that sync's
+//! journal was already durable. Replay is idempotent, so a crash during recovery is
 //! recovered the same way. A failed write or sync poisons the file until it is reopened.
 
 mod dirty;
@@ -212,10 +213,26 @@ impl<S: Storage> Committer<S> {
         let page = rustix::param::page_size() as u64;
         let mut seq = 0;
         let journal_len = storage.len(Role::Journal).map_err(io("stat journal"))?;
-        if let Some(journal) = read_journal(journal_len, |at, buf| storage.read_at(Role::Journal, at, buf))? {
-            apply(&storage, journal.file_len, journal.page, &journal.entries)?;
-            storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
-            seq = journal.seq;
+        match read_journal(journal_len, |at, buf| storage.read_at(Role::Journal, at, buf))? {
+            Some(journal) => {
+                apply(&storage, journal.file_len, journal.page, &journal.entries)?;
+                storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("retire journal"))?;
+                seq = journal.seq;
+            }
+            None if journal_len >= 8 => {
+                // An incomplete journal of a sync that crashed: durably clobber its header before
+                // the next sync writes a journal over it. Otherwise a crash of that sync can
+                // leave the old header with body sectors that the new journal happened to fill
+                // with the same bytes — a complete journal of a sync this recovery declared
+                // never happened, replayed over the next run's state.
+                let mut magic = [0u8; 8];
+                storage.read_at(Role::Journal, 0, &mut magic).map_err(io("read journal"))?;
+                if u64::from_le_bytes(magic) == JOURNAL_MAGIC {
+                    storage.write_at(Role::Journal, 0, &[0u8; 8]).map_err(io("clobber journal"))?;
+                    storage.sync(Role::Journal).map_err(io("fsync journal"))?;
+                }
+            }
+            None => {}
         }
         let len = storage.len(Role::Data).map_err(io("stat"))?;
         if len == 0 || len % page != 0 {

@@ -54,6 +54,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Armed across a lane's commit protocol: dropped by a panic there, it poisons the pool. The
+/// lane is then half way through its steps on media and DRAM (run bitmaps, the chunk mirror,
+/// the lane's generation) may disagree with it; only reopening, and recovery, can judge. Without
+/// it the lane's next operation would reuse the interrupted one's generation.
+struct PoisonOnPanic<'a, D: Domain>(&'a Pool<D>);
+
+impl<D: Domain> Drop for PoisonOnPanic<'_, D> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poison("a panic interrupted a heap commit; reopen the pool to recover".into());
+        }
+    }
+}
+
 /// How to lay out a new heap.
 #[derive(Debug, Clone)]
 pub struct HeapOptions {
@@ -151,9 +165,15 @@ impl<D: Domain> std::fmt::Debug for Heap<D> {
 }
 
 impl<D: FileDomain> Heap<D> {
-    /// Creates a pool file holding an empty heap.
+    /// Creates a pool file holding an empty heap. Crash-atomic: the heap is laid out before the
+    /// pool appears at `path`.
     pub fn create(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Heap<D>> {
-        Heap::format(Pool::create(path, opts)?, &HeapOptions::default())
+        Heap::load(Pool::create_with(path, opts, |pool| Heap::lay_out(pool, &HeapOptions::default()))?)
+    }
+
+    /// Creates a FAMS pool holding an empty heap, laid out in the pool's first committed state.
+    pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Heap<D>> {
+        Heap::load(Pool::create_fams_with(path, opts, |pool| Heap::lay_out(pool, &HeapOptions::default()))?)
     }
 
     /// Opens a pool file's heap, recovering whatever was in flight.
@@ -196,6 +216,12 @@ impl<D: Domain> Heap<D> {
 
     /// Lays out an empty heap in a new pool (one with no root object yet).
     pub fn format(pool: Pool<D>, opts: &HeapOptions) -> Result<Heap<D>> {
+        Heap::lay_out(&pool, opts)?;
+        Heap::load(pool)
+    }
+
+    /// Writes an empty heap's header and lanes into a new pool and makes it the pool's root.
+    fn lay_out(pool: &Pool<D>, opts: &HeapOptions) -> Result<()> {
         if pool.info().root_offset != 0 {
             return Err(HeapError::NotAHeap(
                 "the pool already has a root object; a heap needs a new pool".into(),
@@ -228,8 +254,7 @@ impl<D: Domain> Heap<D> {
         pool.write(HEAP_OFFSET, &header)?;
         pool.write(layout::ROOT_WORD, &[0u64, 0u64])?;
         pool.persist(HEAP_OFFSET, 80)?;
-        pool.set_root(PPtr::<HeapHeader>::new(HEAP_OFFSET))?;
-        Heap::load(pool)
+        pool.set_root(PPtr::<HeapHeader>::new(HEAP_OFFSET)).map_err(HeapError::from)
     }
 
     /// Takes over a pool holding a heap: recovers every lane, then rebuilds the allocator from
@@ -404,6 +429,7 @@ impl<D: Domain> Heap<D> {
         &self,
         body: impl FnOnce(&mut Tx<'_, D>) -> Result<R, E>,
     ) -> Result<R, E> {
+        let _writer = self.pool.enter_writer();
         let mut tx = Tx::begin(self, self.lane());
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut tx))) {
             Ok(Ok(value)) => {
@@ -423,6 +449,8 @@ impl<D: Domain> Heap<D> {
 
     /// Reserves a block of at least `size` bytes in DRAM only (no persistent change).
     pub fn reserve(&self, size: u64) -> Result<Reservation> {
+        // A reservation may create a run or merge chunks on media.
+        let _writer = self.pool.enter_writer();
         let mut lane = self.lane();
         self.reserve_in(&mut lane, size)
     }
@@ -533,6 +561,7 @@ impl<D: Domain> Heap<D> {
 
     /// Runs a redo-only operation on `lane`: commit, apply, retire (three fences).
     fn redo_op(&self, lane: &mut LaneSlot, entries: &[(u64, u64)]) -> Result<()> {
+        let _armed = PoisonOnPanic(&self.pool);
         let gen = lane.gen + 1;
         lane.log.debug_assert_unused(&self.pool, gen);
         lane.log.activate(&self.pool, gen)?;

@@ -9,7 +9,7 @@ use super::error::{HeapError, Result};
 use super::lane::LaneLog;
 use super::layout::REDO_CAP;
 use super::space::Run;
-use super::{lock, Block, Heap, LaneSlot, Reservation};
+use super::{lock, Block, Heap, LaneSlot, PoisonOnPanic, Reservation};
 use crate::persist::Domain;
 use crate::pool::PPtr;
 
@@ -244,6 +244,7 @@ impl<'h, D: Domain> Tx<'h, D> {
         }
         let heap = self.heap;
         let pool = &heap.pool;
+        let _armed = PoisonOnPanic(pool);
         self.activate()?;
         for (offset, len) in dirty_lines(&mut self.dirty) {
             pool.flush(offset, len)?;
@@ -329,6 +330,7 @@ impl<'h, D: Domain> Tx<'h, D> {
     /// and forget pending frees.
     pub(super) fn abort(mut self) -> Result<()> {
         let heap = self.heap;
+        let _armed = PoisonOnPanic(&heap.pool);
         let restored = (|| -> Result<()> {
             if !self.snapshots.is_empty() {
                 for (offset, old) in self.snapshots.iter().rev() {

@@ -704,6 +704,8 @@ impl<D: Domain> StrictMap<D> {
     /// Runs `op` on the segment owning `key`, locked and marked as being written; splits and
     /// retries when `op` finds the window full.
     fn write<R>(&self, key: &[u8], mut op: impl FnMut(&mut Held, Hash) -> Result<Outcome<R>>) -> Result<R> {
+        // A FAMS sync waits for the whole operation, its splits included.
+        let _writer = self.heap.pool().enter_writer();
         let hash = Hash::of(key);
         loop {
             let (segment, locks, guard) = self.lock_owner(hash)?;

@@ -204,6 +204,11 @@ pub enum PoolError {
         /// Size of the type.
         requested: u64,
     },
+    /// A FAMS pool's `sync` was called by a thread inside a write operation of that pool (a
+    /// heap transaction's body, or with a [`WriterGuard`](super::WriterGuard) held): the commit
+    /// would wait for that operation to finish.
+    #[error("sync called inside a write operation of the same FAMS pool (it would wait for itself)")]
+    SyncInsideWriter,
     /// A flush or sync failed earlier: the pool may have lost writes, and its memory may hold
     /// data that is not durable, so it refuses every read and write until it is reopened.
     #[error("the pool refuses reads and writes until it is reopened: an earlier flush failed ({0})")]

@@ -17,11 +17,12 @@ pub use info::PoolInfo;
 pub use pptr::PPtr;
 pub use region::MappingKind;
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -178,7 +179,32 @@ pub struct Pool<D: Domain> {
     state: Mutex<StateSlot>,
     was_clean: bool,
     poison: OnceLock<String>,
+    /// A FAMS pool's writer gate: writers share it, a sync takes it alone (see
+    /// [`Pool::enter_writer`]).
+    gate: RwLock<()>,
     open: bool,
+}
+
+thread_local! {
+    /// The writer gates this thread is inside (by address): entering one again is free, and a
+    /// sync from inside one is refused instead of waiting for itself.
+    static GATES_HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A writer's pass through a FAMS pool's gate ([`Pool::enter_writer`]); leaving is dropping it.
+#[derive(Debug)]
+#[must_use = "the writer leaves the gate when this is dropped"]
+pub struct WriterGuard<'a> {
+    shared: Option<RwLockReadGuard<'a, ()>>,
+    gate: usize,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if self.shared.is_some() {
+            GATES_HELD.with(|held| held.borrow_mut().retain(|&g| g != self.gate));
+        }
+    }
 }
 
 impl<D: Domain> std::fmt::Debug for Pool<D> {
@@ -283,6 +309,17 @@ impl<D: FileDomain> Pool<D> {
     /// Creates a pool file at `path`. The file appears under its name only once it is complete
     /// and durable (it is built under a temporary name and renamed), and `path` must not exist.
     pub fn create(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        Pool::create_with(path, opts, |_| Ok::<(), PoolError>(()))
+    }
+
+    /// [`Pool::create`], with `init` run on the new pool before it is published at `path`: a
+    /// crash at any point leaves either no pool there or one that `init` finished (what a
+    /// structure lays out in a new pool — a heap — is then never missing from it).
+    pub fn create_with<E: From<PoolError>>(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+        init: impl FnOnce(&Pool<D>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         let size = validate_new(path, opts)?;
         let dir = match path.parent() {
@@ -314,6 +351,8 @@ impl<D: FileDomain> Pool<D> {
                 Region::map_file(&file, size, reserved).map_err(|e| PoolError::io(path, "mmap", e))?;
             let domain = D::for_mapping(region.kind(), opts, path)?;
             let pool = Pool::format(region, domain, Some(file), path, &opts.layout)?;
+            init(&pool)?;
+            // Everything `init` wrote, and the header, durable before the name appears.
             if let Some(file) = &pool.file {
                 file.sync_all().map_err(|e| PoolError::io(path, "fsync", e))?;
             }
@@ -373,6 +412,16 @@ impl<D: FileDomain> Pool<D> {
     /// structure runs on it unchanged, without flushes (choose [`Volatile`], or
     /// [`AutoDomain`] which picks it).
     pub fn create_fams(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<D>> {
+        Pool::create_fams_with(path, opts, |_| Ok::<(), PoolError>(()))
+    }
+
+    /// [`Pool::create_fams`], with `init` run on the new pool before its first sync: what `init`
+    /// lays out is in the pool's first committed state.
+    pub fn create_fams_with<E: From<PoolError>>(
+        path: impl AsRef<Path>,
+        opts: &PoolOptions,
+        init: impl FnOnce(&Pool<D>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         let size = validate_new(path, opts)?;
         let storage =
@@ -382,11 +431,13 @@ impl<D: FileDomain> Pool<D> {
             storage.set_len(crate::fams::Role::Data, size).map_err(|e| PoolError::io(path, "extend", e))?;
             storage.sync(crate::fams::Role::Data).map_err(|e| PoolError::io(path, "fsync", e))?;
             let (mut region, committer) =
-                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size)))?;
+                crate::fams::Committer::open(storage, page_round(opts.max_size.max(size)))
+                    .map_err(PoolError::from)?;
             region.mark_fams();
             let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
             let mut pool = Pool::format_with(region, domain, None, path, &opts.layout, INCOMPAT_FAMS)?;
             pool.fams = Some(Mutex::new(committer));
+            init(&pool)?;
             pool.sync()?;
             Ok(pool)
         })();
@@ -562,6 +613,7 @@ impl<D: Domain> Pool<D> {
             state: Mutex::new(header.state),
             was_clean,
             poison: OnceLock::new(),
+            gate: RwLock::new(()),
             open: true,
         }
     }
@@ -587,7 +639,14 @@ impl<D: Domain> Pool<D> {
         next.seq = current.seq + 1;
         let next = next.sealed(self.fixed.checksum);
         let offset = SLOT_OFFSETS[(next.seq % 2) as usize];
-        self.write_header_bytes(offset, bytemuck::bytes_of(&next));
+        // One copy's words may persist in any order, so the slot's `seq` — which names it the
+        // newest — is stored after the rest: a slot showing the new `seq` holds the whole update,
+        // and a torn one keeps the slot's old `seq` and fails its checksum. (With `seq` inside
+        // the copy, a torn update's words plus the same `seq` rewritten by the next run's
+        // update could form a valid slot of an update that never completed.)
+        let bytes = bytemuck::bytes_of(&next);
+        self.write_header_bytes(offset + 8, &bytes[8..]);
+        self.write_header_bytes(offset, &bytes[..8]);
         self.persist_header(offset, 64)?;
         *current = next;
         Ok(())
@@ -632,14 +691,21 @@ impl<D: Domain> Pool<D> {
     /// change since the previous sync; for a file pool, an `msync` of the whole mapping; for an
     /// in-memory pool, nothing. A failure poisons the pool.
     ///
-    /// For a FAMS pool, call it at a quiescent point — no operation of the heap or a map in
-    /// flight on another thread — as FAMS asks ("sync whenever the data are consistent"): the
-    /// commit captures pages as they are, and with no fences on a FAMS pool, a half-done
-    /// operation elsewhere would be captured half done.
+    /// For a FAMS pool the commit is the state at one point between writers: it waits for the
+    /// heap's transactions and the maps' operations in flight on other threads to finish, and
+    /// holds new ones back until it is done (the writer gate, [`Pool::enter_writer`]). Called
+    /// from inside a writer on this thread it would wait for itself, so it returns
+    /// [`PoolError::SyncInsideWriter`].
     pub fn sync(&self) -> Result<()> {
         self.check_poison()?;
         let synced = match &self.fams {
             Some(committer) => {
+                if self.inside_gate() {
+                    return Err(PoolError::SyncInsideWriter);
+                }
+                // Every writer in flight finishes first, and none starts until the commit is
+                // done: the commit is the state at one point between operations.
+                let _alone = self.gate.write().unwrap_or_else(|e| e.into_inner());
                 let mut committer = committer.lock().unwrap_or_else(|e| e.into_inner());
                 committer.sync(&self.region).map(drop).map_err(PoolError::from)
             }
@@ -649,6 +715,48 @@ impl<D: Domain> Pool<D> {
             let _ = self.poison.set(e.to_string());
         }
         synced
+    }
+
+    /// Enters the pool as a writer. On a FAMS pool, [`sync`](Pool::sync) waits until every
+    /// writer inside has left and holds new ones back until its commit is done, so a commit
+    /// never captures an operation half done on another thread. The heap's transactions and
+    /// reservations and the maps' writes enter by themselves; code that writes into the pool
+    /// directly (`write_bytes`, `store_u64`, ...) and needs several writes to be committed
+    /// together enters around them. Re-entrant on one thread; on other pools it costs nothing.
+    /// A writer must not wait for another thread's writer to start (a sync waiting between
+    /// them would hold that one back: a deadlock).
+    ///
+    /// ```
+    /// # use nvhtm::{Pool, PoolOptions, Volatile};
+    /// # fn main() -> Result<(), nvhtm::PoolError> {
+    /// # let dir = std::env::temp_dir().join(format!("nvhtm-gate-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let path = dir.join("gate.pool");
+    /// let pool = Pool::<Volatile>::create_fams(&path, &PoolOptions::layout("doc"))?;
+    /// {
+    ///     let _writer = pool.enter_writer();
+    ///     pool.write_bytes(4096, b"two writes ")?;
+    ///     pool.write_bytes(4107, b"committed together")?;
+    ///     // A sync from inside the gate would wait for itself: it is refused.
+    ///     assert!(pool.sync().is_err());
+    /// }
+    /// pool.sync()?;
+    /// # drop(pool); std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn enter_writer(&self) -> WriterGuard<'_> {
+        let gate = &self.gate as *const RwLock<()> as usize;
+        if self.fams.is_none() || self.inside_gate() {
+            return WriterGuard { shared: None, gate };
+        }
+        let shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        GATES_HELD.with(|held| held.borrow_mut().push(gate));
+        WriterGuard { shared: Some(shared), gate }
+    }
+
+    fn inside_gate(&self) -> bool {
+        let gate = &self.gate as *const RwLock<()> as usize;
+        GATES_HELD.with(|held| held.borrow().contains(&gate))
     }
 
     /// Whether the pool is committed by failure-atomic msync.
@@ -790,6 +898,13 @@ impl<D: Domain> Pool<D> {
         // SAFETY: the grown region stays mapped for the pool's lifetime.
         unsafe { self.domain.attach(self.region.base(), self.region.len() as usize) };
         self.update_state_locked(&mut state, |s| s.size = new_size)
+    }
+
+    /// Poisons the pool (see [`Pool`]): for a structure whose protocol stopped half way for
+    /// another reason than a failed persist (a panic), so that only reopening — and recovery —
+    /// judges what is on media.
+    pub(crate) fn poison(&self, why: String) {
+        let _ = self.poison.set(why);
     }
 
     /// Refuses access to a poisoned pool (see [`Pool`]).

@@ -1,4 +1,6 @@
 //! Test helpers shared by several test files.
+// Each test crate that includes this module uses only part of it.
+#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,11 +14,25 @@ use nvhtm::Volatile;
 pub struct FailingFence {
     /// Fences that still succeed; `u64::MAX`: all of them.
     fences_left: Arc<AtomicU64>,
+    /// Fences before one that panics (once); `u64::MAX`: none.
+    fences_before_panic: Arc<AtomicU64>,
 }
 
 impl Default for FailingFence {
     fn default() -> FailingFence {
-        FailingFence { fences_left: Arc::new(AtomicU64::new(u64::MAX)) }
+        FailingFence {
+            fences_left: Arc::new(AtomicU64::new(u64::MAX)),
+            fences_before_panic: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+/// Counts down `n` (`u64::MAX`: never); `None` once it reached zero.
+fn count_down(n: u64) -> Option<u64> {
+    match n {
+        u64::MAX => Some(n),
+        0 => None,
+        n => Some(n - 1),
     }
 }
 
@@ -24,6 +40,12 @@ impl FailingFence {
     /// Lets `n` more fences succeed, then fails every later one.
     pub fn fail_after(&self, n: u64) {
         self.fences_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Lets `n` more fences succeed, then panics in the next one (once): a bug striking in the
+    /// middle of a protocol.
+    pub fn panic_after(&self, n: u64) {
+        self.fences_before_panic.store(n, Ordering::SeqCst);
     }
 
     /// Fences succeed again (the device recovered).
@@ -57,12 +79,11 @@ impl Domain for FailingFence {
     unsafe fn flush(&self, _: *const u8, _: usize) {}
     #[track_caller]
     fn fence(&self) -> Result<(), PersistError> {
-        let left = |n| match n {
-            u64::MAX => Some(n),
-            0 => None,
-            n => Some(n - 1),
-        };
-        match self.fences_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, left) {
+        if self.fences_before_panic.fetch_update(Ordering::SeqCst, Ordering::SeqCst, count_down).is_err() {
+            self.fences_before_panic.store(u64::MAX, Ordering::SeqCst);
+            panic!("injected panic in a fence");
+        }
+        match self.fences_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, count_down) {
             Ok(_) => Ok(()),
             Err(_) => Err(PersistError {
                 op: "msync",
