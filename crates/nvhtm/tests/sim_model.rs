@@ -221,3 +221,140 @@ fn the_file_model_flushes_pages_and_tears_sectors() {
         "a write tears at the sector boundary"
     );
 }
+
+/// Every distinct image at every crash point, as the words at `at`.
+fn words_at<const N: usize>(recording: &Recording, at: [u64; N]) -> BTreeSet<[u64; N]> {
+    let test = CrashTest { deduplicate: false, ..CrashTest::default() };
+    let seen = Mutex::new(BTreeSet::new());
+    let report = test.run(recording, |_, image, _| {
+        let word = |a: u64| u64::from_ne_bytes(image[a as usize..a as usize + 8].try_into().unwrap());
+        seen.lock().unwrap().insert(at.map(word));
+        Ok(())
+    });
+    assert!(report.passed());
+    seen.into_inner().unwrap()
+}
+
+#[test]
+fn a_crash_between_two_clflushes_is_explored() {
+    // The commit word's line is clflushed before the payload's: between the two, the commit is
+    // persistent and the payload is not. A model that crashes only at fences never sees it.
+    let rec = record(FlushInstr::Clflush, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.write(Y, &3u64).unwrap();
+        pool.flush(Y, 8).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.fence().unwrap();
+    });
+    let all = words_at(&rec, [X, Y]);
+    assert!(all.contains(&[0, 3]), "commit persisted by clflush before its data: {all:?}");
+    let report = CrashTest::default().run(&rec, |_, _, _| Ok(()));
+    assert_eq!(report.crash_points, 4, "before each clflush that persists, before the fence, the end");
+}
+
+#[test]
+fn clwb_recordings_crash_only_at_fences_and_the_end() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        for i in 0..5 {
+            pool.write(X + i * 8, &i).unwrap();
+            pool.flush(X, 64).unwrap();
+            pool.write(Y, &i).unwrap();
+        }
+        pool.persist(Y, 8).unwrap();
+        pool.write(Y + 64, &[1u64, 2, 3]).unwrap();
+    });
+    let report = CrashTest::default().run(&rec, |_, _, _| Ok(()));
+    assert_eq!(report.crash_points, rec.fences() as u64 + 1);
+}
+
+#[test]
+fn the_words_of_one_write_persist_in_any_order() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &[5u64, 6u64]).unwrap(); // one copy: memcpy promises no order
+        pool.write(X + 16, &7u64).unwrap(); // a later store to the same line
+    });
+    let all = words_at(&rec, [X, X + 8, X + 16]);
+    let expected: BTreeSet<[u64; 3]> =
+        [[0, 0, 0], [5, 0, 0], [0, 6, 0], [5, 6, 0], [5, 6, 7]].into_iter().collect();
+    assert_eq!(all, expected, "any subset of the copy, and the later store only after all of it");
+}
+
+#[test]
+fn a_flush_of_a_multi_word_write_persists_all_of_it_at_the_fence() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &[5u64, 6u64]).unwrap();
+        pool.persist(X, 16).unwrap();
+        pool.write(X, &[8u64, 9u64]).unwrap();
+    });
+    let end = at_end(&images(&CrashTest::default(), &rec));
+    assert_eq!(end, [[5, 6, 0], [8, 6, 0], [5, 9, 0], [8, 9, 0]].into_iter().collect());
+}
+
+#[test]
+fn non_temporal_stores_are_unordered_until_the_fence_under_every_instruction() {
+    let nine = u64::from_ne_bytes([9; 8]);
+    let far = X + 1024;
+    for instr in [FlushInstr::Clwb, FlushInstr::Clflushopt, FlushInstr::Clflush] {
+        let rec = record(instr, |pool| {
+            pool.write_persistent(X, &[9u8; 320]).unwrap(); // streamed: 256 bytes or more
+            pool.store_u64(far, 1, std::sync::atomic::Ordering::Release).unwrap();
+            pool.persist(far, 8).unwrap(); // this fence makes the copy persistent too
+            pool.write_persistent(X, &[0u8; 320]).unwrap();
+        });
+        let all = words_at(&rec, [X, X + 8, far]);
+        assert!(all.contains(&[0, nine, 0]), "{instr:?}: the second word without the first: {all:?}");
+        assert!(all.contains(&[0, 0, 0]), "{instr:?}: not persistent before the fence");
+        // After the fence the first copy is persistent; the second (zeros) overwrites it in
+        // any order.
+        let after: BTreeSet<[u64; 3]> = all.iter().filter(|w| w[2] == 1).copied().collect();
+        let expected = [[nine, nine, 1], [0, nine, 1], [nine, 0, 1], [0, 0, 1]].into_iter().collect();
+        assert_eq!(after, expected, "{instr:?}");
+    }
+}
+
+#[test]
+fn a_short_persistent_write_is_a_write_and_a_flush() {
+    // Under 256 bytes the Cpu domain writes through the cache and flushes: under clflush that
+    // is persistent at once.
+    let rec = record(FlushInstr::Clflush, |pool| {
+        pool.write_persistent(X, &[9u8; 16]).unwrap();
+    });
+    let nine = u64::from_ne_bytes([9; 8]);
+    assert_eq!(at_end(&images(&CrashTest::default(), &rec)), [[nine, nine, 0]].into_iter().collect());
+}
+
+#[test]
+fn a_zero_length_flush_flushes_nothing() {
+    let rec = record(FlushInstr::Clwb, |pool| {
+        pool.write(X + 8, &1u64).unwrap();
+        pool.flush(X + 8, 0).unwrap(); // as on the CPU: no line
+        pool.fence().unwrap();
+    });
+    assert_eq!(at_end(&images(&CrashTest::default(), &rec)), [[0, 0, 0], [0, 1, 0]].into_iter().collect());
+}
+
+#[test]
+fn a_locked_instruction_orders_earlier_flushes_like_a_fence() {
+    use std::sync::atomic::Ordering;
+    let cas = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        assert_eq!(pool.compare_exchange_u64(Y, 0, 3, Ordering::AcqRel).unwrap(), Ok(0));
+    });
+    let end = at_end(&images(&CrashTest::default(), &cas));
+    assert_eq!(end, [[1, 0, 0], [1, 0, 3]].into_iter().collect(), "the CAS made X persistent");
+    let seq_cst = record(FlushInstr::Clflushopt, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.store_u64(Y, 3, Ordering::SeqCst).unwrap(); // xchg: locked
+    });
+    assert_eq!(at_end(&images(&CrashTest::default(), &seq_cst)), end);
+    let release = record(FlushInstr::Clwb, |pool| {
+        pool.write(X, &1u64).unwrap();
+        pool.flush(X, 8).unwrap();
+        pool.store_u64(Y, 3, Ordering::Release).unwrap(); // a plain mov orders nothing
+    });
+    assert!(at_end(&images(&CrashTest::default(), &release)).contains(&[0, 0, 3]));
+    // A crash just before the CAS still sees the flushed line lost.
+    assert!(images(&CrashTest::default(), &cas).iter().any(|(_, w)| *w == [0, 0, 0]));
+}

@@ -6,7 +6,7 @@ use super::{cas_plain, copy_plain, counters, lines, store_plain, Domain, DomainK
 
 /// Copies at least this long use non-temporal stores (they bypass the cache, so no flush is
 /// needed and no line is read for ownership); shorter ones use ordinary stores plus a flush.
-const NT_THRESHOLD: usize = 256;
+pub(crate) const NT_THRESHOLD: usize = 256;
 
 /// The write-back instruction a [`Cpu`] domain uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -27,6 +27,7 @@ pub(crate) use counters::{
     add_bytes as counters_add_bytes, add_fence as counters_add_fence, add_lines as counters_add_lines,
 };
 pub use counters::{global_stats, thread_stats, PersistStats};
+pub(crate) use cpu::NT_THRESHOLD;
 pub use cpu::{Cpu, FlushInstr};
 pub use msync::Msync;
 pub use volatile::Volatile;

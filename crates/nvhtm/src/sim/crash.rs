@@ -4,17 +4,24 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::ops::ControlFlow;
 
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{Event, Recording, Sim};
 use crate::persist::{FlushInstr, Site};
 
-/// One store piece: at most 8 bytes inside one aligned word.
+/// The most pieces of one group enumerated as "any subset". The pieces of one write call
+/// within one unit form a group; a cache line holds at most 8, but a 512-byte sector of the
+/// file model holds 64, and 2^64 subsets do not fit a state index: such a group is cut into
+/// chunks of this many, kept in ascending order (a restriction of the file model only).
+const MAX_GROUP: usize = 32;
+
+/// One store piece: at most 8 bytes inside one aligned word, and the write call it belongs to.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
     offset: u64,
     len: u8,
     bytes: [u8; 8],
+    call: u32,
 }
 
 impl Piece {
@@ -24,76 +31,226 @@ impl Piece {
     }
 }
 
-/// A line's stores since it was last persistent, and, per thread that flushed it, how many
-/// of them that flush covers (the thread's next fence persists them).
+/// A line's stores since it was last persistent, cut into groups (the pieces of one write call,
+/// which persist in any order among themselves), and, per thread that flushed the line, how
+/// many of them that flush covers (the thread's next fence persists them). Also used for one
+/// thread's non-temporal stores to one line: then every piece is in one group (any subset may
+/// have persisted) and nothing is flushed.
+///
+/// The crash states of a log, numbered: state `s` walks the groups in order; a group of `m`
+/// pieces offers `2^m - 1` states (every subset but the full one, after all earlier groups
+/// whole); past the last group, everything is kept. A log of single-piece groups thus has
+/// states `0..=n`, state `k` keeping the first `k` pieces: the plain prefix model.
 #[derive(Debug, Default)]
 struct LineLog {
     stores: Vec<Piece>,
+    /// Start index in `stores` of each group, ascending (the first is 0).
+    groups: Vec<usize>,
     flushed: Vec<(u32, usize)>,
+}
+
+impl LineLog {
+    /// Appends `piece`; it joins the last group when it belongs to the same write call (or, for
+    /// `unordered` logs, always), up to [`MAX_GROUP`] pieces.
+    fn push(&mut self, piece: Piece, unordered: bool) {
+        let joins = match (self.stores.last(), self.groups.last()) {
+            (Some(last), Some(&start)) => {
+                (unordered || last.call == piece.call) && self.stores.len() - start < MAX_GROUP
+            }
+            _ => false,
+        };
+        if !joins {
+            self.groups.push(self.stores.len());
+        }
+        self.stores.push(piece);
+    }
+
+    fn group(&self, g: usize) -> std::ops::Range<usize> {
+        self.groups[g]..self.groups.get(g + 1).copied().unwrap_or(self.stores.len())
+    }
+
+    /// The number of crash states (see the type's documentation).
+    fn states(&self) -> u64 {
+        (0..self.groups.len()).fold(1u64, |n, g| n.saturating_add((1u64 << self.group(g).len()) - 1))
+    }
+
+    /// Applies crash state `state` to `image`.
+    fn apply_state(&self, mut state: u64, image: &mut [u8]) {
+        for g in 0..self.groups.len() {
+            let range = self.group(g);
+            let partial = (1u64 << range.len()) - 1;
+            if state < partial {
+                for (bit, piece) in self.stores[range].iter().enumerate() {
+                    if state >> bit & 1 == 1 {
+                        piece.apply(image);
+                    }
+                }
+                return;
+            }
+            state -= partial;
+            for piece in &self.stores[range] {
+                piece.apply(image);
+            }
+        }
+    }
+
+    /// Removes the first `n` pieces (a group boundary: flushes and fences fall between write
+    /// calls), returning them.
+    fn drain(&mut self, n: usize) -> Vec<Piece> {
+        let pieces: Vec<Piece> = self.stores.drain(..n).collect();
+        self.groups.retain(|&start| start >= n);
+        for start in &mut self.groups {
+            *start -= n;
+        }
+        debug_assert!(self.stores.is_empty() || self.groups.first() == Some(&0));
+        for (_, upto) in &mut self.flushed {
+            *upto = upto.saturating_sub(n);
+        }
+        self.flushed.retain(|&(_, upto)| upto > 0);
+        pieces
+    }
+}
+
+/// One independently chosen part of a crash image: a dirty line's cached stores, or one
+/// thread's non-temporal stores to a line.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    line: u64,
+    /// `Some(thread)`: that thread's non-temporal stores to the line.
+    nt: Option<u32>,
+    /// The highest state index (0: nothing kept; this: everything kept).
+    max: u64,
+}
+
+/// The hash of one unit's bytes for the image key: 0 when they equal the initial bytes, so
+/// the key of an image is the XOR over the units that differ from the recording's start.
+fn unit_hash(initial: &[u8], line: u64, bytes: &[u8]) -> u64 {
+    let at = line as usize;
+    let same = match initial.get(at..at + bytes.len()) {
+        Some(initial) => initial == bytes,
+        None => bytes.iter().all(|&b| b == 0),
+    };
+    if same {
+        0
+    } else {
+        xxh3_64_with_seed(bytes, line)
+    }
 }
 
 /// The persistent state while walking a recording: the persisted bytes plus, per dirty line,
 /// the stores that may or may not have reached persistent memory.
-struct Replay {
+struct Replay<'a> {
     /// The recording's starting bytes.
-    initial: Vec<u8>,
+    initial: &'a [u8],
     /// `None` when only the dirty lines matter (no image will be built).
     base: Option<Vec<u8>>,
+    /// The buffer images are built in: equal to `base` between crash points (persisted pieces
+    /// go to both), so a crash point costs its dirty lines, not a copy of the region.
+    image: Vec<u8>,
     lines: BTreeMap<u64, LineLog>,
-    /// Every line stored to since the start: images differ from the initial bytes only there.
-    touched: BTreeSet<u64>,
+    /// Non-temporal stores not yet fenced, per (thread, line).
+    nt: BTreeMap<(u32, u64), LineLog>,
+    /// XOR of [`unit_hash`] over the units of `base`: kept up to date as pieces persist, so an
+    /// image's key costs only its dirty lines.
+    base_key: u64,
     marks: Vec<u64>,
     /// The write-back unit (see [`Recording`]).
     unit: u64,
 }
 
-impl Replay {
-    fn new(initial: &[u8], marks: &[u64], unit: u64) -> Replay {
+impl<'a> Replay<'a> {
+    fn new(initial: &'a [u8], marks: &[u64], unit: u64) -> Replay<'a> {
         Replay {
             unit,
-            initial: initial.to_vec(),
+            initial,
             base: Some(initial.to_vec()),
+            image: initial.to_vec(),
             lines: BTreeMap::new(),
-            touched: BTreeSet::new(),
+            nt: BTreeMap::new(),
+            base_key: 0,
             marks: marks.to_vec(),
         }
     }
 
-    fn lines_only(unit: u64) -> Replay {
+    fn lines_only(unit: u64) -> Replay<'static> {
         Replay {
             unit,
-            initial: Vec::new(),
+            initial: &[],
             base: None,
+            image: Vec::new(),
             lines: BTreeMap::new(),
-            touched: BTreeSet::new(),
+            nt: BTreeMap::new(),
+            base_key: 0,
             marks: Vec::new(),
         }
     }
 
+    /// Applies `pieces` (all in the unit at `line`) to the base, keeping `base_key` current.
+    fn persist_pieces(&mut self, line: u64, pieces: &[Piece]) {
+        let Some(base) = &mut self.base else { return };
+        let range = line as usize..(line + self.unit) as usize;
+        let before = unit_hash(self.initial, line, &base[range.clone()]);
+        for piece in pieces {
+            piece.apply(base);
+            piece.apply(&mut self.image);
+        }
+        self.base_key ^= before ^ unit_hash(self.initial, line, &base[range]);
+    }
+
     fn persist_prefix(&mut self, line: u64, n: usize) {
         if let Some(log) = self.lines.get_mut(&line) {
-            for piece in log.stores.drain(..n) {
-                if let Some(base) = &mut self.base {
-                    piece.apply(base);
-                }
-            }
-            for (_, upto) in &mut log.flushed {
-                *upto = upto.saturating_sub(n);
-            }
-            log.flushed.retain(|&(_, upto)| upto > 0);
+            let pieces = log.drain(n);
             if log.stores.is_empty() {
                 self.lines.remove(&line);
             }
+            self.persist_pieces(line, &pieces);
         }
+    }
+
+    /// What a fence (or locked instruction) of `thread` persists: the prefixes it flushed, and
+    /// its non-temporal stores.
+    fn fence(&mut self, thread: u32) {
+        let flushed: Vec<(u64, usize)> = self
+            .lines
+            .iter()
+            .filter_map(|(&line, log)| {
+                log.flushed.iter().find(|&&(t, _)| t == thread).map(|&(_, upto)| (line, upto))
+            })
+            .collect();
+        for (line, n) in flushed {
+            self.persist_prefix(line, n);
+        }
+        let nt: Vec<(u32, u64)> = self.nt.range((thread, 0)..=(thread, u64::MAX)).map(|(&k, _)| k).collect();
+        for key in nt {
+            if let Some(log) = self.nt.remove(&key) {
+                self.persist_pieces(key.1, &log.stores);
+            }
+        }
+    }
+
+    /// Whether a fence of `thread` now would persist anything (else a crash just before it
+    /// sees nothing a crash after it would not).
+    fn fence_persists(&self, thread: u32) -> bool {
+        self.lines.values().any(|log| log.flushed.iter().any(|&(t, _)| t == thread))
+            || self.nt.range((thread, 0)..=(thread, u64::MAX)).next().is_some()
+    }
+
+    /// Whether a `clflush` of `line` now would persist anything.
+    fn clflush_persists(&self, line: u64) -> bool {
+        self.lines.contains_key(&line)
     }
 
     /// Applies one event; `disabled` flushes and fences have no effect (mutation testing).
     fn step(&mut self, event: &Event, disabled: Option<Site>) {
         match *event {
-            Event::Store { offset, len, bytes } => {
+            Event::Store { offset, len, bytes, call } => {
                 let line = offset - offset % self.unit;
-                self.lines.entry(line).or_default().stores.push(Piece { offset, len, bytes });
-                self.touched.insert(line);
+                self.lines.entry(line).or_default().push(Piece { offset, len, bytes, call }, false);
+            }
+            Event::NtStore { offset, bytes, thread } => {
+                let line = offset - offset % self.unit;
+                let piece = Piece { offset, len: 8, bytes, call: 0 };
+                self.nt.entry((thread, line)).or_default().push(piece, true);
             }
             Event::Flush { site, .. } | Event::Fence { site, .. } if Some(site) == disabled => {}
             Event::Flush { line, instr, thread, .. } => {
@@ -108,69 +265,78 @@ impl Replay {
                     }
                 }
             }
-            Event::Fence { thread, .. } => {
-                let flushed: Vec<(u64, usize)> = self
-                    .lines
-                    .iter()
-                    .filter_map(|(&line, log)| {
-                        log.flushed.iter().find(|&&(t, _)| t == thread).map(|&(_, upto)| (line, upto))
-                    })
-                    .collect();
-                for (line, n) in flushed {
-                    self.persist_prefix(line, n);
-                }
-            }
+            Event::Fence { thread, .. } | Event::Locked { thread } => self.fence(thread),
             Event::Mark(value) => self.marks.push(value),
             Event::Grow { len } => {
                 if let Some(base) = &mut self.base {
+                    // New bytes are zero, so they add nothing to the key.
                     base.resize(len, 0);
+                    self.image.resize(len, 0);
                 }
             }
         }
     }
 
-    /// Lines holding stores that may not be persistent, with how many.
-    fn dirty(&self) -> Vec<(u64, usize)> {
-        self.lines.iter().map(|(&line, log)| (line, log.stores.len())).collect()
+    /// The parts of an image chosen independently: each dirty line's cached stores (in line
+    /// order), then each thread's non-temporal stores per line.
+    fn dirty(&self) -> Vec<Item> {
+        let cached = self.lines.iter().map(|(&line, log)| Item { line, nt: None, max: log.states() - 1 });
+        let nt = self.nt.iter().map(|(&(t, line), log)| Item { line, nt: Some(t), max: log.states() - 1 });
+        cached.chain(nt).collect()
     }
 
-    /// Turns `image` (a copy of the base) into the image where each dirty line kept the first
-    /// `choice[i]` of its pending stores.
-    fn apply_choice(&self, image: &mut [u8], dirty: &[(u64, usize)], choice: &[u32]) {
-        for (&(line, _), &k) in dirty.iter().zip(choice) {
-            for piece in &self.lines[&line].stores[..k as usize] {
-                piece.apply(image);
-            }
+    fn log(&self, item: &Item) -> &LineLog {
+        match item.nt {
+            None => &self.lines[&item.line],
+            Some(t) => &self.nt[&(t, item.line)],
+        }
+    }
+
+    /// Turns `image` (a copy of the base) into the image where each item is in state
+    /// `choice[i]`. Cached stores first, then non-temporal ones (which evict the line: the
+    /// stores cached before them are written back first).
+    fn apply_choice(&self, image: &mut [u8], dirty: &[Item], choice: &[u64]) {
+        for (item, &state) in dirty.iter().zip(choice) {
+            self.log(item).apply_state(state, image);
         }
     }
 
     /// Puts the dirty lines of `image` back to the base.
-    fn reset(&self, image: &mut [u8], dirty: &[(u64, usize)]) {
+    fn reset(&self, image: &mut [u8], lines: &[u64]) {
         if let Some(base) = &self.base {
-            for &(line, _) in dirty {
+            for &line in lines {
                 let range = line as usize..(line + self.unit) as usize;
                 image[range.clone()].copy_from_slice(&base[range]);
             }
         }
     }
 
-    /// A key equal for equal images with equal histories, built from the lines that differ
-    /// from the initial bytes (only touched lines can), so it costs O(touched lines), not
-    /// O(image).
-    fn key(&self, image: &[u8]) -> u64 {
-        let zero = vec![0u8; self.unit as usize];
-        let mut hasher = Xxh3::new();
-        hasher.update(&(image.len() as u64).to_le_bytes());
-        hasher.update(&(self.marks.len() as u64).to_le_bytes());
-        for &line in &self.touched {
-            let range = line as usize..(line + self.unit) as usize;
-            let initial = self.initial.get(range.clone()).unwrap_or(&zero);
-            if image[range.clone()] != *initial {
-                hasher.update(&line.to_le_bytes());
-                hasher.update(&image[range]);
+    /// The distinct lines of `dirty`, and the key of the base without them: the key of an
+    /// image is this XOR each of these lines' hash in the image.
+    fn key_parts(&self, dirty: &[Item]) -> (Vec<u64>, u64) {
+        let lines: Vec<u64> = dirty.iter().map(|i| i.line).collect::<BTreeSet<_>>().into_iter().collect();
+        let mut rest = self.base_key;
+        if let Some(base) = &self.base {
+            for &line in &lines {
+                rest ^= unit_hash(self.initial, line, &base[line as usize..(line + self.unit) as usize]);
             }
         }
-        hasher.digest()
+        (lines, rest)
+    }
+
+    /// A key equal for equal images with equal histories: the XOR of the hashes of the units
+    /// that differ from the initial bytes, the base's kept up to date as the replay goes, so an
+    /// image costs O(dirty lines), not O(touched lines) or O(image).
+    fn key(&self, image: &[u8], lines: &[u64], rest: u64) -> u64 {
+        let mut key = rest;
+        for &line in lines {
+            key ^= unit_hash(self.initial, line, &image[line as usize..(line + self.unit) as usize]);
+        }
+        let mut words = [0u8; 24];
+        words[..8].copy_from_slice(&key.to_le_bytes());
+        words[8..16].copy_from_slice(&(image.len() as u64).to_le_bytes());
+        words[16..].copy_from_slice(&(self.marks.len() as u64).to_le_bytes());
+        xxh3_64(&words)
     }
 }
 
@@ -180,17 +346,43 @@ pub(crate) fn unpersisted_lines(recording: &Recording) -> Vec<u64> {
     for event in &recording.events {
         replay.step(event, None);
     }
-    replay.dirty().into_iter().map(|(line, _)| line).collect()
+    replay.dirty().into_iter().map(|item| item.line).collect::<BTreeSet<_>>().into_iter().collect()
 }
 
-/// Names one crash image: the crash point (the n-th fence, or the end) and how many pending
-/// stores each dirty line kept, in line order.
+/// Where a crash happens: just before an event that may persist something, or at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPointKind {
+    /// Just before a fence (every fence is a crash point, whether or not it persists anything).
+    Fence(Site),
+    /// Just before a `clflush` of a line with pending stores (it persists them at once).
+    Clflush(Site),
+    /// Just before a locked instruction (compare-and-exchange, `SeqCst` store) that persists
+    /// this thread's flushed lines or non-temporal stores.
+    Locked,
+    /// At the end of the recording.
+    End,
+}
+
+impl fmt::Display for CrashPointKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CrashPointKind::Fence(site) => write!(f, "just before the fence at {site}"),
+            CrashPointKind::Clflush(site) => write!(f, "just before the clflush at {site}"),
+            CrashPointKind::Locked => f.write_str("just before a locked instruction"),
+            CrashPointKind::End => f.write_str("at the end of the recording"),
+        }
+    }
+}
+
+/// Names one crash image: the crash point and the state each dirty line kept, in line order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageId {
-    /// Index of the crash point: fence `point` of the recording, or the end when past the last.
+    /// Index of the crash point, in the recording's order (see [`CrashPointKind`]).
     pub point: usize,
-    /// For each dirty line in offset order, the length of the prefix of its stores kept.
-    pub choice: Vec<u32>,
+    /// For each dirty line in offset order, then each thread's non-temporal stores per line,
+    /// the state kept: 0 is nothing; when every store was a single piece, `k` is the prefix of
+    /// `k` stores; a write of several words in the line also offers each subset of them.
+    pub choice: Vec<u64>,
 }
 
 /// What the check knows about the crash it is judging.
@@ -204,8 +396,11 @@ pub struct CrashContext {
     pub run_marks: Vec<u64>,
     /// Index of the crash point.
     pub point: usize,
-    /// The fence the crash happened just before (`None`: at the end of the recording).
+    /// The fence the crash happened just before (`None`: at a `clflush`, a locked instruction
+    /// or the end of the recording; see `kind`).
     pub fence: Option<Site>,
+    /// What the crash happened just before.
+    pub kind: CrashPointKind,
     /// 0 for a crash of the workload, 1 for a crash during the check of such an image (its
     /// recovery, or the work it did after recovering), and so on.
     pub depth: u32,
@@ -222,10 +417,13 @@ pub struct CrashFailure {
     pub message: String,
     /// The image at each depth: the workload's crash image, then recovery's, and so on.
     pub path: Vec<ImageId>,
-    /// The fence of the last crash point (`None`: the end).
+    /// The fence of the last crash point (`None`: not a fence).
     pub fence: Option<Site>,
-    /// Dirty lines of the last crash point: (line offset, stores kept, stores pending).
-    pub lines: Vec<(u64, u32, u32)>,
+    /// What the last crash point was just before.
+    pub kind: CrashPointKind,
+    /// Dirty lines of the last crash point, as in [`ImageId::choice`]: (line offset, state
+    /// kept, highest state). For a line of single-piece stores: stores kept, stores pending.
+    pub lines: Vec<(u64, u64, u64)>,
     /// Marks made before the crash.
     pub marks: usize,
     /// The seed used for sampling.
@@ -236,10 +434,7 @@ impl fmt::Display for CrashFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let last = self.path.last().map_or(0, |id| id.point);
         writeln!(f, "crash image rejected: {}", self.message)?;
-        match self.fence {
-            Some(site) => write!(f, "  crash point {last}, just before the fence at {site}")?,
-            None => write!(f, "  crash point {last}, at the end of the recording")?,
-        }
+        write!(f, "  crash point {last}, {}", self.kind)?;
         writeln!(f, ", depth {}, after {} marks", self.path.len() - 1, self.marks)?;
         let lines: Vec<String> =
             self.lines.iter().map(|(line, kept, of)| format!("{line:#x}: {kept} of {of}")).collect();
@@ -259,7 +454,8 @@ impl fmt::Display for CrashFailure {
 /// The outcome of replaying a recording.
 #[derive(Debug, Default, Clone)]
 pub struct CrashReport {
-    /// Crash points of the workload (fences plus the end).
+    /// Crash points of the workload (fences, `clflush`es and locked instructions that persist
+    /// something, plus the end).
     pub crash_points: u64,
     /// Crash points whose images were sampled rather than enumerated.
     pub sampled_points: u64,
@@ -348,8 +544,9 @@ impl fmt::Display for MutationReport {
     }
 }
 
-/// How to replay a recording. Crash points are every fence (the crash happens just before it)
-/// and the end. At each, the images are enumerated while there are at most `exhaustive_limit`
+/// How to replay a recording. Crash points are every fence, every `clflush` of a line with
+/// pending stores and every locked instruction that persists something (the crash happens just
+/// before it), and the end. At each, the images are enumerated while there are at most `exhaustive_limit`
 /// of them, and otherwise `samples` are drawn (plus the two extremes: nothing pending kept,
 /// everything kept) with a generator seeded from `seed` and the point. Images equal byte for
 /// byte and with the same marks are checked once.
@@ -514,35 +711,40 @@ impl CrashTest {
         let mut seen = HashSet::new();
         let mut point = 0;
         for event in &recording.events {
-            match *event {
+            // The set of possible crash states only grows between events that persist
+            // something (a store adds states, a clwb changes none): crashing just before each
+            // of those, and at the end, sees every state.
+            let kind = match *event {
                 Event::Fence { site, .. } => {
                     report.sites.insert(site);
-                    self.crash_point(point, Some(site), &replay, &mut seen, check, &run, path, report)?;
-                    point += 1;
+                    Some(CrashPointKind::Fence(site))
                 }
-                Event::Flush { site, .. } => {
+                Event::Flush { site, line, instr, .. } => {
                     report.sites.insert(site);
+                    let persists = instr == FlushInstr::Clflush
+                        && self.disabled_site != Some(site)
+                        && replay.clflush_persists(line);
+                    persists.then_some(CrashPointKind::Clflush(site))
                 }
-                _ => {}
+                Event::Locked { thread } => replay.fence_persists(thread).then_some(CrashPointKind::Locked),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                self.crash_point(point, kind, &mut replay, &mut seen, check, &run, path, report)?;
+                point += 1;
             }
             replay.step(event, self.disabled_site);
         }
-        self.crash_point(point, None, &replay, &mut seen, check, &run, path, report)
+        self.crash_point(point, CrashPointKind::End, &mut replay, &mut seen, check, &run, path, report)
     }
 
     /// The prefix choices to try at one crash point.
-    fn choices(
-        &self,
-        point: usize,
-        depth: u32,
-        dirty: &[(u64, usize)],
-        report: &mut CrashReport,
-    ) -> Vec<Vec<u32>> {
-        let maxima: Vec<u32> = dirty.iter().map(|&(_, n)| n as u32).collect();
+    fn choices(&self, point: usize, depth: u32, dirty: &[Item], report: &mut CrashReport) -> Vec<Vec<u64>> {
+        let maxima: Vec<u64> = dirty.iter().map(|item| item.max).collect();
         let mut rng = fastrand::Rng::with_seed(
             self.seed ^ (point as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(depth) << 56,
         );
-        let (choices, sampled) = prefix_choices(&maxima, self.exhaustive_limit, self.samples, &mut rng);
+        let (choices, sampled) = state_choices(&maxima, self.exhaustive_limit, self.samples, &mut rng);
         if sampled && depth == 0 {
             report.sampled_points += 1;
         }
@@ -553,8 +755,8 @@ impl CrashTest {
     fn crash_point<T, C>(
         &self,
         point: usize,
-        fence: Option<Site>,
-        replay: &Replay,
+        kind: CrashPointKind,
+        replay: &mut Replay<'_>,
         seen: &mut HashSet<u64>,
         check: &C,
         run: &Run<'_, T>,
@@ -581,20 +783,27 @@ impl CrashTest {
             Some(_) => return ControlFlow::Continue(()),
             None => self.choices(point, depth, &dirty, report),
         };
+        let fence = match kind {
+            CrashPointKind::Fence(site) => Some(site),
+            _ => None,
+        };
         let mut context = CrashContext {
             marks: replay.marks.clone(),
             run_marks: replay.marks[run.first_mark..].to_vec(),
             point,
             fence,
+            kind,
             depth,
             followed: false,
         };
-        let mut image = replay.base.clone().unwrap_or_default();
+        let (lines, rest) = replay.key_parts(&dirty);
+        let mut image = std::mem::take(&mut replay.image);
+        let mut flow = ControlFlow::Continue(());
         for choice in choices {
-            replay.reset(&mut image, &dirty);
+            replay.reset(&mut image, &lines);
             replay.apply_choice(&mut image, &dirty, &choice);
             report.images_built += 1;
-            let key = replay.key(&image);
+            let key = replay.key(&image, &lines, rest);
             if self.deduplicate && !seen.insert(key) {
                 report.duplicates += 1;
                 continue;
@@ -610,14 +819,15 @@ impl CrashTest {
             let sim = if context.followed { Sim::new() } else { Sim::passive() };
             path.push(ImageId { point, choice });
             let verdict = check(&sim, &image, &context, run.parent);
-            let flow = match verdict {
+            flow = match verdict {
                 Err(message) => {
                     let choice = &path[path.len() - 1].choice;
                     report.failures.push(CrashFailure {
                         message,
                         path: path.clone(),
                         fence,
-                        lines: dirty.iter().zip(choice).map(|(&(l, n), &k)| (l, k, n as u32)).collect(),
+                        kind,
+                        lines: dirty.iter().zip(choice).map(|(item, &k)| (item.line, k, item.max)).collect(),
                         marks: replay.marks.len(),
                         seed: self.seed,
                     });
@@ -638,9 +848,14 @@ impl CrashTest {
                 Ok(_) => ControlFlow::Continue(()),
             };
             path.pop();
-            flow?;
+            if flow.is_break() {
+                break;
+            }
         }
-        ControlFlow::Continue(())
+        // Back to the base for the next crash point.
+        replay.reset(&mut image, &lines);
+        replay.image = image;
+        flow
     }
 }
 
@@ -653,18 +868,33 @@ struct Run<'a, T> {
 }
 
 /// The choices to try when each of several pending sequences may independently keep any prefix
-/// of `0..=maxima[i]` of its entries: every combination when there are at most `limit`, else
-/// (then the flag is true) keep-none, keep-all, each sequence alone kept whole, each sequence
-/// alone lost with all the others kept — the images that catch one line persisting without
-/// another, which uniform draws almost never produce when lines hold many stores; for more than
-/// `max(samples, 64)` sequences, `samples` of them drawn — and `samples` drawn from `rng`.
+/// of `0..=maxima[i]` of its entries: see [`state_choices`].
 pub(crate) fn prefix_choices(
     maxima: &[u32],
     limit: u64,
     samples: usize,
     rng: &mut fastrand::Rng,
 ) -> (Vec<Vec<u32>>, bool) {
-    let total = maxima.iter().try_fold(1u64, |acc, &m| acc.checked_mul(u64::from(m) + 1));
+    let wide: Vec<u64> = maxima.iter().map(|&m| u64::from(m)).collect();
+    let (choices, sampled) = state_choices(&wide, limit, samples, rng);
+    let narrow = choices.into_iter().map(|c| c.into_iter().map(|k| k as u32).collect()).collect();
+    (narrow, sampled)
+}
+
+/// The choices to try when each of several items may independently be in any state of
+/// `0..=maxima[i]` (0: nothing kept, the maximum: everything kept): every combination when
+/// there are at most `limit`, else (then the flag is true) keep-none, keep-all, each item alone
+/// kept whole, each item alone lost with all the others kept — the images that catch one line
+/// persisting without another, which uniform draws almost never produce when lines hold many
+/// stores; for more than `max(samples, 64)` items, `samples` of them drawn — and `samples`
+/// drawn from `rng`.
+fn state_choices(
+    maxima: &[u64],
+    limit: u64,
+    samples: usize,
+    rng: &mut fastrand::Rng,
+) -> (Vec<Vec<u64>>, bool) {
+    let total = maxima.iter().try_fold(1u64, |acc, &m| acc.checked_mul(m.checked_add(1)?));
     match total {
         Some(total) if total <= limit => {
             let all = (0..total)
@@ -672,10 +902,10 @@ pub(crate) fn prefix_choices(
                     maxima
                         .iter()
                         .map(|&m| {
-                            let radix = u64::from(m) + 1;
+                            let radix = m + 1;
                             let k = index % radix;
                             index /= radix;
-                            k as u32
+                            k
                         })
                         .collect()
                 })
@@ -701,7 +931,7 @@ pub(crate) fn prefix_choices(
                 without[i] = 0;
                 some.push(without);
             }
-            some.extend((0..samples).map(|_| maxima.iter().map(|&m| rng.u32(..=m)).collect()));
+            some.extend((0..samples).map(|_| maxima.iter().map(|&m| rng.u64(..=m)).collect()));
             (some, true)
         }
     }

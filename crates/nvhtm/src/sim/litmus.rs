@@ -24,6 +24,24 @@ fn payload_offset(i: u64) -> u64 {
 }
 /// The commit record: one line of its own.
 const COMMIT: u64 = HEADER_SIZE + 1024;
+/// Large payloads (streamed with non-temporal stores): [`BIG`] bytes each, from here.
+const BIG_AT: u64 = HEADER_SIZE + 2048;
+/// Bytes of a large payload: enough for the `Cpu` domain to stream it.
+const BIG: u64 = 320;
+/// Self-validating records, one line each: three payload words, then the record's index.
+const RECORDS: u64 = HEADER_SIZE + 8192;
+
+fn big_offset(i: u64) -> u64 {
+    BIG_AT + (i - 1) * 512
+}
+
+fn big_payload(i: u64) -> Vec<u8> {
+    (0..BIG).map(|b| (i * 37 + b) as u8 | 1).collect()
+}
+
+fn record_offset(i: u64) -> u64 {
+    RECORDS + (i - 1) * 64
+}
 
 fn payload(i: u64) -> [u64; 3] {
     [i * 10 + 1, i * 10 + 2, i * 10 + 3]
@@ -58,11 +76,37 @@ pub enum Protocol {
     NonTemporal,
     /// Payload written with non-temporal stores and committed without a fence.
     NonTemporalNoFence,
+    /// `clflush`: payload and commit word stored, the commit word's line flushed first, then
+    /// the payload's, one fence at the end. Broken: a crash between the two `clflush`es has the
+    /// commit without its payload (a crash point a model that crashes only at fences misses).
+    ClflushCommitFirst,
+    /// A 320-byte payload written with `write_persistent` (the `Cpu` domain streams it with
+    /// non-temporal stores) under `clflush`, committed without a fence. Broken: non-temporal
+    /// stores are not ordered by `clflush`, only by the next fence.
+    NonTemporalClflushNoFence,
+    /// As [`NonTemporalClflushNoFence`](Protocol::NonTemporalClflushNoFence), with a fence
+    /// before the commit: correct.
+    NonTemporalClflushFenced,
+    /// Payload flushed (`clwb`), then the commit word set by a compare-and-exchange with no
+    /// fence between: correct, because a locked instruction orders earlier `clwb`s like a
+    /// fence (Intel SDM).
+    CasPublish,
+    /// Payload flushed, then the commit word stored with `Release` ordering (a plain `mov`)
+    /// without a fence: broken.
+    ReleasePublish,
+    /// Each publish writes its own line as one 32-byte write: three payload words, then the
+    /// record's index, which says the record is valid. Broken: the words of one copy persist
+    /// in any order, so the index may persist without the payload.
+    RecordInOneWrite,
+    /// As [`RecordInOneWrite`](Protocol::RecordInOneWrite), but the index is stored after the
+    /// payload by a separate 8-byte store in the same line, one flush and fence for both:
+    /// correct, because the stores to one line persist in program order.
+    RecordThenIndexWord,
 }
 
 impl Protocol {
     /// Every protocol.
-    pub const ALL: [Protocol; 8] = [
+    pub const ALL: [Protocol; 15] = [
         Protocol::PersistThenPublish,
         Protocol::PublishBeforePersist,
         Protocol::MissingFence,
@@ -71,17 +115,35 @@ impl Protocol {
         Protocol::ClflushOrdered,
         Protocol::NonTemporal,
         Protocol::NonTemporalNoFence,
+        Protocol::ClflushCommitFirst,
+        Protocol::NonTemporalClflushNoFence,
+        Protocol::NonTemporalClflushFenced,
+        Protocol::CasPublish,
+        Protocol::ReleasePublish,
+        Protocol::RecordInOneWrite,
+        Protocol::RecordThenIndexWord,
     ];
 
     /// Whether the protocol is crash consistent.
     pub fn is_correct(self) -> bool {
-        matches!(self, Protocol::PersistThenPublish | Protocol::ClflushOrdered | Protocol::NonTemporal)
+        matches!(
+            self,
+            Protocol::PersistThenPublish
+                | Protocol::ClflushOrdered
+                | Protocol::NonTemporal
+                | Protocol::NonTemporalClflushFenced
+                | Protocol::CasPublish
+                | Protocol::RecordThenIndexWord
+        )
     }
 
     /// The write-back instruction the protocol is meant for.
     pub fn instr(self) -> FlushInstr {
         match self {
-            Protocol::ClflushOrdered => FlushInstr::Clflush,
+            Protocol::ClflushOrdered
+            | Protocol::ClflushCommitFirst
+            | Protocol::NonTemporalClflushNoFence
+            | Protocol::NonTemporalClflushFenced => FlushInstr::Clflush,
             _ => FlushInstr::Clwb,
         }
     }
@@ -134,6 +196,45 @@ impl Protocol {
                     pool.store_u64(COMMIT, i, Ordering::Release)?;
                     pool.persist(COMMIT, 8)?;
                 }
+                Protocol::ClflushCommitFirst => {
+                    pool.write_bytes(at, &data)?;
+                    pool.store_u64(COMMIT, i, Ordering::Release)?;
+                    pool.flush(COMMIT, 8)?;
+                    pool.flush(at, 24)?;
+                    pool.fence()?;
+                }
+                Protocol::NonTemporalClflushNoFence | Protocol::NonTemporalClflushFenced => {
+                    pool.write_persistent(big_offset(i), &big_payload(i))?;
+                    if self == Protocol::NonTemporalClflushFenced {
+                        pool.fence()?;
+                    }
+                    pool.store_u64(COMMIT, i, Ordering::Release)?;
+                    pool.persist(COMMIT, 8)?;
+                }
+                Protocol::CasPublish => {
+                    pool.write_bytes(at, &data)?;
+                    pool.flush(at, 24)?;
+                    let swapped = pool.compare_exchange_u64(COMMIT, i - 1, i, Ordering::AcqRel)?;
+                    debug_assert_eq!(swapped, Ok(i - 1), "one thread owns the commit word");
+                    pool.persist(COMMIT, 8)?;
+                }
+                Protocol::ReleasePublish => {
+                    pool.write_bytes(at, &data)?;
+                    pool.flush(at, 24)?;
+                    pool.store_u64(COMMIT, i, Ordering::Release)?;
+                    pool.persist(COMMIT, 8)?;
+                }
+                Protocol::RecordInOneWrite => {
+                    let p = payload(i);
+                    let record: [u64; 4] = [p[0], p[1], p[2], i];
+                    pool.write_bytes(record_offset(i), bytemuck::bytes_of(&record))?;
+                    pool.persist(record_offset(i), 32)?;
+                }
+                Protocol::RecordThenIndexWord => {
+                    pool.write_bytes(record_offset(i), &data)?;
+                    pool.store_u64(record_offset(i) + 24, i, Ordering::Release)?;
+                    pool.persist(record_offset(i), 32)?;
+                }
             }
             completed(i);
         }
@@ -143,6 +244,9 @@ impl Protocol {
     /// The oracle: with `completed` publishes acknowledged, the commit record names one of
     /// them or the one in flight, and the payload it names is whole.
     pub fn check<D: Domain>(self, pool: &Pool<D>, completed: u64) -> Result<(), String> {
+        if matches!(self, Protocol::RecordInOneWrite | Protocol::RecordThenIndexWord) {
+            return Self::check_records(pool, completed);
+        }
         let committed = pool.read::<u64>(COMMIT).map_err(|e| e.to_string())?;
         if committed < completed {
             return Err(format!("publish {completed} completed, but the commit word says {committed}"));
@@ -151,6 +255,17 @@ impl Protocol {
             return Err(format!("commit word {committed} is ahead of the history ({completed} completed)"));
         }
         if committed == 0 {
+            return Ok(());
+        }
+        if matches!(self, Protocol::NonTemporalClflushNoFence | Protocol::NonTemporalClflushFenced) {
+            let mut found = vec![0u8; BIG as usize];
+            pool.read_into(big_offset(committed), &mut found).map_err(|e| e.to_string())?;
+            if found != big_payload(committed) {
+                let lost = found.iter().zip(big_payload(committed)).filter(|(a, b)| **a != *b).count();
+                return Err(format!(
+                    "publish {committed} is committed but {lost} bytes of its payload are missing"
+                ));
+            }
             return Ok(());
         }
         let found: [u64; 3] = pool.read(payload_offset(committed)).map_err(|e| e.to_string())?;
@@ -162,6 +277,25 @@ impl Protocol {
         }
         if found != payload(committed) {
             return Err(format!("publish {committed} is committed but its payload is {found:?}"));
+        }
+        Ok(())
+    }
+
+    /// The oracle of the self-validating records: every completed record is valid, none past
+    /// the one in flight is, and a valid record's payload is whole.
+    fn check_records<D: Domain>(pool: &Pool<D>, completed: u64) -> Result<(), String> {
+        for i in 1..=OPS {
+            let record: [u64; 4] = pool.read(record_offset(i)).map_err(|e| e.to_string())?;
+            let valid = record[3] == i;
+            if i <= completed && !valid {
+                return Err(format!("record {i} completed, but its index word is {}", record[3]));
+            }
+            if valid && i > completed + 1 {
+                return Err(format!("record {i} is valid, ahead of the history ({completed} completed)"));
+            }
+            if valid && record[..3] != payload(i) {
+                return Err(format!("record {i} is valid but its payload is {:?}", &record[..3]));
+            }
         }
         Ok(())
     }

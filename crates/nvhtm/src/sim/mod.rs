@@ -5,19 +5,28 @@
 //! - stores reach the cache in program order; a dirty 64-byte line may be written back at any
 //!   time, so after a crash each line holds *some prefix* of the stores made to it since it
 //!   was last known persistent, independently of other lines;
-//! - aligned 8-byte stores are failure-atomic, wider ones are split into 8-byte pieces;
-//! - `clwb`/`clflushopt` mark the line's stores so far as flushed, and a later `sfence` makes
-//!   them persistent; `clflush` persists them at once (it is ordered with later stores);
-//! - non-temporal stores ([`Domain::write_persistent`]) persist at the next fence.
+//! - aligned 8-byte stores are failure-atomic, wider ones are split into 8-byte pieces; the
+//!   pieces of one [`Domain::write`] call (a `memcpy`, which promises no order) may persist in
+//!   any order among themselves: within a line they form a *group*, any subset of which may
+//!   persist once the line's earlier stores have, while later stores need the whole group;
+//! - `clwb`/`clflushopt` mark the line's stores so far as flushed, and a later `sfence` — or a
+//!   locked instruction (`compare_exchange_u64`, a `SeqCst` store) — makes them persistent;
+//!   `clflush` persists them at once (it is ordered with later stores);
+//! - non-temporal stores (the body of a [`Domain::write_persistent`] of 256 bytes or more, as
+//!   the `Cpu` domain streams it) are neither persistent nor ordered until the thread's next
+//!   fence: each of them may or may not have persisted, under every flush instruction.
 //!
 //! [`Sim`] records; [`CrashTest`] replays a [`Recording`] and runs a check (recovery plus an
-//! oracle) on each image, crashing at every fence and at the end.
+//! oracle) on each image, crashing just before every fence, every `clflush` and every locked
+//! instruction that persists something, and at the end.
 
 mod crash;
 pub mod litmus;
 
 pub(crate) use crash::prefix_choices;
-pub use crash::{CrashContext, CrashFailure, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome};
+pub use crash::{
+    CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
+};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,12 +36,21 @@ use crate::persist::{self, Domain, DomainKind, FlushInstr, PersistError, Site, C
 /// One recorded event. Offsets are from the start of the simulated region.
 #[derive(Debug, Clone)]
 pub(crate) enum Event {
-    /// A store of `len` bytes inside one aligned 8-byte word.
-    Store { offset: u64, len: u8, bytes: [u8; 8] },
+    /// A store of `len` bytes inside one aligned 8-byte word, made by write call `call`: the
+    /// pieces of one call may persist in any order among themselves.
+    Store { offset: u64, len: u8, bytes: [u8; 8], call: u32 },
+    /// A non-temporal store of one aligned 8-byte word by thread `thread`: neither persistent
+    /// nor ordered until that thread's next fence or locked instruction.
+    NtStore { offset: u64, bytes: [u8; 8], thread: u32 },
     /// A write-back of the line at `line` (a line-aligned offset) by thread `thread`.
     Flush { line: u64, instr: FlushInstr, site: Site, thread: u32 },
     /// An `sfence` by thread `thread`: it orders only that thread's write-backs.
     Fence { site: Site, thread: u32 },
+    /// A locked instruction (compare-and-exchange, `SeqCst` store) by thread `thread`: like a
+    /// fence for that thread's earlier write-backs and non-temporal stores (Intel SDM: `clwb`
+    /// and `clflushopt` are ordered with locked read-modify-write instructions, which also
+    /// drain the write-combining buffers). Not a site: it cannot be switched off.
+    Locked { thread: u32 },
     /// A point in the workload's history (for the oracle).
     Mark(u64),
     /// The region grew to `len` bytes (new bytes are zero and persistent).
@@ -72,6 +90,8 @@ struct State {
     /// Base address and length of the simulated region, once attached.
     region: Option<(usize, usize)>,
     recording: Recording,
+    /// The number of write calls recorded (the id of the next one).
+    calls: u32,
 }
 
 /// The simulator's persistence domain. Cheap to clone: clones share one recording.
@@ -181,8 +201,11 @@ impl Sim {
         (addr - base) as u64
     }
 
-    /// Records `bytes` stored at region offset `offset`, split into 8-byte-word pieces.
+    /// Records `bytes` stored at region offset `offset` by one write call, split into
+    /// 8-byte-word pieces.
     fn record_store(state: &mut State, offset: u64, bytes: &[u8]) {
+        let call = state.calls;
+        state.calls = state.calls.wrapping_add(1);
         let mut at = 0usize;
         while at < bytes.len() {
             let off = offset + at as u64;
@@ -190,7 +213,7 @@ impl Sim {
             let n = room.min(bytes.len() - at);
             let mut piece = [0u8; 8];
             piece[..n].copy_from_slice(&bytes[at..at + n]);
-            state.recording.events.push(Event::Store { offset: off, len: n as u8, bytes: piece });
+            state.recording.events.push(Event::Store { offset: off, len: n as u8, bytes: piece, call });
             at += n;
         }
     }
@@ -257,6 +280,51 @@ impl Domain for Sim {
         persist::counters_add_bytes(src.len() as u64);
     }
 
+    /// As the `Cpu` domain does it: a copy of 256 bytes or more streams its
+    /// aligned 8-byte words with non-temporal stores (recorded as such: neither persistent nor
+    /// ordered until this thread's next fence), and the unaligned head and tail go through the
+    /// cache and are flushed with the domain's instruction; a shorter copy is a write plus a
+    /// flush. The file model has no non-temporal stores (the `Msync` domain writes and flushes).
+    #[track_caller]
+    unsafe fn write_persistent(&self, dst: *mut u8, src: &[u8]) {
+        if !self.record || self.unit != CACHE_LINE as u64 || src.len() < persist::NT_THRESHOLD {
+            // SAFETY: forwarded caller contract.
+            unsafe {
+                self.write(dst, src);
+                self.flush(dst, src.len());
+            }
+            return;
+        }
+        let head = dst.align_offset(8).min(src.len());
+        let body = (src.len() - head) & !7;
+        // SAFETY: the head and tail lie inside dst..dst+len (caller's contract).
+        unsafe {
+            self.write(dst, &src[..head]);
+            self.flush(dst, head);
+        }
+        {
+            let thread = thread_id();
+            let mut state = self.lock();
+            // SAFETY: dst+head.. is inside the caller's range.
+            let start = Sim::offset_of(&state, unsafe { dst.add(head) } as usize, body);
+            // SAFETY: the body lies inside dst..dst+len (caller's contract); the lock orders the
+            // stores with their records.
+            unsafe { std::ptr::copy_nonoverlapping(src[head..].as_ptr(), dst.add(head), body) };
+            for (i, chunk) in src[head..head + body].chunks_exact(8).enumerate() {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(chunk);
+                state.recording.events.push(Event::NtStore { offset: start + 8 * i as u64, bytes, thread });
+            }
+        }
+        persist::counters_add_bytes(body as u64);
+        // SAFETY: as for the head.
+        unsafe {
+            let tail = dst.add(head + body);
+            self.write(tail, &src[head + body..]);
+            self.flush(tail, src.len() - head - body);
+        }
+    }
+
     unsafe fn store_u64(&self, dst: *const AtomicU64, value: u64, order: Ordering) {
         if !self.record {
             // SAFETY: forwarded caller contract.
@@ -266,6 +334,10 @@ impl Domain for Sim {
         let offset = Sim::offset_of(&state, dst as usize, 8);
         // SAFETY: the caller guarantees dst is aligned and valid.
         unsafe { (*dst).store(value, order) };
+        if order == Ordering::SeqCst {
+            // A SeqCst store is an `xchg` on x86: a locked instruction.
+            state.recording.events.push(Event::Locked { thread: thread_id() });
+        }
         Sim::record_store(&mut state, offset, &value.to_ne_bytes());
         drop(state);
         persist::counters_add_bytes(8);
@@ -286,6 +358,8 @@ impl Domain for Sim {
         let offset = Sim::offset_of(&state, dst as usize, 8);
         // SAFETY: the caller guarantees dst is aligned and valid.
         let result = unsafe { (*dst).compare_exchange(current, new, order, Ordering::Acquire) };
+        // `lock cmpxchg` is a locked instruction whether or not it succeeds.
+        state.recording.events.push(Event::Locked { thread: thread_id() });
         if result.is_ok() {
             Sim::record_store(&mut state, offset, &new.to_ne_bytes());
         }
@@ -295,6 +369,10 @@ impl Domain for Sim {
     #[track_caller]
     unsafe fn flush(&self, addr: *const u8, len: usize) {
         if !self.record {
+            return;
+        }
+        if len == 0 {
+            // As on the CPU: a zero-length range covers no line.
             return;
         }
         let site = Site::caller();
