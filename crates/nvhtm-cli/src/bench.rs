@@ -655,13 +655,10 @@ fn heap_cases<D: Domain>(
                         heap.pool().write(at, &i)?;
                         heap.pool().flush(at, 8)?;
                     }
-                    Ok(heap.pool().fence()?)
+                    heap.pool().fence()
                 }),
             ),
-            (
-                format!("{k} plain stores"),
-                Box::new(|i| words().try_for_each(|at| Ok(heap.pool().write(at, &i)?))),
-            ),
+            (format!("{k} plain stores"), Box::new(|i| words().try_for_each(|at| heap.pool().write(at, &i)))),
         ];
         for (name, op) in cases {
             let (ns, st, n) = time_op(budget, op)?;

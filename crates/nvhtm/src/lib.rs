@@ -7,11 +7,13 @@
 
 #![warn(missing_docs)]
 
+mod choices;
 pub mod fams;
 pub mod heap;
 pub mod map;
 pub mod persist;
 pub mod pool;
+mod region;
 pub mod sim;
 
 pub use heap::{Heap, HeapError, Tx};

@@ -309,8 +309,7 @@ mod pools {
         );
         assert!(sizes.last() > sizes.first(), "the writers ran between the syncs");
         // A sync from inside a writer would wait for itself.
-        let err =
-            map.heap().transaction(|_| map.heap().pool().sync().map_err(nvhtm::HeapError::from)).unwrap_err();
+        let err = map.heap().transaction(|_| map.heap().pool().sync()).unwrap_err();
         assert!(matches!(err, nvhtm::HeapError::Pool(PoolError::SyncInsideWriter)), "{err}");
     }
 

@@ -393,3 +393,61 @@ fn a_heap_that_cannot_be_laid_out_leaves_no_pool_behind() {
     assert!(matches!(err, HeapError::Pool(PoolError::GrowthLimit { .. })), "{err}");
     assert!(!fams.exists() && !nvhtm::fams::journal_path(&fams).exists());
 }
+
+/// The heap's pool takes stores only inside blocks it handed out (allocated or reserved): the
+/// pool header, the heap header, the lanes, chunk heads, run bitmaps, free blocks and the
+/// bytes past a block are refused, and nothing is written.
+#[test]
+fn the_heaps_pool_writes_only_inside_blocks() {
+    let heap = heap(4 << 20);
+    let pool = heap.pool();
+    let small = heap.transaction(|tx| tx.alloc_bytes(100)).unwrap();
+    let small_size = heap.usable_size(small).unwrap();
+    let large = heap.transaction(|tx| tx.alloc_bytes(3 * CHUNK)).unwrap();
+    let large_size = heap.usable_size(large).unwrap();
+    let reserved_small = heap.reserve(40).unwrap();
+    let reserved_large = heap.reserve(2 * CHUNK).unwrap();
+    for (at, len) in [
+        (small, small_size),
+        (large, large_size),
+        (reserved_small.offset(), reserved_small.size()),
+        (reserved_large.offset(), reserved_large.size()),
+    ] {
+        pool.write_bytes(at, &vec![7u8; len as usize]).unwrap();
+        pool.store_u64(at + len - 8, 9, std::sync::atomic::Ordering::Release).unwrap();
+        assert_eq!(pool.load_u64(at + len - 8, std::sync::atomic::Ordering::Acquire).unwrap(), 9);
+    }
+    let before = pool.image().unwrap();
+    let run_head = small - small % CHUNK; // the run's chunk: head word, then bitmap
+    let freed = heap.transaction(|tx| tx.alloc_bytes(100)).unwrap();
+    heap.transaction(|tx| tx.free(freed)).unwrap();
+    let before_freed = pool.image().unwrap();
+    assert_eq!(before.len(), before_freed.len());
+    let refused = [
+        (0, 8, "pool header"),
+        (pool.data_start(), 8, "heap header"),
+        (pool.data_start() + 4096, 8, "a lane"),
+        (run_head, 8, "a run's head"),
+        (run_head + 64, 8, "a run's bitmap"),
+        (large - 64, 8, "a large block's head"),
+        (small + small_size - 4, 8, "across a small block's end"),
+        (large + large_size - 8, 16, "past a large block's end"),
+        (freed, 8, "a freed block"),
+        (pool.size() - 8, 16, "past the pool"),
+    ];
+    for (at, len, what) in refused {
+        let err = pool.write_bytes(at, &vec![0xAB; len]).unwrap_err();
+        assert!(matches!(err, HeapError::NotWritable { .. }), "{what}: {err}");
+    }
+    for at in [pool.data_start() + 4096, run_head, run_head + 64, large - 64, freed] {
+        let word = pool.store_u64(at, 1, std::sync::atomic::Ordering::Release);
+        assert!(matches!(word, Err(HeapError::NotWritable { .. })), "{at:#x}: {word:?}");
+        let cas = pool.compare_exchange_u64(at, 0, 1, std::sync::atomic::Ordering::AcqRel);
+        assert!(matches!(cas, Err(HeapError::NotWritable { .. })), "{at:#x}: {cas:?}");
+    }
+    assert!(pool.image().unwrap() == before_freed, "a refused store changed the pool");
+    heap.cancel(reserved_small);
+    heap.cancel(reserved_large);
+    let report = heap.check(&mut |_, _| {});
+    assert!(report.is_consistent(), "{report:?}");
+}

@@ -34,7 +34,7 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::pool::region::Region;
+use crate::region::Region;
 use dirty::Tracker;
 
 const JOURNAL_MAGIC: u64 = u64::from_le_bytes(*b"NVFAMSJ1");
@@ -158,16 +158,51 @@ fn read_journal(len: u64, read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>) 
 /// [`Committer::open`] replays anything into it.
 pub(crate) fn peek_recovered(data: &File, journal: &Path, head: &mut [u8]) -> Result<u64> {
     let data_len = data.metadata().map_err(io("stat"))?.len();
-    head.fill(0);
-    let present = head.len().min(data_len as usize);
-    data.read_exact_at(&mut head[..present], 0).map_err(io("read"))?;
     let journal = match File::open(journal) {
-        Ok(journal) => journal,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(data_len),
+        Ok(journal) => Some(journal),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(FamsError::Io { op: "open journal", source: e }),
     };
-    let journal_len = journal.metadata().map_err(io("stat journal"))?.len();
-    let Some(complete) = read_journal(journal_len, |at, buf| journal.read_exact_at(buf, at))? else {
+    let journal_len = match &journal {
+        Some(j) => j.metadata().map_err(io("stat journal"))?.len(),
+        None => 0,
+    };
+    peek(
+        data_len,
+        |at, buf| data.read_exact_at(buf, at),
+        journal_len,
+        |at, buf| match &journal {
+            Some(j) => j.read_exact_at(buf, at),
+            None => Ok(()),
+        },
+        head,
+    )
+}
+
+/// [`peek_recovered`] for the files of any [`Storage`].
+pub(crate) fn peek_storage<S: Storage>(storage: &S, head: &mut [u8]) -> Result<u64> {
+    let data_len = storage.len(Role::Data).map_err(io("stat"))?;
+    let journal_len = storage.len(Role::Journal).map_err(io("stat journal"))?;
+    peek(
+        data_len,
+        |at, buf| storage.read_at(Role::Data, at, buf),
+        journal_len,
+        |at, buf| storage.read_at(Role::Journal, at, buf),
+        head,
+    )
+}
+
+fn peek(
+    data_len: u64,
+    read_data: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    journal_len: u64,
+    read_journal_at: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    head: &mut [u8],
+) -> Result<u64> {
+    head.fill(0);
+    let present = head.len().min(data_len as usize);
+    read_data(0, &mut head[..present]).map_err(io("read"))?;
+    let Some(complete) = read_journal(journal_len, read_journal_at)? else {
         return Ok(data_len);
     };
     for (index, bytes) in &complete.entries {

@@ -24,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{FamsError, Result};
-use crate::pool::region::Region;
+use crate::region::Region;
 
 const VALID: u32 = 0o640;
 const INVALID: u32 = 0o600;

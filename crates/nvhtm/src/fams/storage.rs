@@ -292,7 +292,7 @@ impl SimStorage {
             let mut maxima: Vec<u32> =
                 data_shape.0.values().chain(journal_shape.0.values()).map(|&n| n as u32).collect();
             maxima.extend([data_shape.1 as u32, journal_shape.1 as u32]);
-            let (choices, _) = crate::sim::prefix_choices(&maxima, 256, samples, &mut rng);
+            let (choices, _) = crate::choices::prefix_choices(&maxima, 256, samples, &mut rng);
             let nd = data_shape.0.len();
             for choice in choices {
                 let pick = |shape: &BTreeMap<u64, usize>, from: usize| -> BTreeMap<u64, usize> {

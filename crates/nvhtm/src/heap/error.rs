@@ -31,6 +31,17 @@ pub enum HeapError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A store through [`Heap::pool`](crate::Heap::pool) outside the blocks the heap handed
+    /// out: it would overwrite the heap's metadata or another block.
+    #[error("cannot write {len} bytes at {offset:#x} through the heap's pool: {why}")]
+    NotWritable {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+        /// What lies there.
+        why: &'static str,
+    },
     /// A transaction snapshotted more than its lane's undo log holds.
     #[error("transaction undo log full: {needed} bytes needed, {capacity} available per lane")]
     UndoLogFull {

@@ -25,12 +25,14 @@ mod lane;
 mod layout;
 mod space;
 mod tx;
+mod view;
 
 pub use check::{CheckReport, ClassUsage};
 pub use error::{HeapError, Result};
 pub use lane::LaneRecovery;
 pub use layout::{CHUNK, CLASSES, MAX_SMALL};
 pub use tx::Tx;
+pub use view::HeapPool;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -198,8 +200,7 @@ impl Heap<crate::persist::Volatile> {
         path: impl AsRef<Path>,
         opts: &PoolOptions,
     ) -> Result<Heap<crate::persist::Volatile>> {
-        let image = crate::fams::recovered_contents(path.as_ref()).map_err(crate::pool::PoolError::from)?;
-        Heap::load(Pool::open_image(&image, opts, crate::persist::Volatile)?)
+        Heap::load(Pool::open_fams_private(path, opts)?)
     }
 }
 
@@ -386,8 +387,14 @@ impl<D: Domain> Heap<D> {
         Ok(())
     }
 
-    /// The pool the heap lives in.
-    pub fn pool(&self) -> &Pool<D> {
+    /// The pool the heap lives in, as its users may touch it: stores only inside allocated or
+    /// reserved blocks (see [`HeapPool`]).
+    pub fn pool(&self) -> HeapPool<'_, D> {
+        HeapPool::new(self)
+    }
+
+    /// The pool with every store allowed, for the crate's own structures built on the heap.
+    pub(crate) fn raw_pool(&self) -> &Pool<D> {
         &self.pool
     }
 

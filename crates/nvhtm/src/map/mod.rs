@@ -386,7 +386,7 @@ impl<D: Domain> StrictMap<D> {
     }
 
     fn load(&self, offset: u64) -> Result<u64> {
-        Ok(self.heap.pool().load_u64(offset, Ordering::Acquire)?)
+        Ok(self.heap.raw_pool().load_u64(offset, Ordering::Acquire)?)
     }
 
     /// An empty map: a directory of depth 0 and one segment, committed with the root.
@@ -408,7 +408,7 @@ impl<D: Domain> StrictMap<D> {
 
     /// Reads a segment header.
     fn segment(&self, at: u64) -> Result<Segment> {
-        let [magic, depth, pattern, id]: [u64; 4] = self.heap.pool().read(at)?;
+        let [magic, depth, pattern, id]: [u64; 4] = self.heap.raw_pool().read(at)?;
         if magic != SEG_MAGIC || depth > MAX_DEPTH {
             return Err(MapError::Corrupt(format!("no segment at {at:#x}")));
         }
@@ -419,7 +419,7 @@ impl<D: Domain> StrictMap<D> {
     /// `None` when a split swapped the directory while it was being read: read it again.
     fn locate(&self, hash: Hash) -> Result<Option<Segment>> {
         let dir = self.load(self.root + ROOT_DIR)?;
-        let [magic, depth]: [u64; 2] = self.heap.pool().read(dir)?;
+        let [magic, depth]: [u64; 2] = self.heap.raw_pool().read(dir)?;
         if magic != DIR_MAGIC || depth > MAX_DEPTH {
             return Err(MapError::Corrupt(format!("no directory at {dir:#x}")));
         }
@@ -536,7 +536,7 @@ impl<D: Domain> StrictMap<D> {
         stable: &dyn Fn() -> bool,
         value: Option<&mut ValueBuf>,
     ) -> Result<Option<Found>> {
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let home_meta = self.load(bucket_offset(segment, hash.home()))?;
         for i in 0..=reach(home_meta) {
             let bucket = hash.bucket(i);
@@ -638,7 +638,7 @@ impl<D: Domain> StrictMap<D> {
                 let maybe = homes[hash.home() as usize].load(Ordering::Acquire) & hash.summary_bit() != 0;
                 let found = if maybe {
                     // The home bucket's four lines at once: the slot's miss overlaps the meta's.
-                    self.heap.pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
+                    self.heap.raw_pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
                     let stable = || locks.version.load(Ordering::Relaxed) == before;
                     self.find(segment.at, hash, key, &stable, Some(&mut *value))?.is_some()
                 } else {
@@ -705,7 +705,7 @@ impl<D: Domain> StrictMap<D> {
     /// retries when `op` finds the window full.
     fn write<R>(&self, key: &[u8], mut op: impl FnMut(&mut Held, Hash) -> Result<Outcome<R>>) -> Result<R> {
         // A FAMS sync waits for the whole operation, its splits included.
-        let _writer = self.heap.pool().enter_writer();
+        let _writer = self.heap.raw_pool().enter_writer();
         let hash = Hash::of(key);
         loop {
             let (segment, locks, guard) = self.lock_owner(hash)?;
@@ -801,7 +801,7 @@ impl<D: Domain> StrictMap<D> {
         }
         // A cleared slot's bit must be clear on media before new bytes go into the slot:
         // otherwise a crash could show them under the stale bit.
-        self.heap.pool().fence()?;
+        self.heap.raw_pool().fence()?;
         first_free_in_window()
     }
 
@@ -826,7 +826,7 @@ impl<D: Domain> StrictMap<D> {
     fn clear_slots(&self, segment: u64, bucket: u64, mask: u64) -> Result<()> {
         if mask != 0 {
             let at = bucket_offset(segment, bucket);
-            let pool = self.heap.pool();
+            let pool = self.heap.raw_pool();
             pool.store_u64(at, self.load(at)? & !mask, Ordering::Release)?;
             pool.flush(at, 8)?;
         }
@@ -840,7 +840,7 @@ impl<D: Domain> StrictMap<D> {
         Ok(match info_kind(info) {
             KIND_RECORD => Hash(self.load(s)?),
             _ => {
-                let key: [u8; 16] = self.heap.pool().read(s)?;
+                let key: [u8; 16] = self.heap.raw_pool().read(s)?;
                 Hash::of(&key[..info_key_len(info).min(INLINE_KEY)])
             }
         })
@@ -856,7 +856,7 @@ impl<D: Domain> StrictMap<D> {
         value: &[u8],
         old: Option<Found>,
     ) -> Result<bool> {
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let segment = held.segment;
         // An inline value of unchanged length: one 8-byte store.
         if let Some(found) = old {
@@ -945,7 +945,8 @@ impl<D: Domain> StrictMap<D> {
                     let Some(to_slot) = first_free(self.load(bucket_offset(segment.at, to))?) else {
                         continue;
                     };
-                    let words: [u64; 4] = self.heap.pool().load_words(slot_offset(segment.at, from, slot))?;
+                    let words: [u64; 4] =
+                        self.heap.raw_pool().load_words(slot_offset(segment.at, from, slot))?;
                     let records = RecordChange { adopt: None, free: None };
                     let placement =
                         Placement { hash: moving, to: (to, to_slot), words, from: Some((from, slot)) };
@@ -960,7 +961,7 @@ impl<D: Domain> StrictMap<D> {
     /// Writes a placement's slot with its fingerprint and commits it, releasing its old slot and
     /// making `records`' heap changes in the same commit, failure-atomically.
     fn commit_slot(&self, segment: &Segment, placement: Placement, records: RecordChange) -> Result<()> {
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let bucket = placement.to.0;
         let Prepared { mut before_commit, metas } = match self.prepare_slot(segment, placement) {
             Ok(prepared) => prepared,
@@ -1015,7 +1016,7 @@ impl<D: Domain> StrictMap<D> {
     /// to make durable before the commit and the meta words to store at it.
     fn prepare_slot(&self, segment: &Segment, placement: Placement) -> Result<Prepared> {
         let Placement { hash, to: (bucket, slot), words, from } = placement;
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let home = hash.home();
         let s = slot_offset(segment.at, bucket, slot);
         pool.write(s, &words)?;
@@ -1055,7 +1056,7 @@ impl<D: Domain> StrictMap<D> {
     /// Removes the key at `found`: clears its bit (with its record's free, in one heap commit),
     /// then recomputes its home's summary.
     fn unlink(&self, held: &mut Held, hash: Hash, found: Found) -> Result<()> {
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let at = bucket_offset(held.segment.at, found.bucket);
         let meta = self.load(at)? & !(1 << found.slot);
         if found.record == 0 {
@@ -1082,7 +1083,7 @@ impl<D: Domain> StrictMap<D> {
         }
         let summary = self.summary_locked(&segment, locks)?;
         let _writing = Writing::start(&locks.version);
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let (depth, pattern) = (segment.depth, segment.pattern);
         // The live entries that move (their next hash bit is 1), where they were, and the
         // summaries of both halves.
@@ -1164,7 +1165,9 @@ impl<D: Domain> StrictMap<D> {
                     *entry = if j >= first && j < first + count {
                         new
                     } else {
-                        tx.heap().pool().load_u64(dir + DIR_HEADER + 8 * (j >> shift), Ordering::Acquire)?
+                        tx.heap()
+                            .raw_pool()
+                            .load_u64(dir + DIR_HEADER + 8 * (j >> shift), Ordering::Acquire)?
                     };
                 }
                 tx.write_bytes(copy + DIR_HEADER, bytemuck::cast_slice(&table))?;
@@ -1240,7 +1243,7 @@ impl<D: Domain> StrictMap<D> {
 
     /// The live entries of `segment`, which the caller holds locked.
     fn segment_entries(&self, segment: &Segment) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let pool = self.heap.pool();
+        let pool = self.heap.raw_pool();
         let mut entries = Vec::new();
         for bucket in 0..BUCKETS {
             self.for_owned(segment, bucket, |slot, _| {

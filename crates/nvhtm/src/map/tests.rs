@@ -25,7 +25,7 @@ fn map_with_stale_copies(sim: &Sim) -> (StrictMap<Sim>, u64, Segment) {
         keys += 1;
     }
     let old = map.locate(Hash(0)).unwrap().unwrap();
-    let pool = map.heap().pool();
+    let pool = map.heap().raw_pool();
     let mut restored = 0;
     for bucket in 0..BUCKETS {
         let at = bucket_offset(old.at, bucket);
@@ -157,7 +157,7 @@ fn a_directory_naming_the_wrong_segment_is_an_error_not_a_hang() {
     let dir = map.load(map.root + ROOT_DIR).unwrap();
     let low = map.load(dir + DIR_HEADER).unwrap();
     // Both entries name the segment of the hashes starting with bit 0.
-    map.heap().pool().store_u64(dir + DIR_HEADER + 8, low, Ordering::Release).unwrap();
+    map.heap().raw_pool().store_u64(dir + DIR_HEADER + 8, low, Ordering::Release).unwrap();
     let stray = keys.iter().find(|k| Hash::of(k).prefix(1) == 1).unwrap();
     assert!(corrupt(map.get(stray)).contains("no segment owning"));
     assert!(corrupt(map.upsert(stray, b"w")).contains("no segment owning"));
@@ -169,7 +169,7 @@ fn a_segment_deeper_than_its_directory_is_an_error() {
     let (map, keys) = split_map();
     let dir = map.load(map.root + ROOT_DIR).unwrap();
     let low = map.load(dir + DIR_HEADER).unwrap();
-    map.heap().pool().store_u64(low + SEG_DEPTH, 5, Ordering::Release).unwrap();
+    map.heap().raw_pool().store_u64(low + SEG_DEPTH, 5, Ordering::Release).unwrap();
     let key = keys.iter().find(|k| Hash::of(k).prefix(1) == 0).unwrap();
     assert!(corrupt(map.get(key)).contains("deeper than the directory"));
     assert!(corrupt(map.remove(key)).contains("deeper than the directory"));
@@ -183,7 +183,7 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     let hash = Hash::of(key);
     let segment = map.locate(hash).unwrap().unwrap();
     let found = map.find(segment.at, hash, key, &|| true, None).unwrap().unwrap();
-    let pool = map.heap().pool();
+    let pool = map.heap().raw_pool();
     pool.write(found.record, &[u32::MAX, 5]).unwrap();
     assert!(corrupt(map.entries()).contains("claims a 4294967295-byte key"));
     pool.write(found.record, &[key.len() as u32, u32::MAX]).unwrap();
@@ -194,7 +194,7 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
 fn a_split_past_the_segment_limit_is_refused_and_changes_nothing() {
     let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
     let limit = 4096 * LOCK_PAGE;
-    map.heap().pool().store_u64(map.root + ROOT_NEXT_ID, limit, Ordering::Release).unwrap();
+    map.heap().raw_pool().store_u64(map.root + ROOT_NEXT_ID, limit, Ordering::Release).unwrap();
     let mut inserted = 0u64;
     let refused = loop {
         match map.insert(&prefill_key(inserted), b"v") {

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::{PoolError, Result};
 use super::header::{FixedHeader, StateSlot};
-use super::region::linux_magic;
 use crate::persist::DomainKind;
+use crate::region::linux_magic;
 
 /// The facts about a pool: its header, its file and whether it is in use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -23,7 +23,6 @@
 mod crash;
 pub mod litmus;
 
-pub(crate) use crash::prefix_choices;
 pub use crash::{
     CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
 };

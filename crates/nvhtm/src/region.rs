@@ -1,4 +1,4 @@
-//! The address range a pool lives in.
+//! The address range a pool (or a FAMS file) lives in.
 //!
 //! A pool reserves its maximum size of address space up front (`PROT_NONE`, no memory behind
 //! it) and maps the file over the start of the reservation. Growing maps more of the file into
@@ -200,22 +200,13 @@ impl Region {
         unsafe { std::slice::from_raw_parts(self.base(), self.len() as usize) }.to_vec()
     }
 
-    /// Whether stores stay in this process (anonymous or copy-on-write file mappings).
-    pub fn is_private(&self) -> bool {
-        matches!(self.kind, MappingKind::Memory | MappingKind::Fams)
-            || self.file_flags.contains(MapFlags::PRIVATE)
-    }
-
     /// Marks anonymous memory as the working copy of a FAMS file.
     pub fn mark_fams(&mut self) {
         self.kind = MappingKind::Fams;
     }
 
-    /// Writes the whole mapping back to the file (for a clean close); no-op for private ones.
-    pub fn sync_all(&self) -> io::Result<()> {
-        if self.is_private() {
-            return Ok(());
-        }
+    /// Writes the whole mapping back to the file it maps (`msync`, synchronous).
+    pub fn msync(&self) -> io::Result<()> {
         // SAFETY: base..base+len is our live mapping; msync does not touch its contents.
         unsafe { rustix::mm::msync(self.base().cast(), self.len() as usize, rustix::mm::MsyncFlags::SYNC) }?;
         Ok(())
