@@ -5,7 +5,9 @@
 //! heap consistent with no leaked block. The workloads and the oracle are
 //! `nvhtm::sim::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
 
-use nvhtm::sim::mutation::map::{apply, check, check_recovered, key, random_op, record, record_with, Model};
+use nvhtm::sim::mutation::map::{
+    apply, check, check_recovered, key, opts, random_op, record, record_with, Model,
+};
 use nvhtm::sim::mutation::{self};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{Heap, StrictMap};

@@ -9,7 +9,6 @@ mod common;
 use common::FailingFence;
 use nvhtm::persist::{thread_stats, Domain, DomainKind};
 use nvhtm::pool::{MappingKind, PoolInfo, MIN_POOL_SIZE};
-use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{AutoDomain, Cpu, Msync, PPtr, Pool, PoolError, PoolOptions, Volatile};
 use tempfile::TempDir;
 
