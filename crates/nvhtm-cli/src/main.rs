@@ -170,6 +170,17 @@ enum Command {
     },
     /// Run the crash simulator on its litmus protocols: correct ones pass, broken ones are caught.
     Litmus,
+    /// Persistence mutation testing: switch off every flush and fence site in turn under the
+    /// crash suites that reach it, and print which are caught, by which suites. Fails if any
+    /// site is missed.
+    Mutation {
+        /// Run only this suite (repeatable); the suites are listed in the table's footer.
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the persistence layer and the crash simulator (ratios, side by side).
     Bench {
         #[command(subcommand)]
@@ -199,6 +210,7 @@ fn main() -> ExitCode {
             commands::demo::writer(&pool, start, count, sync_every)
         }
         Command::Litmus => commands::litmus(),
+        Command::Mutation { suites, json } => commands::mutation::run(&suites, json),
         Command::Bench { which } => bench::run(which),
     };
     match result {

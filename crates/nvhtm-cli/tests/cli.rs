@@ -363,3 +363,24 @@ fn fams_pools_work_through_the_cli_and_survive_kill_9() {
     let summary = stdout.lines().last().unwrap();
     assert!(summary.starts_with("summary: 3 kills, ") && summary.contains(" 0 lost"), "{summary}");
 }
+
+#[test]
+fn mutation_scores_a_suite_in_json_and_rejects_an_unknown_one() {
+    let out = nvhtm(&["mutation", "--suite", "pool-header", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let sites = table["sites"].as_array().expect("a list of sites");
+    assert!(!sites.is_empty(), "{table}");
+    for row in sites {
+        assert!(row["file"].as_str().is_some_and(|f| f.ends_with(".rs")), "{row}");
+        assert!(row["line"].as_u64().is_some_and(|l| l > 0), "{row}");
+        assert_eq!(row["structure"], "pool", "{row}");
+        assert_eq!(row["caught"], true, "{row}");
+        assert_eq!(row["caught_by"], serde_json::json!(["pool-header"]), "{row}");
+    }
+    assert_eq!(table["suites"][0]["name"], "pool-header");
+    assert_eq!(table["suites"][0]["baseline_passed"], true);
+    let fams = table["not_mutated"].as_array().expect("the FAMS syncs");
+    assert!(!fams.is_empty() && fams.iter().all(|n| n["structure"] == "fams"), "{table}");
+    fails(&["mutation", "--suite", "no-such"], "no suite \"no-such\"; the suites are litmus, pool-header");
+}

@@ -2,243 +2,15 @@
 //! out-of-place records, updates changing shape, removals, compare-and-swap) around a segment
 //! split, crashed before every fence; each image opened and compared with the model: every
 //! completed operation present, the one in flight present or absent, nothing else changed, the
-//! heap consistent with no leaked block.
+//! heap consistent with no leaked block. The workloads and the oracle are
+//! `nvhtm::sim::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
 
-use std::collections::BTreeMap;
-
-use nvhtm::sim::{CrashContext, CrashTest, Recording, Sim};
-use nvhtm::{Domain, Heap, PoolOptions, StrictMap};
-
-type Model = BTreeMap<Vec<u8>, Vec<u8>>;
-
-fn opts() -> PoolOptions {
-    PoolOptions::layout("map-crash").with_size(1 << 20).with_max_size(4 << 20)
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Upsert(Vec<u8>, Vec<u8>),
-    Remove(Vec<u8>),
-    Cas(Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>),
-}
-
-fn value(rng: &mut fastrand::Rng, step: u64) -> Vec<u8> {
-    match rng.u8(..4) {
-        0 => vec![step as u8; 3],
-        1 => step.to_le_bytes().to_vec(),
-        2 => vec![step as u8; 40],
-        _ => vec![step as u8; 9000],
-    }
-}
-
-fn key(rng: &mut fastrand::Rng, space: u64) -> Vec<u8> {
-    let k = rng.u64(..space);
-    if k % 5 == 0 {
-        format!("a key longer than sixteen bytes {k}").into_bytes()
-    } else {
-        format!("k{k}").into_bytes()
-    }
-}
-
-fn apply<D: Domain>(map: &StrictMap<D>, model: &mut Model, op: &Op) {
-    match op {
-        Op::Upsert(k, v) => {
-            map.upsert(k, v).unwrap();
-            model.insert(k.clone(), v.clone());
-        }
-        Op::Remove(k) => {
-            map.remove(k).unwrap();
-            model.remove(k);
-        }
-        Op::Cas(k, expected, new) => {
-            let ok = map.compare_and_swap(k, expected.as_deref(), new.as_deref()).unwrap().is_ok();
-            assert_eq!(ok, model.get(k) == expected.as_ref());
-            if ok {
-                match new {
-                    Some(v) => model.insert(k.clone(), v.clone()),
-                    None => model.remove(k),
-                };
-            }
-        }
-    }
-}
-
-/// A random operation on `k`: upsert, remove, or a compare-and-swap expecting the model's value
-/// or nothing.
-fn random_op(rng: &mut fastrand::Rng, model: &Model, k: Vec<u8>, step: u64) -> Op {
-    match rng.u8(..6) {
-        0..=2 => Op::Upsert(k, value(rng, step)),
-        3 => Op::Remove(k),
-        _ => {
-            let expected = if rng.bool() { model.get(&k).cloned() } else { None };
-            let new = if rng.u8(..4) == 0 { None } else { Some(value(rng, step)) };
-            Op::Cas(k, expected, new)
-        }
-    }
-}
-
-/// How many of the pre-fill keys fit before the first split (found on a volatile map).
-fn keys_before_first_split() -> u64 {
-    let map = StrictMap::open(Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap()).unwrap();
-    let mut i = 0u64;
-    loop {
-        map.upsert(format!("k{i}").as_bytes(), &i.to_le_bytes()).unwrap();
-        if map.shape().unwrap().0 > 1 {
-            return i;
-        }
-        i += 1;
-    }
-}
-
-/// Pre-fills `prefill` keys (not recorded; `u64::MAX`: as many as fit just before the first
-/// split), then records `ops` random operations; returns the
-/// recording and the model after each operation (index 0: after the pre-fill).
-fn record(seed: u64, prefill: u64, ops: usize, threads: usize) -> (Recording, Vec<Vec<Model>>) {
-    record_with(Sim::new(), seed, prefill, ops, threads)
-}
-
-fn record_with(
-    sim: Sim,
-    seed: u64,
-    prefill: u64,
-    ops: usize,
-    threads: usize,
-) -> (Recording, Vec<Vec<Model>>) {
-    let map = StrictMap::open(Heap::create_in_memory(&opts(), sim.clone()).unwrap()).unwrap();
-    let mut base = Model::new();
-    let prefill = if prefill == u64::MAX { keys_before_first_split() - 5 } else { prefill };
-    for i in 0..prefill {
-        let k = format!("k{i}").into_bytes();
-        map.upsert(&k, &i.to_le_bytes()).unwrap();
-        base.insert(k, i.to_le_bytes().to_vec());
-    }
-    map.heap().pool().fence().unwrap();
-    sim.restart_recording().unwrap();
-    let segments_before = map.shape().unwrap().0;
-    let segments_before = &segments_before;
-    let histories: Vec<Vec<Model>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (map, sim, base) = (&map, &sim, &base);
-                let segments_before = *segments_before;
-                s.spawn(move || {
-                    let mut rng = fastrand::Rng::with_seed(seed * 100 + t as u64);
-                    // Threads touch disjoint keys: thread t uses keys with k % threads == t.
-                    let mut model: Model = base.clone();
-                    let mut history = vec![model.clone()];
-                    for step in 0..ops as u64 {
-                        let mut k = key(&mut rng, prefill + 400);
-                        while threads > 1 && k.last().is_some_and(|b| (*b as usize) % threads != t) {
-                            k = key(&mut rng, prefill + 400);
-                        }
-                        let op = random_op(&mut rng, &model, k, step);
-                        apply(map, &mut model, &op);
-                        history.push(model.clone());
-                        sim.mark((t as u64) << 32 | step);
-                    }
-                    // Then fresh keys until a segment splits (when the map was filled near it), and
-                    // a few more, which reuse slots the split cleared.
-                    let mut step = ops as u64;
-                    let mut after_split = 0;
-                    while prefill >= 1000 && t == 0 && after_split < 20 {
-                        apply(
-                            map,
-                            &mut model,
-                            &Op::Upsert(format!("split-{step}-0").into_bytes(), vec![1; 8]),
-                        );
-                        history.push(model.clone());
-                        sim.mark(step);
-                        step += 1;
-                        if map.shape().unwrap().0 > segments_before {
-                            after_split += 1;
-                        }
-                    }
-                    history
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
-    });
-    let segments_after = map.shape().unwrap().0;
-    println!("recorded {ops} operations × {threads} threads: segments {segments_before} → {segments_after}");
-    assert!(
-        prefill < 1000 || segments_after > *segments_before,
-        "the recorded operations must split a segment"
-    );
-    (sim.recording(), histories)
-}
-
-/// For each thread, its keys must equal its model after its completed operations or after
-/// the one in flight; the heap must hold exactly the map's blocks.
-fn check(
-    threads: usize,
-    histories: &[Vec<Model>],
-) -> impl Fn(&Sim, &[u8], &CrashContext) -> Result<(), String> + '_ {
-    move |sim, image, ctx| {
-        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
-        let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-        let done = |t: usize| ctx.marks.iter().filter(|&&m| (m >> 32) as usize == t).count();
-        check_recovered(&map, threads, histories, done).map(drop)
-    }
-}
-
-/// Compares a recovered map with the models allowed for each thread (`done(t)`: how many of
-/// thread `t`'s operations completed), and the heap with the map. Returns what the map holds.
-fn check_recovered<D: Domain>(
-    map: &StrictMap<D>,
-    threads: usize,
-    histories: &[Vec<Model>],
-    done: impl Fn(usize) -> usize,
-) -> Result<Model, String> {
-    let mut found = Model::new();
-    map.for_each(|k, v| {
-        found.insert(k.to_vec(), v.to_vec());
-        true
-    })
-    .map_err(|e| e.to_string())?;
-    let mine = |t: usize, m: &Model| -> Model {
-        m.iter()
-            .filter(|(k, _)| threads == 1 || (*k.last().unwrap() as usize) % threads == t)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
-    for (t, history) in histories.iter().enumerate() {
-        let done = done(t);
-        let now = mine(t, &found);
-        let allowed = [&history[done], &history[(done + 1).min(history.len() - 1)]];
-        if !allowed.iter().any(|m| mine(t, m) == now) {
-            let diff: Vec<_> = now.keys().filter(|k| !history[done].contains_key(*k)).take(3).collect();
-            return Err(format!(
-                "thread {t}: after {done} operations the map has {} keys (expected {} or {}); e.g. {diff:?}",
-                now.len(),
-                mine(t, allowed[0]).len(),
-                mine(t, allowed[1]).len()
-            ));
-        }
-    }
-    // Every key is found by a lookup too (not only by the scan): fingerprints and reaches
-    // must be durable with their keys, including keys a displacement moved.
-    for (k, v) in &found {
-        if map.get(k).map_err(|e| e.to_string())?.as_ref() != Some(v) {
-            return Err(format!("{k:?} is scanned but not found by get"));
-        }
-    }
-    let report = map.heap().check(&mut |_, _| {});
-    if !report.is_consistent() {
-        return Err(format!("heap: {:?}", report.problems));
-    }
-    let stats = map.stats().map_err(|e| e.to_string())?;
-    if stats.entries != found.len() as u64 {
-        return Err(format!("len {} but the scan finds {}", stats.entries, found.len()));
-    }
-    let records = found.iter().filter(|(k, v)| k.len() > 16 || v.len() > 8).count() as u64;
-    let expected = 2 + stats.segments + records; // map root, directory, segments, records
-    let allocated = report.small_blocks + report.large_blocks;
-    if allocated != expected {
-        return Err(format!("{allocated} blocks allocated, the map holds {expected}: a leak"));
-    }
-    Ok(found)
-}
+use nvhtm::sim::mutation::map::{
+    apply, check, check_recovered, key, opts, random_op, record, record_with, Model,
+};
+use nvhtm::sim::mutation::{self};
+use nvhtm::sim::{CrashContext, CrashTest, Sim};
+use nvhtm::{Heap, StrictMap};
 
 #[test]
 fn operations_across_a_split_survive_a_crash_at_every_fence() {
@@ -271,32 +43,27 @@ fn concurrent_writers_survive_sampled_crashes() {
     report.assert_passed();
 }
 
+/// Every map flush and fence is needed by some image of the map's suites: random operations
+/// across a split, and a split whose cleared slots another thread reuses before the splitting
+/// thread fences again (the clearing's fence, which only that other thread needs).
 #[test]
 fn every_map_flush_and_fence_is_needed() {
-    let (recording, histories) = record(5, u64::MAX, 80, 1);
-    let test = CrashTest { exhaustive_limit: 64, samples: 12, ..CrashTest::default() };
-    let mutations = test.mutation_run(&recording, check(1, &histories));
-    println!("{mutations}");
-    mutations.baseline.assert_passed();
-    let map_sites: Vec<_> = mutations.sites.iter().filter(|s| s.site.file.contains("/map/")).collect();
-    assert!(map_sites.len() >= 4, "{mutations}");
-    // A fence that only orders this thread's flushes before another thread's later use is
-    // needed by no single-threaded image; the source marks those sites "cross-thread". (The
-    // split's is not even needed by a two-thread recording in practice: the splitting thread's
-    // retried write fences right after it, unless that retry writes nothing — another thread
-    // wrote the key meanwhile, or a compare-and-swap's expectation no longer holds — or fails.
-    // A recording built for that was tried; it never reaches the case.)
-    for site in map_sites.iter().filter(|s| !s.caught) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(site.site.file);
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let line = text.lines().nth(site.site.line as usize - 1).unwrap_or_default();
-        assert!(
-            line.contains("cross-thread"),
-            "no crash image needs {} (`{}`)\n{mutations}",
-            site.site,
-            line.trim()
-        );
-    }
+    let suites: Vec<_> = ["map-single", "map-split-two-threads"]
+        .into_iter()
+        .map(|name| mutation::suite(name).unwrap())
+        .collect();
+    let table = mutation::run_suites(&suites);
+    println!("{table}");
+    assert!(table.suites.iter().all(|s| s.baseline_passed), "{table}");
+    let map: Vec<_> = table.sites.iter().filter(|row| row.structure == "map").collect();
+    assert!(map.len() >= 4, "{table}");
+    let missed: Vec<String> =
+        map.iter().filter(|row| !row.caught).map(|row| row.site().to_string()).collect();
+    assert!(missed.is_empty(), "no crash image needs {missed:?}\n{table}");
+    assert!(
+        map.iter().any(|row| row.caught_by == ["map-split-two-threads"]),
+        "the two-thread split suite catches nothing new\n{table}"
+    );
 }
 
 /// The same operations under the file model (the `Msync` domain's world): pages written back at

@@ -9,7 +9,6 @@ mod common;
 use common::FailingFence;
 use nvhtm::persist::{thread_stats, Domain, DomainKind};
 use nvhtm::pool::{MappingKind, PoolInfo, MIN_POOL_SIZE};
-use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{AutoDomain, Cpu, Msync, PPtr, Pool, PoolError, PoolOptions, Volatile};
 use tempfile::TempDir;
 
@@ -399,42 +398,11 @@ fn an_msync_fence_syncs_only_its_own_pools_ranges() {
 /// (which writes the header) are explored too.
 #[test]
 fn header_updates_are_crash_atomic() {
-    let opts = PoolOptions::layout("test").with_size(MIN_POOL_SIZE).with_max_size(1 << 20);
-    let sim = Sim::new();
-    let pool = Pool::create_in_memory(&opts, sim.clone()).unwrap();
-    sim.restart_recording().unwrap();
-    // Mark k: update k done. Updates 1..=4 set the root to 4096*k; update 5 grows.
-    for k in 1..=4u64 {
-        pool.set_root(PPtr::<[u64; 4]>::new(4096 * k)).unwrap();
-        sim.mark(k);
-    }
-    pool.grow(256 << 10).unwrap();
-    sim.mark(5);
-    let recording = sim.recording();
-    drop(pool);
-
-    let check = |sim: &Sim, image: &[u8], ctx: &CrashContext| -> Result<(), String> {
-        let pool = Pool::open_image(image, &opts, sim.clone()).map_err(|e| e.to_string())?;
-        let done = ctx.marks.len() as u64;
-        let root = pool.root::<[u64; 4]>().map_err(|e| e.to_string())?.map_or(0, |p| p.offset() / 4096);
-        let allowed_roots = match done {
-            0 => vec![0, 1],
-            4 | 5 => vec![4],
-            d => vec![d, d + 1],
-        };
-        if !allowed_roots.contains(&root) {
-            return Err(format!("{done} updates done, but the root is update {root}'s"));
-        }
-        let size = pool.size();
-        if done == 5 && size != 256 << 10 || done < 4 && size != MIN_POOL_SIZE {
-            return Err(format!("{done} updates done, but the size is {size}"));
-        }
-        Ok(())
-    };
-    let mutations = CrashTest { recovery_depth: 1, ..CrashTest::default() }.mutation_run(&recording, check);
-    println!("header updates: {mutations}");
-    mutations.baseline.assert_passed();
-    assert!(mutations.baseline.recovery_images_checked > 0);
-    assert!(!mutations.sites.is_empty());
-    assert!(mutations.missed().is_empty(), "{mutations}");
+    // The `pool-header` mutation suite's workload and oracle.
+    let report = nvhtm::sim::mutation::suite("pool-header").unwrap().run();
+    println!("header updates: {report}");
+    report.baseline.assert_passed();
+    assert!(report.baseline.recovery_images_checked > 0);
+    assert!(!report.sites.is_empty());
+    assert!(report.missed().is_empty(), "{report}");
 }

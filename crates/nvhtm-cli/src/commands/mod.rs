@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod map;
+pub mod mutation;
 
 use std::path::Path;
 

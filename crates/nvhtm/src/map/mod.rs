@@ -1202,7 +1202,7 @@ impl<D: Domain> StrictMap<D> {
         for (bucket, &mask) in (0..BUCKETS).zip(&moved) {
             self.clear_slots(segment.at, bucket, u64::from(mask))?;
         }
-        pool.fence()?; // cross-thread: see above
+        pool.fence()?; // site: split-clearing (cross-thread: see above)
         Ok(())
     }
 

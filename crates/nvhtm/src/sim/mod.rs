@@ -22,6 +22,7 @@
 
 mod crash;
 pub mod litmus;
+pub mod mutation;
 
 pub use crash::{
     CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
@@ -84,6 +85,9 @@ impl Recording {
     }
 }
 
+/// A hook run by a thread about to record a fence (see [`Sim::before_fence`]).
+type FenceHook = Arc<dyn Fn(Site) + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     /// Base address and length of the simulated region, once attached.
@@ -91,6 +95,7 @@ struct State {
     recording: Recording,
     /// The number of write calls recorded (the id of the next one).
     calls: u32,
+    hook: Option<FenceHook>,
 }
 
 /// The simulator's persistence domain. Cheap to clone: clones share one recording.
@@ -161,6 +166,36 @@ impl Sim {
             return;
         }
         self.lock().recording.events.push(Event::Mark(value));
+    }
+
+    /// Runs `hook(site)` on every thread about to record a fence, before the fence is recorded
+    /// (replacing any earlier hook; [`clear_fence_hook`](Sim::clear_fence_hook) removes it). For
+    /// building two-thread interleavings deterministically: a hook may run another thread's
+    /// work to its end at an exact point of this thread's (mind the locks this thread holds).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use nvhtm::{Pool, PoolOptions, Sim};
+    /// let sim = Sim::new();
+    /// let pool = Pool::create_in_memory(&PoolOptions::layout("hook").with_size(64 << 10), sim.clone()).unwrap();
+    /// let fences = Arc::new(AtomicUsize::new(0));
+    /// let seen = fences.clone();
+    /// sim.before_fence(move |_site| {
+    ///     seen.fetch_add(1, Ordering::Relaxed);
+    /// });
+    /// pool.persist(4096, 8).unwrap();
+    /// sim.clear_fence_hook();
+    /// pool.persist(4096, 8).unwrap();
+    /// assert_eq!(fences.load(Ordering::Relaxed), 1);
+    /// ```
+    pub fn before_fence(&self, hook: impl Fn(Site) + Send + Sync + 'static) {
+        self.lock().hook = Some(Arc::new(hook));
+    }
+
+    /// Removes the hook set by [`before_fence`](Sim::before_fence).
+    pub fn clear_fence_hook(&self) {
+        self.lock().hook = None;
     }
 
     /// The number of events recorded so far.
@@ -392,6 +427,11 @@ impl Domain for Sim {
         if self.record {
             let site = Site::caller();
             let thread = thread_id();
+            // Without the lock held: the hook may run other threads' recorded work.
+            let hook = self.lock().hook.clone();
+            if let Some(hook) = hook {
+                hook(site);
+            }
             self.lock().recording.events.push(Event::Fence { site, thread });
         }
         persist::counters_add_fence();
