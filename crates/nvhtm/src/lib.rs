@@ -11,6 +11,7 @@ mod choices;
 pub mod fams;
 pub mod heap;
 pub mod map;
+pub mod mutation;
 pub mod persist;
 pub mod pool;
 mod region;

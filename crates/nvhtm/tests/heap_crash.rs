@@ -2,16 +2,16 @@
 //! (allocation, free, multi-range updates, aborts), reserve/publish and pool growth, crashed
 //! before every fence (and inside recovery), each image recovered and compared with a model:
 //! transactions all-or-nothing, every completed one present, the heap consistent, no block
-//! leaked or handed out twice. The workloads and the oracle are `nvhtm::sim::mutation::heap`'s,
+//! leaked or handed out twice. The workloads and the oracle are `nvhtm::mutation::heap`'s,
 //! shared with the heap's mutation suites (`nvhtm mutation`).
 
 use std::sync::Mutex;
 
-use nvhtm::sim::mutation::heap::{
+use nvhtm::mutation::heap::{
     check_heap, check_slots, multi_run_check, opts, random_ops, record, record_script, record_with,
     single_thread_check, workload, Op, Root, Shape, SINGLE, SLOTS,
 };
-use nvhtm::sim::mutation::{self, heap::TWO_RUNS_FIRST, heap::TWO_RUNS_SECOND};
+use nvhtm::mutation::{self, heap::TWO_RUNS_FIRST, heap::TWO_RUNS_SECOND};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::Heap;
 

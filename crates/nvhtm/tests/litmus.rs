@@ -65,7 +65,7 @@ fn crashes_during_recovery_catch_a_non_idempotent_recovery() {
 #[test]
 fn every_site_of_the_correct_protocol_is_needed() {
     // The `litmus` mutation suite: the persist-then-publish protocol.
-    let report = nvhtm::sim::mutation::suite("litmus").unwrap().run();
+    let report = nvhtm::mutation::suite("litmus").unwrap().run();
     println!("{report}");
     report.baseline.assert_passed();
     // Two persist sites in the protocol (payload, commit word). The header update when a crash

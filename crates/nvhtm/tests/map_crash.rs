@@ -3,12 +3,10 @@
 //! split, crashed before every fence; each image opened and compared with the model: every
 //! completed operation present, the one in flight present or absent, nothing else changed, the
 //! heap consistent with no leaked block. The workloads and the oracle are
-//! `nvhtm::sim::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
+//! `nvhtm::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
 
-use nvhtm::sim::mutation::map::{
-    apply, check, check_recovered, key, opts, random_op, record, record_with, Model,
-};
-use nvhtm::sim::mutation::{self};
+use nvhtm::mutation::map::{apply, check, check_recovered, key, opts, random_op, record, record_with, Model};
+use nvhtm::mutation::{self};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
 use nvhtm::{Heap, StrictMap};
 

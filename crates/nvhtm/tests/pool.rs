@@ -399,7 +399,7 @@ fn an_msync_fence_syncs_only_its_own_pools_ranges() {
 #[test]
 fn header_updates_are_crash_atomic() {
     // The `pool-header` mutation suite's workload and oracle.
-    let report = nvhtm::sim::mutation::suite("pool-header").unwrap().run();
+    let report = nvhtm::mutation::suite("pool-header").unwrap().run();
     println!("header updates: {report}");
     report.baseline.assert_passed();
     assert!(report.baseline.recovery_images_checked > 0);

@@ -1,6 +1,6 @@
 //! `nvhtm mutation`: the persistence mutation score of the whole project.
 
-use nvhtm::sim::mutation::{self, Suite};
+use nvhtm::mutation::{self, Suite};
 
 use super::CommandResult;
 

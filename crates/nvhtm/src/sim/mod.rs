@@ -22,7 +22,6 @@
 
 mod crash;
 pub mod litmus;
-pub mod mutation;
 
 pub use crash::{
     CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,

@@ -6,7 +6,7 @@
 //! consistent with no leaked block.
 //!
 //! ```
-//! use nvhtm::sim::mutation::map::{check, record};
+//! use nvhtm::mutation::map::{check, record};
 //! use nvhtm::sim::CrashTest;
 //! let (recording, histories) = record(1, 10, 6, 1);
 //! let test = CrashTest { exhaustive_limit: 16, samples: 4, ..CrashTest::default() };
@@ -25,7 +25,7 @@ pub type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 /// The pool options of the map workloads (1 MiB, growing up to 4 MiB).
 ///
 /// ```
-/// assert_eq!(nvhtm::sim::mutation::map::opts().size, 1 << 20);
+/// assert_eq!(nvhtm::mutation::map::opts().size, 1 << 20);
 /// ```
 pub fn opts() -> PoolOptions {
     PoolOptions::layout("map-crash").with_size(1 << 20).with_max_size(4 << 20)
@@ -277,7 +277,7 @@ const SPLIT_CLEARING: &str = "// site: split-clearing";
 
 /// The line of `map/mod.rs` annotated `tag` (the source is embedded at build time).
 fn annotated_line(tag: &str) -> u32 {
-    let source = include_str!("../../map/mod.rs");
+    let source = include_str!("../map/mod.rs");
     let line =
         source.lines().position(|l| l.contains(tag)).unwrap_or_else(|| panic!("no `{tag}` in map/mod.rs"));
     line as u32 + 1
@@ -304,7 +304,7 @@ fn home(hash: u64) -> u64 {
 /// threads); returns the recording and each thread's models.
 ///
 /// ```
-/// use nvhtm::sim::mutation::map::{check, record_split_two_threads};
+/// use nvhtm::mutation::map::{check, record_split_two_threads};
 /// use nvhtm::sim::CrashTest;
 /// let (recording, histories) = record_split_two_threads();
 /// assert_eq!(histories[1].len(), 4);

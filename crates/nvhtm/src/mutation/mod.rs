@@ -12,7 +12,7 @@
 //! and so does `nvhtm mutation`.
 //!
 //! ```
-//! use nvhtm::sim::mutation::{run_suites, suite};
+//! use nvhtm::mutation::{run_suites, suite};
 //! let table = run_suites(&[suite("pool-header").unwrap()]);
 //! assert!(table.passed(), "{table}");
 //! assert!(table.sites.iter().all(|row| row.caught && row.structure == "pool"));
@@ -35,7 +35,7 @@ use crate::sim::{CrashTest, MutationReport};
 /// settings, run as a mutation test.
 ///
 /// ```
-/// let suite = nvhtm::sim::mutation::suite("litmus").unwrap();
+/// let suite = nvhtm::mutation::suite("litmus").unwrap();
 /// let report = suite.run();
 /// report.baseline.assert_passed();
 /// assert!(report.missed().is_empty(), "{report}");
@@ -60,7 +60,7 @@ impl Suite {
 /// Every suite, cheapest first.
 ///
 /// ```
-/// let names: Vec<&str> = nvhtm::sim::mutation::SUITES.iter().map(|s| s.name).collect();
+/// let names: Vec<&str> = nvhtm::mutation::SUITES.iter().map(|s| s.name).collect();
 /// assert!(names.contains(&"heap-two-threads"));
 /// ```
 pub const SUITES: &[Suite] = &[
@@ -104,8 +104,8 @@ pub const SUITES: &[Suite] = &[
 /// The suite called `name`.
 ///
 /// ```
-/// assert!(nvhtm::sim::mutation::suite("pool-header").is_some());
-/// assert!(nvhtm::sim::mutation::suite("no-such-suite").is_none());
+/// assert!(nvhtm::mutation::suite("pool-header").is_some());
+/// assert!(nvhtm::mutation::suite("no-such-suite").is_none());
 /// ```
 pub fn suite(name: &str) -> Option<&'static Suite> {
     SUITES.iter().find(|s| s.name == name)
@@ -120,7 +120,7 @@ fn litmus_suite() -> MutationReport {
 /// `fams`, `persist`, `sim`), `litmus` for the simulator's litmus protocols.
 ///
 /// ```
-/// use nvhtm::sim::mutation::structure_of;
+/// use nvhtm::mutation::structure_of;
 /// assert_eq!(structure_of("crates/nvhtm/src/heap/tx.rs"), "heap");
 /// assert_eq!(structure_of("crates/nvhtm/src/sim/litmus.rs"), "litmus");
 /// ```
@@ -201,7 +201,7 @@ pub struct NotMutated {
 /// The merged outcome of several suites: one row per distinct site, in file and line order.
 ///
 /// ```
-/// use nvhtm::sim::mutation::{suite, MutationTable};
+/// use nvhtm::mutation::{suite, MutationTable};
 /// let litmus = suite("litmus").unwrap();
 /// let mut table = MutationTable::default();
 /// table.add(litmus.name, &litmus.run(), 0.0);
@@ -329,12 +329,12 @@ fn fams_syncs() -> Vec<NotMutated> {
     let files: [(&'static str, &'static str, &'static str); 2] = [
         (
             "crates/nvhtm/src/fams/mod.rs",
-            include_str!("../../fams/mod.rs"),
+            include_str!("../fams/mod.rs"),
             "through the Storage trait, which records no call site",
         ),
         (
             "crates/nvhtm/src/fams/snapshot.rs",
-            include_str!("../../fams/snapshot.rs"),
+            include_str!("../fams/snapshot.rs"),
             "File::sync_all on a real file, outside the simulated storage",
         ),
     ];
@@ -360,7 +360,7 @@ fn fams_syncs() -> Vec<NotMutated> {
 /// listing the FAMS file syncs as not mutated.
 ///
 /// ```
-/// let table = nvhtm::sim::mutation::run_suites(&[nvhtm::sim::mutation::suite("litmus").unwrap()]);
+/// let table = nvhtm::mutation::run_suites(&[nvhtm::mutation::suite("litmus").unwrap()]);
 /// assert_eq!(table.suites.len(), 1);
 /// assert!(table.not_mutated.iter().all(|n| n.structure == "fams"));
 /// ```

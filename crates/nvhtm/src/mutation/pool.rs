@@ -7,7 +7,7 @@ use crate::{PPtr, Pool, PoolOptions};
 /// The pool options of the header workload (the smallest pool, growing up to 1 MiB).
 ///
 /// ```
-/// assert_eq!(nvhtm::sim::mutation::pool::opts().max_size, 1 << 20);
+/// assert_eq!(nvhtm::mutation::pool::opts().max_size, 1 << 20);
 /// ```
 pub fn opts() -> PoolOptions {
     PoolOptions::layout("test").with_size(MIN_POOL_SIZE).with_max_size(1 << 20)
@@ -17,7 +17,7 @@ pub fn opts() -> PoolOptions {
 /// `k`: update `k` done), update 5 grows the pool to 256 KiB.
 ///
 /// ```
-/// let recording = nvhtm::sim::mutation::pool::record_header_updates();
+/// let recording = nvhtm::mutation::pool::record_header_updates();
 /// assert!(recording.fences() >= 5);
 /// ```
 pub fn record_header_updates() -> Recording {
@@ -37,7 +37,7 @@ pub fn record_header_updates() -> Recording {
 /// never a mix, and never loses a completed update.
 ///
 /// ```
-/// use nvhtm::sim::mutation::pool::{check_header, record_header_updates};
+/// use nvhtm::mutation::pool::{check_header, record_header_updates};
 /// use nvhtm::sim::CrashTest;
 /// CrashTest::default().run(&record_header_updates(), check_header).assert_passed();
 /// ```

@@ -6,7 +6,7 @@
 //! consistent, no block leaked or handed out twice).
 //!
 //! ```
-//! use nvhtm::sim::mutation::heap::{record, single_thread_check};
+//! use nvhtm::mutation::heap::{record, single_thread_check};
 //! use nvhtm::sim::CrashTest;
 //! let (recording, history) = record(1, 3);
 //! let test = CrashTest { exhaustive_limit: 16, samples: 4, ..CrashTest::default() };
@@ -35,7 +35,7 @@ pub const SIZES: [u64; 7] = [24, 100, 700, 5000, 9000, 20_000, 150_000];
 /// The pool options of the heap workloads (512 KiB, growing up to 4 MiB).
 ///
 /// ```
-/// assert_eq!(nvhtm::sim::mutation::heap::opts().size, 512 << 10);
+/// assert_eq!(nvhtm::mutation::heap::opts().size, 512 << 10);
 /// ```
 pub fn opts() -> PoolOptions {
     PoolOptions::layout("heap-crash").with_size(512 << 10).with_max_size(4 << 20)
@@ -121,7 +121,7 @@ pub const SINGLE: Shape = Shape { nested: true };
 /// its bitmap and heads go.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{random_ops, SINGLE, SLOTS};
+/// use nvhtm::mutation::heap::{random_ops, SINGLE, SLOTS};
 /// let ops = random_ops(1, 10, 0..SLOTS, &[[0; 3]; SLOTS], SINGLE);
 /// assert_eq!(ops.len(), 13);
 /// ```
@@ -159,7 +159,7 @@ pub fn random_ops(seed: u64, ops: usize, slots: Range<usize>, start: &Root, shap
 /// the slot states committed one after another (see [`run_script`]).
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{opts, workload, Root, SINGLE, SLOTS};
+/// use nvhtm::mutation::heap::{opts, workload, Root, SINGLE, SLOTS};
 /// let heap = nvhtm::Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap();
 /// heap.root::<Root>().unwrap();
 /// let history = workload(&heap, 1, 5, 0, SLOTS, SINGLE, |_| {});
@@ -322,7 +322,7 @@ fn run_op<D: Domain>(
 /// publishes into occupied ones are skipped.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{opts, run_script, Op, Root, SLOTS};
+/// use nvhtm::mutation::heap::{opts, run_script, Op, Root, SLOTS};
 /// let heap = nvhtm::Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap();
 /// heap.root::<Root>().unwrap();
 /// let history = run_script(&heap, &[Op::Alloc { slot: 0, size: 24 }, Op::Free { slot: 0 }], 0..SLOTS, |_| {});
@@ -349,7 +349,7 @@ pub fn run_script<D: Domain>(
 /// link against their tags.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{check_slots, opts, run_script, Op, Root, SLOTS};
+/// use nvhtm::mutation::heap::{check_slots, opts, run_script, Op, Root, SLOTS};
 /// let heap = nvhtm::Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap();
 /// heap.root::<Root>().unwrap();
 /// let history = run_script(&heap, &[Op::Alloc { slot: 0, size: 24 }], 0..SLOTS, |_| {});
@@ -382,7 +382,7 @@ pub fn check_slots<D: Domain>(heap: &Heap<D>, allowed: &[&Root], slots: Range<us
 /// two slots share a block.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{check_heap, opts, Root};
+/// use nvhtm::mutation::heap::{check_heap, opts, Root};
 /// let heap = nvhtm::Heap::create_in_memory(&opts(), nvhtm::Volatile).unwrap();
 /// heap.root::<Root>().unwrap();
 /// assert!(check_heap(&heap).is_ok());
@@ -413,7 +413,7 @@ pub fn check_heap<D: Domain>(heap: &Heap<D>) -> Result<CheckReport, String> {
 /// `Sim` domain, one mark per committed state; returns the recording and the states.
 ///
 /// ```
-/// let (recording, history) = nvhtm::sim::mutation::heap::record(1, 4);
+/// let (recording, history) = nvhtm::mutation::heap::record(1, 4);
 /// assert!(recording.fences() > 10 && history.len() > 4);
 /// ```
 pub fn record(seed: u64, ops: usize) -> (Recording, Vec<Root>) {
@@ -423,7 +423,7 @@ pub fn record(seed: u64, ops: usize) -> (Recording, Vec<Root>) {
 /// [`record`] with a given simulator (e.g. [`Sim::file_model`]).
 ///
 /// ```
-/// let (recording, _) = nvhtm::sim::mutation::heap::record_with(nvhtm::Sim::file_model(), 1, 2);
+/// let (recording, _) = nvhtm::mutation::heap::record_with(nvhtm::Sim::file_model(), 1, 2);
 /// assert!(recording.fences() > 0);
 /// ```
 pub fn record_with(sim: Sim, seed: u64, ops: usize) -> (Recording, Vec<Root>) {
@@ -437,7 +437,7 @@ pub fn record_with(sim: Sim, seed: u64, ops: usize) -> (Recording, Vec<Root>) {
 /// Records `script` on a new heap (its root allocated first), one mark per committed state.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{record_script, Op};
+/// use nvhtm::mutation::heap::{record_script, Op};
 /// let (recording, history) = record_script(&[Op::Alloc { slot: 0, size: 24 }]);
 /// assert_eq!(history.len(), 2);
 /// assert!(recording.fences() >= 3);
@@ -456,7 +456,7 @@ pub fn record_script(script: &[Op]) -> (Recording, Vec<Root>) {
 /// heap is consistent without a leak.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{record_script, single_thread_check, Op};
+/// use nvhtm::mutation::heap::{record_script, single_thread_check, Op};
 /// use nvhtm::sim::CrashTest;
 /// let (recording, history) = record_script(&[Op::Alloc { slot: 0, size: 100 }]);
 /// CrashTest::default().run(&recording, single_thread_check(&history)).assert_passed();
@@ -484,7 +484,7 @@ pub type MultiRunCheck<'a> =
 /// model is handed to the checks of its crashes.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{multi_run_check, record_script, Op};
+/// use nvhtm::mutation::heap::{multi_run_check, record_script, Op};
 /// use nvhtm::sim::CrashTest;
 /// let (recording, history) = record_script(&[Op::Alloc { slot: 0, size: 24 }]);
 /// let test = CrashTest { recovery_depth: 1, exhaustive_limit: 8, samples: 2, follow_one_in: 4, ..CrashTest::default() };
@@ -538,7 +538,7 @@ const SETTLE: Op = Op::Alloc { slot: 7, size: 24 };
 /// in the global order) and the states.
 ///
 /// ```
-/// use nvhtm::sim::mutation::heap::{record_two_threads, single_thread_check};
+/// use nvhtm::mutation::heap::{record_two_threads, single_thread_check};
 /// use nvhtm::sim::CrashTest;
 /// let (recording, history) = record_two_threads();
 /// assert_eq!(history.len(), 1 + 3 * 3);
