@@ -2,7 +2,7 @@
 //! trait, with a real implementation and a simulated one that records every write and sync,
 //! builds the post-crash file states the file model allows, and injects errors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
+
+use crate::persist::Site;
 
 /// Which of the two files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -30,9 +32,12 @@ pub trait Storage: Send {
     fn write_at(&self, role: Role, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Sets the length (not durable until `sync`).
     fn set_len(&self, role: Role, len: u64) -> io::Result<()>;
-    /// Makes the file's data and length durable (`fdatasync`).
+    /// Makes the file's data and length durable (`fdatasync`). The caller's location is the
+    /// sync's site, which [`SimStorage::disable_sync`] can switch off (mutation testing).
+    #[track_caller]
     fn sync(&self, role: Role) -> io::Result<()>;
-    /// Makes the directory entries of both files durable.
+    /// Makes the directory entries of both files durable (a site like [`Storage::sync`]).
+    #[track_caller]
     fn sync_dir(&self) -> io::Result<()>;
 }
 
@@ -181,11 +186,26 @@ pub struct Fault {
 #[derive(Debug, Default)]
 struct SimState {
     files: BTreeMap<Role, SimFile>,
-    /// Every call, and a snapshot of both files' states before it (for crash images).
-    trace: Vec<(Call, BTreeMap<Role, SimFile>)>,
+    /// Every call, and a snapshot of both files' states and of the journal's directory entry
+    /// before it (for crash images).
+    trace: Vec<(Call, BTreeMap<Role, SimFile>, bool)>,
     faults: Vec<Fault>,
     counts: BTreeMap<&'static str, usize>,
+    /// Whether the journal's directory entry is durable: until then a crash loses the journal
+    /// (the data file's entry is the creator's business, durable before FAMS opens it).
     directory_durable: bool,
+    /// Every site a sync or directory sync was called from.
+    sync_sites: BTreeSet<Site>,
+    /// A sync site that does nothing (mutation testing).
+    disabled_sync: Option<Site>,
+}
+
+impl SimState {
+    /// Records a sync site; whether it is switched on.
+    fn switch_on(&mut self, site: Site) -> bool {
+        self.sync_sites.insert(site);
+        self.disabled_sync != Some(site)
+    }
 }
 
 /// Simulated storage: records calls, loses what was not synced in a crash, injects faults.
@@ -240,8 +260,8 @@ impl SimStorage {
     /// Records a point in the history (an acknowledged sync, for the oracle).
     pub fn mark(&self, value: u64) {
         let mut state = self.lock();
-        let snapshot = state.files.clone();
-        state.trace.push((Call::Mark(value), snapshot));
+        let snapshot = (state.files.clone(), state.directory_durable);
+        state.trace.push((Call::Mark(value), snapshot.0, snapshot.1));
     }
 
     /// The current (not necessarily durable) bytes of a file.
@@ -249,12 +269,24 @@ impl SimStorage {
         self.lock().files.get(&role).map(|f| f.current.clone()).unwrap_or_default()
     }
 
-    /// Forgets the trace (and the call counts faults refer to): states from now on start from
-    /// the files as they are.
+    /// Makes the sync (or directory sync) called from `site` do nothing: it is still a call,
+    /// but nothing becomes durable (persistence mutation testing of FAMS).
+    pub fn disable_sync(&self, site: Site) {
+        self.lock().disabled_sync = Some(site);
+    }
+
+    /// Every site a sync or directory sync was called from on this storage so far.
+    pub fn sync_sites(&self) -> BTreeSet<Site> {
+        self.lock().sync_sites.clone()
+    }
+
+    /// Forgets the trace (and the call counts faults refer to, and the sync sites seen): states
+    /// from now on start from the files as they are.
     pub fn restart_trace(&self) {
         let mut state = self.lock();
         state.trace.clear();
         state.counts.clear();
+        state.sync_sites.clear();
     }
 
     /// Replays the recorded calls and, before each (and at the end), builds the states the two
@@ -271,15 +303,17 @@ impl SimStorage {
     ) -> FileCrashReport {
         let (trace, end) = {
             let state = self.lock();
-            (state.trace.clone(), state.files.clone())
+            (state.trace.clone(), (state.files.clone(), state.directory_durable))
         };
         let mut report = FileCrashReport::default();
         let mut seen = std::collections::HashSet::new();
         let mut marks = Vec::new();
         let mut rng = fastrand::Rng::with_seed(seed);
-        let points =
-            trace.iter().map(|(call, files)| (Some(call), files)).chain(std::iter::once((None, &end)));
-        for (call, files) in points {
+        let points = trace
+            .iter()
+            .map(|(call, files, dir)| (Some(call), files, *dir))
+            .chain(std::iter::once((None, &end.0, end.1)));
+        for (call, files, directory_durable) in points {
             if let Some(Call::Mark(value)) = call {
                 marks.push(*value);
                 continue;
@@ -304,12 +338,17 @@ impl SimStorage {
                     &pick(&data_shape.0, 0),
                     choice[maxima.len() - 2] as usize,
                 );
-                let journal_image = crash_image(
-                    &journal.durable,
-                    &journal.pending,
-                    &pick(&journal_shape.0, nd),
-                    choice[maxima.len() - 1] as usize,
-                );
+                // A journal whose directory entry is not durable is lost with it.
+                let journal_image = if directory_durable {
+                    crash_image(
+                        &journal.durable,
+                        &journal.pending,
+                        &pick(&journal_shape.0, nd),
+                        choice[maxima.len() - 1] as usize,
+                    )
+                } else {
+                    Vec::new()
+                };
                 let key = (xxh3_64(&data_image), xxh3_64(&journal_image), marks.len());
                 if !seen.insert(key) {
                     continue;
@@ -335,7 +374,8 @@ impl SimStorage {
     ) -> io::Result<()> {
         let mut state = self.lock();
         let snapshot = state.files.clone();
-        state.trace.push((call, snapshot));
+        let directory_durable = state.directory_durable;
+        state.trace.push((call, snapshot, directory_durable));
         let n = *state.counts.entry(kind).and_modify(|c| *c += 1).or_insert(1) - 1;
         if let Some(fault) = state.faults.iter().find(|f| f.call == kind && f.after == n).copied() {
             return Err(io::Error::from_raw_os_error(fault.errno));
@@ -432,7 +472,11 @@ impl Storage for SimStorage {
     }
 
     fn sync(&self, role: Role) -> io::Result<()> {
+        let site = Site::caller();
         self.call("sync", Call::Sync(role), |state| {
+            if !state.switch_on(site) {
+                return Ok(());
+            }
             let file = state.files.entry(role).or_default();
             file.durable = file.current.clone();
             file.pending.clear();
@@ -441,7 +485,11 @@ impl Storage for SimStorage {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
+        let site = Site::caller();
         self.call("sync", Call::SyncDir, |state| {
+            if !state.switch_on(site) {
+                return Ok(());
+            }
             state.directory_durable = true;
             Ok(())
         })
