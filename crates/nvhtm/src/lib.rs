@@ -22,3 +22,8 @@ pub use map::{MapError, StrictMap, TypedMap};
 pub use persist::{AutoDomain, Cpu, Domain, Msync, Volatile};
 pub use pool::{PPtr, Pool, PoolError, PoolOptions};
 pub use sim::{CrashTest, Sim};
+
+/// The README's code snippets, run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
