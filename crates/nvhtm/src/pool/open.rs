@@ -66,6 +66,13 @@ pub(super) fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Resul
     }
 }
 
+/// Whether `file` has a hole before `len` (a sparse copy): `SEEK_HOLE` finds the first one. A
+/// file system that cannot tell counts as sparse (then the caller allocates, which is correct,
+/// only slower: `fallocate` walks every block even when all are there).
+fn has_hole(file: &File, len: u64) -> bool {
+    rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(0)).map_or(true, |first| first < len)
+}
+
 /// Checks the options for a new pool; returns its size, rounded up to whole pages.
 fn validate_options(opts: &PoolOptions) -> Result<u64> {
     header::validate_layout(&opts.layout)?;
@@ -196,7 +203,9 @@ impl<D: Domain> Pool<D> {
         let header = read_header(&file, path)?;
         check_layout(&header, &opts.layout, path)?;
         refuse_fams(&header, path)?;
-        allocate(&file, path, 0, header.state.size)?;
+        if has_hole(&file, header.state.size) {
+            allocate(&file, path, 0, header.state.size)?;
+        }
         let reserved = page_round(opts.max_size.max(header.state.size));
         let region = Region::map_file(&file, header.state.size, reserved)
             .map_err(|e| PoolError::io(path, "mmap", e))?;
