@@ -384,3 +384,60 @@ fn mutation_scores_a_suite_in_json_and_rejects_an_unknown_one() {
     assert!(!fams.is_empty() && fams.iter().all(|n| n["structure"] == "fams"), "{table}");
     fails(&["mutation", "--suite", "no-such"], "no suite \"no-such\"; the suites are litmus, pool-header");
 }
+
+#[test]
+fn bench_map_smoke_run_reports_every_engine_op_and_allocation_count() {
+    let dir = shm();
+    let json = dir.path().join("map.json");
+    let out = nvhtm(&[
+        "bench",
+        "map",
+        "--pmem-dir",
+        dir.path().to_str().unwrap(),
+        "--keys",
+        "2000",
+        "--rounds",
+        "1",
+        "--open-keys",
+        "100,200",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for engine in ["hashbrown", "nvhtm (volatile)", "nvhtm (cpu)"] {
+        assert!(stdout.contains(&format!("allocations in timed loops, {engine}: ")), "{stdout}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("JSON");
+    let rows = report["results"].as_array().expect("results");
+    // hashbrown: 7 ops at 1 thread, 4 lookups at 2; each nvhtm engine: 7 ops at 1 and 2 threads;
+    // for both shapes.
+    assert_eq!(rows.len(), 2 * (7 + 4 + 2 * 14), "{report}");
+    for row in rows {
+        let mops = row["mops_per_second"].as_f64().expect("Mops/s");
+        assert!(mops.is_finite() && mops > 0.0, "{row}");
+        assert!(row["ratio_to_hashbrown"].as_f64().is_some_and(|r| r.is_finite() && r > 0.0), "{row}");
+        let allocations = row["allocations_in_timed_loop"].as_u64().expect("allocation count");
+        let engine = row["engine"].as_str().unwrap();
+        let op = row["op"].as_str().unwrap();
+        let lines = row["lines_flushed_per_op"].as_f64().unwrap();
+        match engine {
+            // Pre-sized, with every value built before timing: no allocation at all.
+            "hashbrown" => {
+                assert_eq!(allocations, 0, "{row}");
+                assert!(row["ratio_to_volatile"].is_null(), "{row}");
+            }
+            "nvhtm (volatile)" => assert_eq!(lines, 0.0, "{row}"),
+            "nvhtm (cpu)" => {
+                assert!(row["ratio_to_volatile"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+                // Writes flush and fence; lookups never do.
+                assert_eq!(op.starts_with("get"), lines == 0.0, "{row}");
+            }
+            other => panic!("unknown engine {other}"),
+        }
+        if op.starts_with("get") {
+            assert_eq!(allocations, 0, "lookups allocate nothing: {row}");
+        }
+    }
+    assert_eq!(report["open"].as_array().map(Vec::len), Some(2), "{report}");
+}

@@ -1,0 +1,84 @@
+//! A counting wrapper around the system allocator, so that `bench map` can show that no engine
+//! allocates on the Rust heap inside a timed loop.
+//!
+//! Counting is off until a benchmark turns it on ([`counting`]); while off, each allocation
+//! costs one relaxed load more than the system allocator's own work.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The system allocator, counting allocations (`alloc`, `alloc_zeroed`, `realloc`) and frees
+/// while [`counting`] is on.
+#[derive(Debug)]
+pub struct Counting;
+
+static ON: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static FREES: AtomicU64 = AtomicU64::new(0);
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn note(counter: &AtomicU64) {
+    if ON.load(Ordering::Relaxed) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
+// guarantees (alignment, size, ownership of the blocks) are ours; counting touches only atomics
+// and never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(&ALLOCATIONS);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract (non-zero size), which is
+        // `System.alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(&ALLOCATIONS);
+        // SAFETY: as for `alloc`: the caller's contract is `System.alloc_zeroed`'s.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(&ALLOCATIONS);
+        // SAFETY: `ptr` was allocated by this allocator, i.e. by `System`, with `layout`; the
+        // caller guarantees `new_size` is valid, as `System.realloc` requires.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        note(&FREES);
+        // SAFETY: `ptr` was allocated by this allocator, i.e. by `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Turns counting on or off (for every thread).
+pub fn counting(on: bool) {
+    ON.store(on, Ordering::SeqCst);
+}
+
+/// Allocations and frees counted so far, over every thread.
+pub fn counts() -> (u64, u64) {
+    (ALLOCATIONS.load(Ordering::SeqCst), FREES.load(Ordering::SeqCst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_an_allocation_only_while_on() {
+        // Other tests may allocate concurrently: only lower bounds hold.
+        counting(true);
+        let (a0, f0) = counts();
+        let v = std::hint::black_box(vec![1u8; 100]);
+        drop(v);
+        let (a1, f1) = counts();
+        counting(false);
+        assert!(a1 > a0 && f1 > f0);
+    }
+}
