@@ -66,10 +66,17 @@ pub(super) fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Resul
     }
 }
 
-/// Whether `file` has a hole before `len` (a sparse copy): `SEEK_HOLE` finds the first one. A
-/// file system that cannot tell counts as sparse (then the caller allocates, which is correct,
-/// only slower: `fallocate` walks every block even when all are there).
+/// Whether `file` may have a hole before `len` (a sparse copy). On tmpfs the block count is
+/// exact — pages only, no metadata blocks — and `SEEK_HOLE` walks every page (4.5 ms for
+/// 128 MiB, as slow as `fallocate`); elsewhere `SEEK_HOLE` reads the extent tree. A file
+/// system that cannot tell counts as sparse: the caller then allocates, which is correct, only
+/// slower (`fallocate` walks every block even when all are there).
 fn has_hole(file: &File, len: u64) -> bool {
+    let on_tmpfs = rustix::fs::fstatfs(file)
+        .is_ok_and(|fs| fs.f_type as u64 == u64::from(crate::region::linux_magic::TMPFS));
+    if on_tmpfs {
+        return rustix::fs::fstat(file).map_or(true, |st| (st.st_blocks as u64).saturating_mul(512) < len);
+    }
     rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(0)).map_or(true, |first| first < len)
 }
 
