@@ -359,10 +359,12 @@ impl SimStorage {
                         "crash point {} (before {call:?}): {message}",
                         report.crash_points - 1
                     ));
+                    crate::sim::log_images(report.images_checked, self.lock().disabled_sync.is_some());
                     return report;
                 }
             }
         }
+        crate::sim::log_images(report.images_checked, self.lock().disabled_sync.is_some());
         report
     }
 

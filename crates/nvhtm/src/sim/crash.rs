@@ -655,6 +655,7 @@ impl CrashTest {
     {
         let mut report = CrashReport::default();
         let _ = self.explore(recording, &check, 0, &[], None, &mut Vec::new(), &mut report);
+        log_images(report.images_checked + report.recovery_images_checked, self.disabled_site.is_some());
         report
     }
 
@@ -866,4 +867,20 @@ struct Run<'a, T> {
     depth: u32,
     first_mark: usize,
     parent: Option<&'a T>,
+}
+
+/// Where crash tests account for the images they check: when the environment variable
+/// `NVHTM_IMAGE_LOG` names a file, every [`CrashTest`] run (and every run of the FAMS file
+/// model) appends its count of distinct images checked, one line each, marked `mutant` for a
+/// run with a site switched off (its images largely repeat the baseline's) — so that `.ci/run`
+/// can report the images of a whole CI run across test processes. Best effort: a failure to
+/// write is ignored (it is accounting, not a result).
+pub(crate) fn log_images(images: u64, mutant: bool) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("NVHTM_IMAGE_LOG") {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{images} {}", if mutant { "mutant" } else { "run" });
+        }
+    }
 }

@@ -23,6 +23,7 @@
 mod crash;
 pub mod litmus;
 
+pub(crate) use crash::log_images;
 pub use crash::{
     CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
 };
