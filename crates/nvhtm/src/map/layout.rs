@@ -17,7 +17,7 @@
 //! record (heap block): key length u32, value length u32, key, value
 //! ```
 //!
-//! A key hashes (xxh3-64) to a directory entry by its top G bits, to a home bucket in
+//! A key hashes (xxh3-64, keyed by the map's secret seed) to a directory entry by its top G bits, to a home bucket in
 //! 0..255 by its low 32 bits, and to a fingerprint by bits 32..40; it lives in its home
 //! bucket or one of the 15 after it (wrapping around), no farther than the home bucket's
 //! reach. A segment at depth L owns exactly the hashes whose top L
@@ -45,6 +45,8 @@ pub const KIND_RECORD: u8 = 2;
 pub const ROOT_MAGIC: u64 = 0;
 pub const ROOT_DIR: u64 = 8;
 pub const ROOT_NEXT_ID: u64 = 16;
+/// The map's secret hash seed (0 in maps made before keyed hashing: the unkeyed hash).
+pub const ROOT_SEED: u64 = 24;
 
 /// Offsets inside a segment header.
 pub const SEG_DEPTH: u64 = 8;
@@ -55,8 +57,10 @@ pub const SEG_PATTERN: u64 = 16;
 pub struct Hash(pub u64);
 
 impl Hash {
-    pub fn of(key: &[u8]) -> Hash {
-        Hash(xxhash_rust::xxh3::xxh3_64(key))
+    /// The keyed hash of `key` under the map's secret `seed` (xxh3-64 with a seed; seed 0 is
+    /// the unkeyed xxh3-64).
+    pub fn of(seed: u64, key: &[u8]) -> Hash {
+        Hash(xxhash_rust::xxh3::xxh3_64_with_seed(key, seed))
     }
 
     pub fn home(self) -> u64 {

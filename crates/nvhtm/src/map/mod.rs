@@ -48,6 +48,16 @@ use crate::persist::Domain;
 use crate::pool::{PPtr, Pool, PoolError};
 use layout::*;
 
+/// A fresh secret hash seed from the OS's randomness (a clock-seeded generator if it has none),
+/// never 0 (the unkeyed hash).
+fn secret_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
+        bytes = fastrand::u64(..).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
+}
+
 /// Deepest directory (2^40 segments).
 const MAX_DEPTH: u64 = 40;
 
@@ -322,6 +332,8 @@ struct Splits {
 pub struct StrictMap<D: Domain> {
     heap: Heap<D>,
     root: u64,
+    /// The secret seed of the keyed hash (read from the root at open).
+    seed: u64,
     segments: SegTable,
     /// Serialises splits (and `shape`, which must not see one), and counts them.
     resize: Mutex<Splits>,
@@ -359,20 +371,53 @@ fn is_inline(key: &[u8], value: &[u8]) -> bool {
 }
 
 impl<D: Domain> StrictMap<D> {
-    /// Opens the map that is the heap's root object, creating an empty one in a new heap.
+    /// Opens the map that is the heap's root object, creating an empty one in a new heap. A new
+    /// map's hash is keyed by a secret seed from the OS's randomness, stored in its root.
     pub fn open(heap: Heap<D>) -> Result<StrictMap<D>> {
+        StrictMap::open_keyed(heap, None)
+    }
+
+    /// [`open`](StrictMap::open), but a map created now gets `seed` as its hash seed instead of
+    /// a secret one (0: the unkeyed hash): the same keys then land in the same buckets in every
+    /// run — for reproducible crash suites and benchmarks, never for maps that hold keys an
+    /// adversary may choose. An existing map keeps its own seed.
+    ///
+    /// ```
+    /// use nvhtm::{Heap, PoolOptions, StrictMap, Volatile};
+    /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(4 << 20), Volatile)?;
+    /// let map = StrictMap::open_with_seed(heap, 42)?;
+    /// map.insert(b"key", b"value")?;
+    /// assert_eq!(map.get(b"key")?, Some(b"value".to_vec()));
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn open_with_seed(heap: Heap<D>, seed: u64) -> Result<StrictMap<D>> {
+        StrictMap::open_keyed(heap, Some(seed))
+    }
+
+    fn open_keyed(heap: Heap<D>, seed: Option<u64>) -> Result<StrictMap<D>> {
         let root = heap.root::<[u64; 8]>().map_err(|e| match e {
             HeapError::RootSize { .. } => MapError::NotAMap(e.to_string()),
             e => MapError::Heap(e),
         })?;
-        let map =
-            StrictMap { heap, root: root.offset(), segments: SegTable::new(), resize: Mutex::default() };
+        let mut map = StrictMap {
+            heap,
+            root: root.offset(),
+            seed: 0,
+            segments: SegTable::new(),
+            resize: Mutex::default(),
+        };
         match map.load(map.root + ROOT_MAGIC)? {
             MAP_MAGIC => {}
-            0 => map.format()?,
+            0 => map.format(seed.unwrap_or_else(secret_seed))?,
             other => return Err(MapError::NotAMap(format!("root magic {other:#018x}"))),
         }
+        map.seed = map.load(map.root + ROOT_SEED)?;
         Ok(map)
+    }
+
+    /// The keyed hash of `key` in this map.
+    pub(crate) fn hash(&self, key: &[u8]) -> Hash {
+        Hash::of(self.seed, key)
     }
 
     /// The heap the map lives in.
@@ -390,7 +435,7 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// An empty map: a directory of depth 0 and one segment, committed with the root.
-    fn format(&self) -> Result<()> {
+    fn format(&self, seed: u64) -> Result<()> {
         let root = self.root;
         self.heap.transaction(|tx| {
             let segment = tx.alloc_uninit(SEGMENT_SIZE)?;
@@ -400,7 +445,10 @@ impl<D: Domain> StrictMap<D> {
             }
             let dir = tx.alloc_bytes(DIR_HEADER + 8)?;
             tx.write(PPtr::<[u64; 3]>::new(dir), &[DIR_MAGIC, 0, segment])?;
-            tx.write(PPtr::<[u64; 3]>::new(root), &[MAP_MAGIC, dir, 1])?;
+            // A secret per map, as Redis keys its dictionaries: keys crafted to share hash
+            // prefixes (forcing splits toward the directory's depth limit) cannot be computed
+            // without it.
+            tx.write(PPtr::<[u64; 4]>::new(root), &[MAP_MAGIC, dir, 1, seed])?;
             Ok::<_, HeapError>(())
         })?;
         Ok(())
@@ -603,7 +651,7 @@ impl<D: Domain> StrictMap<D> {
     /// Whether `key` is present, its value copied into `value`.
     fn lookup(&self, key: &[u8], value: &mut ValueBuf) -> Result<bool> {
         check_sizes(key, None)?;
-        let hash = Hash::of(key);
+        let hash = self.hash(key);
         let (mut failures, mut strays) = (0, 0);
         loop {
             let attempt = (|| -> Result<Option<bool>> {
@@ -706,7 +754,7 @@ impl<D: Domain> StrictMap<D> {
     fn write<R>(&self, key: &[u8], mut op: impl FnMut(&mut Held, Hash) -> Result<Outcome<R>>) -> Result<R> {
         // A FAMS sync waits for the whole operation, its splits included.
         let _writer = self.heap.raw_pool().enter_writer();
-        let hash = Hash::of(key);
+        let hash = self.hash(key);
         loop {
             let (segment, locks, guard) = self.lock_owner(hash)?;
             let summary = self.summary_locked(&segment, locks)?;
@@ -841,7 +889,7 @@ impl<D: Domain> StrictMap<D> {
             KIND_RECORD => Hash(self.load(s)?),
             _ => {
                 let key: [u8; 16] = self.heap.raw_pool().read(s)?;
-                Hash::of(&key[..info_key_len(info).min(INLINE_KEY)])
+                self.hash(&key[..info_key_len(info).min(INLINE_KEY)])
             }
         })
     }

@@ -45,11 +45,11 @@ fn map_with_stale_copies(sim: &Sim) -> (StrictMap<Sim>, u64, Segment) {
 }
 
 /// Keys the old segment owns, homed at `home`.
-fn keys_homed_at(old: &Segment, home: u64, count: usize) -> Vec<Vec<u8>> {
+fn keys_homed_at<D: Domain>(map: &StrictMap<D>, old: &Segment, home: u64, count: usize) -> Vec<Vec<u8>> {
     (0u64..)
         .map(|j| format!("w{j}").into_bytes())
         .filter(|k| {
-            let hash = Hash::of(k);
+            let hash = map.hash(k);
             old.owns(hash) && hash.home() == home
         })
         .take(count)
@@ -81,7 +81,7 @@ fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reuse
             SLOTS - u64::from((meta & 0x7f).count_ones())
         })
         .sum();
-    let inserts = keys_homed_at(&old, home, free as usize + 4);
+    let inserts = keys_homed_at(&map, &old, home, free as usize + 4);
     sim.restart_recording().unwrap();
     for (n, key) in inserts.iter().enumerate() {
         assert!(map.insert(key, b"new").unwrap());
@@ -158,7 +158,7 @@ fn a_directory_naming_the_wrong_segment_is_an_error_not_a_hang() {
     let low = map.load(dir + DIR_HEADER).unwrap();
     // Both entries name the segment of the hashes starting with bit 0.
     map.heap().raw_pool().store_u64(dir + DIR_HEADER + 8, low, Ordering::Release).unwrap();
-    let stray = keys.iter().find(|k| Hash::of(k).prefix(1) == 1).unwrap();
+    let stray = keys.iter().find(|k| map.hash(k).prefix(1) == 1).unwrap();
     assert!(corrupt(map.get(stray)).contains("no segment owning"));
     assert!(corrupt(map.upsert(stray, b"w")).contains("no segment owning"));
     assert!(corrupt(map.for_each(|_, _| true)).contains("no segment owning"));
@@ -170,7 +170,7 @@ fn a_segment_deeper_than_its_directory_is_an_error() {
     let dir = map.load(map.root + ROOT_DIR).unwrap();
     let low = map.load(dir + DIR_HEADER).unwrap();
     map.heap().raw_pool().store_u64(low + SEG_DEPTH, 5, Ordering::Release).unwrap();
-    let key = keys.iter().find(|k| Hash::of(k).prefix(1) == 0).unwrap();
+    let key = keys.iter().find(|k| map.hash(k).prefix(1) == 0).unwrap();
     assert!(corrupt(map.get(key)).contains("deeper than the directory"));
     assert!(corrupt(map.remove(key)).contains("deeper than the directory"));
 }
@@ -180,7 +180,7 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
     let key = b"a key long enough to be stored out of place";
     map.upsert(key, b"value").unwrap();
-    let hash = Hash::of(key);
+    let hash = map.hash(key);
     let segment = map.locate(hash).unwrap().unwrap();
     let found = map.find(segment.at, hash, key, &|| true, None).unwrap().unwrap();
     let pool = map.heap().raw_pool();
@@ -210,4 +210,32 @@ fn a_split_past_the_segment_limit_is_refused_and_changes_nothing() {
     assert_eq!(map.len().unwrap(), inserted);
     assert!((0..inserted).all(|i| map.get(&prefill_key(i)).unwrap().is_some()));
     assert_eq!(map.get(&prefill_key(inserted)).unwrap(), None);
+}
+
+/// Keys crafted so that their unkeyed hashes share a 10-bit prefix all fall into one directory
+/// entry of an unkeyed map (seed 0, as maps made before keyed hashing) and force a split per
+/// shared bit; under a map's secret seed the same keys spread like any others.
+#[test]
+fn keys_sharing_an_unkeyed_hash_prefix_do_not_cluster_in_a_keyed_map() {
+    let crafted: Vec<Vec<u8>> = (0u64..)
+        .map(|j| format!("x{j}").into_bytes())
+        .filter(|k| xxhash_rust::xxh3::xxh3_64(k) >> 54 == 0)
+        .take(5000)
+        .collect();
+    let depth_after = |map: StrictMap<crate::Volatile>| {
+        for k in &crafted {
+            map.insert(k, b"v").unwrap();
+        }
+        map.stats().unwrap().global_depth
+    };
+    let heap = || {
+        Heap::create_in_memory(&opts().with_size(64 << 20).with_max_size(256 << 20), crate::Volatile).unwrap()
+    };
+    let unkeyed = depth_after(StrictMap::open_with_seed(heap(), 0).unwrap());
+    let keyed = StrictMap::open(heap()).unwrap();
+    assert_ne!(keyed.seed, 0, "a new map's seed is secret, never the unkeyed 0");
+    let keyed = depth_after(keyed);
+    println!("directory depth after 5000 crafted keys: unkeyed {unkeyed}, keyed {keyed}");
+    assert!(unkeyed >= 10, "the crafted keys cluster without a key: depth {unkeyed}");
+    assert!(keyed <= 3, "the crafted keys spread under a secret seed: depth {keyed}");
 }

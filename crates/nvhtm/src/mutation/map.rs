@@ -13,6 +13,11 @@
 //! test.run(&recording, check(1, &histories)).assert_passed();
 //! ```
 
+/// The hash seed of the suites' maps: fixed, so that the same keys fill the same buckets and
+/// split at the same insert in every run (a recorded workload is reproducible, and
+/// [`keys_before_first_split`] counts for the recorded map too).
+pub const HASH_SEED: u64 = 0x5eed_0f7e_574a_5e00;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -103,7 +108,8 @@ pub fn random_op(rng: &mut fastrand::Rng, model: &Model, k: Vec<u8>, step: u64) 
 /// How many of the pre-fill keys (`k0`, `k1`, …) fit before the first split (found on a
 /// volatile map): inserting key `k{n}` for this `n` splits.
 pub fn keys_before_first_split() -> u64 {
-    let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
+    let map = StrictMap::open_with_seed(Heap::create_in_memory(&opts(), crate::Volatile).unwrap(), HASH_SEED)
+        .unwrap();
     let mut i = 0u64;
     loop {
         map.upsert(format!("k{i}").as_bytes(), &i.to_le_bytes()).unwrap();
@@ -129,7 +135,8 @@ pub fn record_with(
     ops: usize,
     threads: usize,
 ) -> (Recording, Vec<Vec<Model>>) {
-    let map = StrictMap::open(Heap::create_in_memory(&opts(), sim.clone()).unwrap()).unwrap();
+    let map =
+        StrictMap::open_with_seed(Heap::create_in_memory(&opts(), sim.clone()).unwrap(), HASH_SEED).unwrap();
     let mut base = Model::new();
     let prefill = if prefill == u64::MAX { keys_before_first_split() - 5 } else { prefill };
     for i in 0..prefill {
@@ -283,9 +290,9 @@ fn annotated_line(tag: &str) -> u32 {
     line as u32 + 1
 }
 
-/// The map's hash of a key (`xxh3_64`: the map's `Hash::of`).
+/// The map's hash of a key under the suites' fixed seed (the map's `Hash::of`).
 fn hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(key)
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, HASH_SEED)
 }
 
 /// The home bucket of a hash (the map's `Hash::home`, over its 255 buckets).
@@ -314,7 +321,9 @@ fn home(hash: u64) -> u64 {
 pub fn record_split_two_threads() -> (Recording, Vec<Vec<Model>>) {
     let n = keys_before_first_split();
     let sim = Sim::new();
-    let map = Arc::new(StrictMap::open(Heap::create_in_memory(&opts(), sim.clone()).unwrap()).unwrap());
+    let map = Arc::new(
+        StrictMap::open_with_seed(Heap::create_in_memory(&opts(), sim.clone()).unwrap(), HASH_SEED).unwrap(),
+    );
     let mut base = Model::new();
     for i in 0..n {
         let k = format!("k{i}").into_bytes();
