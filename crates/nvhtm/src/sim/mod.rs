@@ -24,7 +24,8 @@ mod crash;
 pub mod litmus;
 
 pub use crash::{
-    CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
+    CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageDelta, ImageId, MutationReport,
+    SiteOutcome,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
