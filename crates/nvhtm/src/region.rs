@@ -48,6 +48,9 @@ pub(crate) struct Region {
     len: AtomicU64,
     kind: MappingKind,
     file_flags: MapFlags,
+    /// Whether dropping the Region unmaps its reservation (`false`: borrowed from an
+    /// [`ImageSlot`](crate::pool::ImageSlot), which keeps the mapping for its own life).
+    owned: bool,
 }
 
 // SAFETY: a Region is a raw mapping that does not move while it lives; sharing its address
@@ -84,6 +87,7 @@ impl Region {
             len: AtomicU64::new(0),
             kind: MappingKind::File,
             file_flags: MapFlags::SHARED_VALIDATE | MapFlags::SYNC,
+            owned: true,
         };
         match region.map_file_range(file, 0, len) {
             Ok(()) => region.kind = MappingKind::Dax,
@@ -114,7 +118,14 @@ impl Region {
         } else {
             MappingKind::File
         };
-        let region = Region { base, reserved, len: AtomicU64::new(0), kind, file_flags: MapFlags::PRIVATE };
+        let region = Region {
+            base,
+            reserved,
+            len: AtomicU64::new(0),
+            kind,
+            file_flags: MapFlags::PRIVATE,
+            owned: true,
+        };
         region.map_file_range(file, 0, len)?;
         region.len.store(len, Ordering::Release);
         Ok(region)
@@ -129,10 +140,29 @@ impl Region {
             len: AtomicU64::new(0),
             kind: MappingKind::Memory,
             file_flags: MapFlags::empty(),
+            owned: true,
         };
         region.protect(0, len)?;
         region.len.store(len, Ordering::Release);
         Ok(region)
+    }
+
+    /// A view of anonymous memory another Region owns: `len` usable bytes at `base`, growth
+    /// allowed up to `reserved`. Dropping it leaves the mapping alone.
+    ///
+    /// # Safety
+    /// `base..base + reserved` is a private anonymous reservation (as [`Region::anonymous`]
+    /// makes) whose first `len` bytes are readable and writable; it stays mapped, and nothing
+    /// else reads or writes it, for as long as the returned Region lives.
+    pub unsafe fn borrowed(base: NonNull<u8>, len: u64, reserved: u64) -> Region {
+        Region {
+            base,
+            reserved,
+            len: AtomicU64::new(len),
+            kind: MappingKind::Memory,
+            file_flags: MapFlags::empty(),
+            owned: false,
+        }
     }
 
     fn map_file_range(&self, file: &File, from: u64, to: u64) -> io::Result<()> {
@@ -182,6 +212,11 @@ impl Region {
     }
 
     #[inline]
+    pub fn base_nonnull(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    #[inline]
     pub fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
@@ -215,6 +250,9 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // SAFETY: the reservation is ours alone and nothing can use it after drop (every pointer
         // into it is derived from a &Region borrow). An munmap error cannot be acted on here.
         let _ = unsafe { rustix::mm::munmap(self.base().cast(), self.reserved as usize) };

@@ -1,6 +1,8 @@
 //! The pool header's crash workload and oracle: root, size and clean-flag updates.
 
-use crate::pool::MIN_POOL_SIZE;
+use std::cell::RefCell;
+
+use crate::pool::{ImageSlot, MIN_POOL_SIZE};
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{PPtr, Pool, PoolOptions};
 
@@ -41,8 +43,22 @@ pub fn record_header_updates() -> Recording {
 /// use nvhtm::sim::CrashTest;
 /// CrashTest::default().run(&record_header_updates(), check_header).assert_passed();
 /// ```
+///
+/// Each image opens in this thread's [`ImageSlot`], which restores only the lines that differ
+/// from the previous image (the header lines, mostly) instead of mapping and copying a new pool.
 pub fn check_header(sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
-    let pool = Pool::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
+    thread_local! {
+        static SLOT: RefCell<ImageSlot> = RefCell::new(ImageSlot::new());
+    }
+    SLOT.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        slot.hint(&ctx.delta);
+        Pool::open_image_in(&mut slot, image, &opts(), sim.clone(), |pool| judge_header(pool, ctx))
+            .map_err(|e| e.to_string())?
+    })
+}
+
+fn judge_header(pool: &Pool<Sim>, ctx: &CrashContext) -> Result<(), String> {
     let done = ctx.marks.len() as u64;
     let root = pool.root::<[u64; 4]>().map_err(|e| e.to_string())?.map_or(0, |p| p.offset() / 4096);
     let allowed_roots = match done {

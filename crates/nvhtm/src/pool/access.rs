@@ -103,6 +103,7 @@ impl<D: Domain> Pool<D> {
     pub fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
+        self.note_written(offset, bytes.len() as u64);
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write(ptr, bytes) };
         Ok(())
@@ -123,6 +124,7 @@ impl<D: Domain> Pool<D> {
     pub fn write_persistent(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.check_poison()?;
         let ptr = self.user_range(offset, bytes.len() as u64)?;
+        self.note_written(offset, bytes.len() as u64);
         // SAFETY: the range is in user space of the mapping.
         unsafe { self.domain.write_persistent(ptr, bytes) };
         Ok(())
@@ -140,6 +142,7 @@ impl<D: Domain> Pool<D> {
     pub fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<()> {
         self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
+        self.note_written(offset, 8);
         // SAFETY: the word is aligned and in user space.
         unsafe { self.domain.store_u64(word, value, order) };
         Ok(())
@@ -156,6 +159,7 @@ impl<D: Domain> Pool<D> {
     ) -> Result<Result<u64, u64>> {
         self.check_poison()?;
         let word = self.word(offset, HEADER_SIZE)?;
+        self.note_written(offset, 8);
         // SAFETY: the word is aligned and in user space.
         Ok(unsafe { self.domain.compare_exchange_u64(word, current, new, order) })
     }

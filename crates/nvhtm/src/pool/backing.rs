@@ -114,6 +114,32 @@ impl Backing for Memory {
     }
 }
 
+/// Anonymous memory an [`ImageSlot`](super::ImageSlot) lends: like [`Memory`], but the slot's
+/// bytes past the pool's end hold whatever an earlier image left there, so growing zeroes the
+/// new part (a grown pool's new bytes are zero, as in a fresh mapping).
+pub(crate) struct SlotMemory;
+
+impl Backing for SlotMemory {
+    fn sync(&self, _: &Region) -> Result<()> {
+        Ok(())
+    }
+
+    fn grow(&self, region: &Region, _: u64, new_len: u64) -> Result<()> {
+        let before = region.len();
+        if new_len > before {
+            region
+                .grow(None, new_len)
+                .map_err(|e| PoolError::io(std::path::Path::new("<image>"), "mmap", e))?;
+            // SAFETY: the region now has `new_len` writable bytes; the new part is not yet part
+            // of the pool (the header still has the old size), so nothing reads it meanwhile.
+            unsafe {
+                std::ptr::write_bytes(region.base().add(before as usize), 0, (new_len - before) as usize)
+            };
+        }
+        Ok(())
+    }
+}
+
 /// Private memory committed to storage by failure-atomic msync (see [`crate::fams`]).
 pub(crate) struct Fams<S: Storage> {
     pub committer: Mutex<Committer<S>>,

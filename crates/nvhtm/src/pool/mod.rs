@@ -12,16 +12,18 @@ mod header;
 mod info;
 mod open;
 mod pptr;
+mod slot;
 
 pub use crate::region::MappingKind;
 pub use error::{PoolError, Result};
 pub use header::{FORMAT_VERSION, HEADER_SIZE, INCOMPAT_FAMS, MAX_LAYOUT_LEN, MIN_POOL_SIZE};
 pub use info::PoolInfo;
 pub use pptr::PPtr;
+pub use slot::ImageSlot;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use bytemuck::Pod;
 
@@ -184,6 +186,9 @@ pub struct Pool<D: Domain> {
     /// sync takes it alone (see [`Pool::enter_writer`]).
     gate: RwLock<()>,
     open: bool,
+    /// The lines stored to, for a pool opened in an [`ImageSlot`] (which restores them for
+    /// the next image).
+    written: Option<Arc<slot::LineSet>>,
 }
 
 thread_local! {
@@ -257,9 +262,18 @@ impl<D: Domain> Pool<D> {
 
     fn write_header_bytes(&self, offset: u64, bytes: &[u8]) {
         debug_assert!(offset + bytes.len() as u64 <= HEADER_SIZE);
+        self.note_written(offset, bytes.len() as u64);
         // SAFETY: the header lies inside every pool mapping (size >= MIN_POOL_SIZE), and header
         // writes are serialised by the state lock (or happen before the pool is shared).
         unsafe { self.domain.write(self.region.base().add(offset as usize), bytes) };
+    }
+
+    /// Notes a store to `offset..offset + len` where a slot wants to know of it.
+    #[inline]
+    fn note_written(&self, offset: u64, len: u64) {
+        if let Some(written) = &self.written {
+            written.mark(offset, len);
+        }
     }
 
     #[track_caller]

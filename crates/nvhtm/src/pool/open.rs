@@ -430,7 +430,7 @@ fn refuse_fams(header: &Header, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_layout(header: &Header, expected: &str, path: &Path) -> Result<()> {
+pub(super) fn check_layout(header: &Header, expected: &str, path: &Path) -> Result<()> {
     let found = header.fixed.layout_name();
     if found != expected {
         return Err(PoolError::WrongLayout {
@@ -501,7 +501,7 @@ impl<D: Domain> Pool<D> {
         Ok(pool)
     }
 
-    fn assemble(
+    pub(super) fn assemble(
         region: Region,
         domain: D,
         backing: Box<dyn Backing>,
@@ -522,6 +522,7 @@ impl<D: Domain> Pool<D> {
             poison: OnceLock::new(),
             gate: RwLock::new(()),
             open: true,
+            written: None,
         }
     }
 }

@@ -157,6 +157,43 @@ struct Replay<'a> {
     marks: Vec<u64>,
     /// The write-back unit (see [`Recording`]).
     unit: u64,
+    /// What `image` changed in since the last image handed to a check (see [`ImageDelta`]).
+    delta: ImageDelta,
+    /// Whether the current crash point's lines are already in `delta` since that check.
+    point_noted: bool,
+}
+
+/// Where the image a check gets differs from the previous image the same replay handed to a
+/// check: an [`ImageSlot`](crate::pool::ImageSlot) given it ([`ImageSlot::hint`]) restores
+/// only these units instead of copying the whole image. `seq` numbers the images one replay
+/// hands to checks (0 for its first) and `source` names the replay (unique in the process), so
+/// a slot that last held some other image — of a nested depth, another test — sees that the
+/// delta is not relative to what it holds and copies the image whole.
+///
+/// [`ImageSlot::hint`]: crate::pool::ImageSlot::hint
+#[derive(Debug, Clone, Default)]
+pub struct ImageDelta {
+    pub(crate) source: u64,
+    pub(crate) seq: u64,
+    /// Offsets of the units (of `unit` bytes) that may differ, in any order, repeats allowed.
+    pub(crate) units: Vec<u64>,
+    pub(crate) unit: u64,
+    /// Too many changes to list (or a change of length): treat every byte as changed.
+    pub(crate) whole: bool,
+}
+
+impl ImageDelta {
+    fn fresh(unit: u64) -> ImageDelta {
+        static SOURCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let source = SOURCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ImageDelta { source, seq: 0, units: Vec::new(), unit, whole: true }
+    }
+
+    /// The number of units listed as changed (with repeats); `None` when the whole image counts
+    /// as changed.
+    pub fn changed_units(&self) -> Option<usize> {
+        (!self.whole).then_some(self.units.len())
+    }
 }
 
 impl<'a> Replay<'a> {
@@ -170,6 +207,8 @@ impl<'a> Replay<'a> {
             nt: BTreeMap::new(),
             base_key: 0,
             marks: marks.to_vec(),
+            delta: ImageDelta::fresh(unit),
+            point_noted: false,
         }
     }
 
@@ -183,11 +222,64 @@ impl<'a> Replay<'a> {
             nt: BTreeMap::new(),
             base_key: 0,
             marks: Vec::new(),
+            delta: ImageDelta::fresh(unit),
+            point_noted: false,
+        }
+    }
+
+    /// Notes that the image changed in the unit at `line` (see [`ImageDelta`]).
+    fn note(&mut self, line: u64) {
+        if self.delta.whole {
+            return;
+        }
+        // Past this many the slot would copy about as much as the whole image.
+        let units = self.base.as_ref().map_or(0, Vec::len) as u64 / self.unit;
+        if self.delta.units.len() as u64 >= (units / 4).max(64) {
+            self.delta.whole = true;
+            self.delta.units.clear();
+        } else {
+            self.delta.units.push(line);
+        }
+    }
+
+    /// Notes the current crash point's lines (once per check: they are the only ones its
+    /// images differ in).
+    fn note_point(&mut self, lines: &[u64]) {
+        if !self.point_noted {
+            for &line in lines {
+                self.note(line);
+            }
+            self.point_noted = true;
+        }
+    }
+
+    /// The delta of the image about to be checked; the next starts empty.
+    fn take_delta(&mut self) -> ImageDelta {
+        let next = ImageDelta {
+            source: self.delta.source,
+            seq: self.delta.seq + 1,
+            units: Vec::new(),
+            unit: self.unit,
+            whole: false,
+        };
+        self.point_noted = false;
+        std::mem::replace(&mut self.delta, next)
+    }
+
+    /// Hands back a delta's buffer for reuse.
+    fn recycle(&mut self, mut used: ImageDelta) {
+        if self.delta.units.is_empty() {
+            used.units.clear();
+            self.delta.units = used.units;
         }
     }
 
     /// Applies `pieces` (all in the unit at `line`) to the base, keeping `base_key` current.
     fn persist_pieces(&mut self, line: u64, pieces: &[Piece]) {
+        if self.base.is_none() {
+            return;
+        }
+        self.note(line);
         let Some(base) = &mut self.base else { return };
         let range = line as usize..(line + self.unit) as usize;
         let before = unit_hash(self.initial, line, &base[range.clone()]);
@@ -273,6 +365,8 @@ impl<'a> Replay<'a> {
                     // New bytes are zero, so they add nothing to the key.
                     base.resize(len, 0);
                     self.image.resize(len, 0);
+                    self.delta.whole = true;
+                    self.delta.units.clear();
                 }
             }
         }
@@ -402,6 +496,10 @@ pub struct CrashContext {
     pub fence: Option<Site>,
     /// What the crash happened just before.
     pub kind: CrashPointKind,
+    /// Where this image differs from the previous one this replay handed to a check: give it
+    /// to an [`ImageSlot`](crate::pool::ImageSlot) ([`ImageSlot::hint`](crate::pool::ImageSlot::hint))
+    /// to restore only those lines.
+    pub delta: ImageDelta,
     /// 0 for a crash of the workload, 1 for a crash during the check of such an image (its
     /// recovery, or the work it did after recovering), and so on.
     pub depth: u32,
@@ -797,13 +895,16 @@ impl CrashTest {
             kind,
             depth,
             followed: false,
+            delta: ImageDelta::default(),
         };
         let (lines, rest) = replay.key_parts(&dirty);
+        replay.point_noted = false;
         let mut image = std::mem::take(&mut replay.image);
         let mut flow = ControlFlow::Continue(());
         for choice in choices {
             replay.reset(&mut image, &lines);
             replay.apply_choice(&mut image, &dirty, &choice);
+            replay.note_point(&lines);
             report.images_built += 1;
             let key = replay.key(&image, &lines, rest);
             if self.deduplicate && !seen.insert(key) {
@@ -820,7 +921,9 @@ impl CrashTest {
             // Only a check whose recording will itself be crashed needs recording.
             let sim = if context.followed { Sim::new() } else { Sim::passive() };
             path.push(ImageId { point, choice });
+            context.delta = replay.take_delta();
             let verdict = check(&sim, &image, &context, run.parent);
+            replay.recycle(std::mem::take(&mut context.delta));
             flow = match verdict {
                 Err(message) => {
                     let choice = &path[path.len() - 1].choice;
@@ -856,6 +959,7 @@ impl CrashTest {
         }
         // Back to the base for the next crash point.
         replay.reset(&mut image, &lines);
+        replay.note_point(&lines);
         replay.image = image;
         flow
     }

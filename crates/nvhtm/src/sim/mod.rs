@@ -25,7 +25,8 @@ pub mod litmus;
 
 pub(crate) use crash::log_images;
 pub use crash::{
-    CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageId, MutationReport, SiteOutcome,
+    CrashContext, CrashFailure, CrashPointKind, CrashReport, CrashTest, ImageDelta, ImageId, MutationReport,
+    SiteOutcome,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
