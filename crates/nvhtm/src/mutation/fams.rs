@@ -95,6 +95,9 @@ pub fn check(
     Ok(storage)
 }
 
+/// The seed of the suite's first-run workload and of its crash sampling.
+const SEED: u64 = 31;
+
 /// One run of the two-run test with `disabled` switched off everywhere: the report of the
 /// first run's crashes (a second run's failure fails its first-run state), the states the
 /// second runs checked, and every sync site seen.
@@ -103,10 +106,10 @@ fn two_runs(disabled: Option<Site>) -> (FileCrashReport, u64, BTreeSet<Site>) {
     if let Some(site) = disabled {
         storage.disable_sync(site);
     }
-    let states = workload(&storage, 31, 6);
+    let states = workload(&storage, SEED, 6);
     let sites = Mutex::new(storage.sync_sites());
     let mut nested = 0;
-    let report = storage.crash_test(16, 31, |data, journal, marks| {
+    let report = storage.crash_test(16, SEED, |data, journal, marks| {
         let recovered = check(&states, data, journal, marks, disabled)?;
         let followed = (digest(data) ^ digest(journal) ^ marks.len() as u64) % 4 == 0;
         let result = if followed {
@@ -136,7 +139,7 @@ fn as_crash_report(report: &FileCrashReport, nested: u64, sites: BTreeSet<Site>)
             kind: CrashPointKind::End,
             lines: Vec::new(),
             marks: 0,
-            seed: 31,
+            seed: SEED,
         })
         .collect();
     CrashReport {
