@@ -70,20 +70,26 @@ impl Log {
 
     fn check(&self, size: u64, sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
         let pool = Pool::open_image(image, &self.opts(size), sim.clone()).map_err(|e| e.to_string())?;
-        let tail = pool.load_u64(LOG_TAIL, Ordering::Acquire).map_err(|e| e.to_string())?;
-        let done = ctx.marks.len() as u64;
-        if tail < done || tail > done + 1 {
-            return Err(format!("tail {tail} with {done} appends completed"));
-        }
-        let mut buf = vec![0u8; RECORD as usize];
-        for i in 0..tail {
-            pool.read_into(LOG_START + i * RECORD, &mut buf).map_err(|e| e.to_string())?;
-            if buf != log_record(i) {
-                return Err(format!("record {i} below the tail is damaged"));
-            }
-        }
-        Ok(())
+        verify_log(&pool, ctx)
     }
+}
+
+/// The log's oracle on a recovered pool: the tail counts the completed appends (or one more),
+/// and every record below it is intact.
+fn verify_log(pool: &Pool<Sim>, ctx: &CrashContext) -> Result<(), String> {
+    let tail = pool.load_u64(LOG_TAIL, Ordering::Acquire).map_err(|e| e.to_string())?;
+    let done = ctx.marks.len() as u64;
+    if tail < done || tail > done + 1 {
+        return Err(format!("tail {tail} with {done} appends completed"));
+    }
+    let mut buf = vec![0u8; RECORD as usize];
+    for i in 0..tail {
+        pool.read_into(LOG_START + i * RECORD, &mut buf).map_err(|e| e.to_string())?;
+        if buf != log_record(i) {
+            return Err(format!("record {i} below the tail is damaged"));
+        }
+    }
+    Ok(())
 }
 
 impl Log {
@@ -100,22 +106,8 @@ impl Log {
     ) -> Result<(), String> {
         let mut slot = slot.borrow_mut();
         slot.hint(&ctx.delta);
-        Pool::open_image_in(&mut slot, image, &self.opts(size), sim.clone(), |pool| {
-            let tail = pool.load_u64(LOG_TAIL, Ordering::Acquire).map_err(|e| e.to_string())?;
-            let done = ctx.marks.len() as u64;
-            if tail < done || tail > done + 1 {
-                return Err(format!("tail {tail} with {done} appends completed"));
-            }
-            let mut buf = vec![0u8; RECORD as usize];
-            for i in 0..tail {
-                pool.read_into(LOG_START + i * RECORD, &mut buf).map_err(|e| e.to_string())?;
-                if buf != log_record(i) {
-                    return Err(format!("record {i} below the tail is damaged"));
-                }
-            }
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?
+        Pool::open_image_in(&mut slot, image, &self.opts(size), sim.clone(), |pool| verify_log(pool, ctx))
+            .map_err(|e| e.to_string())?
     }
 }
 
