@@ -66,12 +66,18 @@ pub fn counts() -> (u64, u64) {
     (ALLOCATIONS.load(Ordering::SeqCst), FREES.load(Ordering::SeqCst))
 }
 
+/// Held by every test that switches counting on: the switch is global, and a test switching it
+/// off while another counts made that one see no allocation.
+#[cfg(test)]
+pub static TEST_SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn counts_an_allocation_only_while_on() {
+        let _alone = TEST_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         // Other tests may allocate concurrently: only lower bounds hold.
         counting(true);
         let (a0, f0) = counts();

@@ -704,6 +704,7 @@ mod tests {
 
     #[test]
     fn a_timed_loop_that_allocates_is_counted() {
+        let _alone = alloc::TEST_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         alloc::counting(true);
         let m = timed(1, vec![|| drop(std::hint::black_box(vec![0u8; 64]))]);
         alloc::counting(false);
