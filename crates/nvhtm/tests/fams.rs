@@ -318,6 +318,71 @@ mod pools {
         assert_eq!(std::fs::read(journal_path(&plain)).unwrap(), journal, "nor retired");
     }
 
+    /// A valid journal naming a huge file length (its checksum holds: anyone can write one) would
+    /// have the file extended and loaded whole into memory: refused before anything is applied.
+    #[test]
+    fn a_journal_naming_a_huge_length_is_refused_and_applies_nothing() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let path = dir.path().join("huge.pool");
+        Pool::<AutoDomain>::create_fams(&path, &opts()).unwrap().close().unwrap();
+        let journal = super::crafted_journal(1, 1 << 40);
+        std::fs::write(journal_path(&path), &journal).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let err = Pool::<AutoDomain>::open_fams(&path, &opts()).unwrap_err();
+        assert!(matches!(err, PoolError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains("1099511627776 bytes once its journal is applied"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing was applied");
+        assert_eq!(std::fs::read(journal_path(&path)).unwrap(), journal, "nor retired");
+    }
+
+    /// `create_fams` builds the pool under a temporary name: while `init` runs nothing is at the
+    /// pool's path (a crash then leaves no half-made pool for `create` to refuse), a failed
+    /// `init` leaves no file at all, and a success leaves exactly the pool and its journal.
+    #[test]
+    fn create_fams_publishes_the_pool_only_once_it_is_committed() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let path = dir.path().join("new.pool");
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let failed = Pool::<AutoDomain>::create_fams_with(&path, &opts(), |_| {
+            Err(PoolError::Corrupt { path: path.clone(), what: "init failed".into() })
+        });
+        assert!(failed.is_err());
+        assert!(listing().is_empty(), "{:?}", listing());
+        let mut seen_during_init = None;
+        let pool = Pool::<AutoDomain>::create_fams_with(&path, &opts(), |pool| {
+            seen_during_init = Some((path.exists(), journal_path(&path).exists()));
+            pool.write_bytes(8192, b"laid out by init")
+        })
+        .unwrap();
+        assert_eq!(seen_during_init, Some((false, false)), "the pool's names appear only after its commit");
+        assert_eq!(listing(), ["new.pool", "new.pool.journal"]);
+        pool.close().unwrap();
+        let pool = Pool::<AutoDomain>::open_fams(&path, &opts()).unwrap();
+        let mut bytes = [0u8; 16];
+        pool.read_into(8192, &mut bytes).unwrap();
+        assert_eq!(&bytes, b"laid out by init");
+    }
+
+    /// A journal left beside a deleted pool is never replayed into a new pool of that name.
+    #[test]
+    fn create_fams_discards_a_journal_without_its_pool() {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let path = dir.path().join("again.pool");
+        std::fs::write(journal_path(&path), super::crafted_journal(1, 1 << 20)).unwrap();
+        Pool::<AutoDomain>::create_fams(&path, &opts()).unwrap().close().unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[4096..8192].iter().all(|&b| b == 0), "the old journal's page was applied");
+        let pool = Pool::<AutoDomain>::open_fams(&path, &opts()).unwrap();
+        assert_eq!(pool.image().unwrap()[4096..8192], [0u8; 4096]);
+    }
+
     #[test]
     fn a_plain_pool_is_not_opened_as_fams() {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

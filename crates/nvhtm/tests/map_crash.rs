@@ -6,9 +6,9 @@
 //! `nvhtm::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
 
 use nvhtm::mutation::map::{apply, check, check_recovered, key, opts, random_op, record, record_with, Model};
-use nvhtm::mutation::{self};
+use nvhtm::mutation::{self, with_heap};
 use nvhtm::sim::{CrashContext, CrashTest, Sim};
-use nvhtm::{Heap, StrictMap};
+use nvhtm::StrictMap;
 
 #[test]
 fn operations_across_a_split_survive_a_crash_at_every_fence() {
@@ -97,12 +97,13 @@ fn runs_in_a_row_survive_a_crash_in_each() {
         history
     };
     let check = |sim: &Sim, image: &[u8], ctx: &CrashContext, parent: Option<&Vec<Model>>| {
-        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
-        let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-        let run = parent.map_or_else(|| histories[0].clone(), Clone::clone);
-        let found = check_recovered(&map, 1, std::slice::from_ref(&run), |_| ctx.run_marks.len())
-            .map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
-        Ok(if ctx.followed { next_run(sim, &map, found, ctx.depth) } else { Vec::new() })
+        with_heap(sim, image, ctx, &opts(), |heap| {
+            let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
+            let run = parent.map_or_else(|| histories[0].clone(), Clone::clone);
+            let found = check_recovered(&map, 1, std::slice::from_ref(&run), |_| ctx.run_marks.len())
+                .map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
+            Ok(if ctx.followed { next_run(sim, &map, found, ctx.depth) } else { Vec::new() })
+        })
     };
     let two = CrashTest {
         recovery_depth: 1,

@@ -106,7 +106,7 @@ impl Log {
     ) -> Result<(), String> {
         let mut slot = slot.borrow_mut();
         slot.hint(&ctx.delta);
-        Pool::open_image_in(&mut slot, image, &self.opts(size), sim.clone(), |pool| verify_log(pool, ctx))
+        Pool::open_image_in(&mut slot, image, &self.opts(size), sim.clone(), |pool| verify_log(&pool, ctx))
             .map_err(|e| e.to_string())?
     }
 }

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use bytemuck::Pod;
 
 use crate::persist::Domain;
-use crate::pool::{FileDomain, PPtr, Pool, PoolOptions};
+use crate::pool::{FileDomain, ImageSlot, PPtr, Pool, PoolOptions};
 use lane::LaneLog;
 use layout::chunk::{self, Head};
 use layout::{HeapHeader, RunGeometry, HEAP_MAGIC, HEAP_OFFSET, HEAP_VERSION};
@@ -213,6 +213,30 @@ impl<D: Domain> Heap<D> {
     /// Opens the heap in a pool image (a crash image of the simulator).
     pub fn open_image(image: &[u8], opts: &PoolOptions, domain: D) -> Result<Heap<D>> {
         Heap::load(Pool::open_image(image, opts, domain)?)
+    }
+
+    /// [`Heap::open_image`] in a reusable mapping ([`Pool::open_image_in`]): recovers the heap
+    /// in `image` inside `slot` and hands it to `f`, which should drop it before returning.
+    ///
+    /// ```
+    /// use nvhtm::pool::ImageSlot;
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// let opts = PoolOptions::layout("slot-heap").with_size(512 << 10);
+    /// let image = Heap::create_in_memory(&opts, Volatile).unwrap().pool().image().unwrap();
+    /// let mut slot = ImageSlot::new();
+    /// for _ in 0..3 {
+    ///     let stats = Heap::open_image_in(&mut slot, &image, &opts, Volatile, |heap| heap.stats().unwrap());
+    ///     assert!(stats.unwrap().free_chunks > 0);
+    /// }
+    /// ```
+    pub fn open_image_in<R>(
+        slot: &mut ImageSlot,
+        image: &[u8],
+        opts: &PoolOptions,
+        domain: D,
+        f: impl FnOnce(Heap<D>) -> R,
+    ) -> Result<R> {
+        Pool::open_image_in(slot, image, opts, domain, |pool| Heap::load(pool).map(f))?
     }
 
     /// Lays out an empty heap in a new pool (one with no root object yet).

@@ -16,6 +16,7 @@
 use std::ops::Range;
 use std::sync::{Barrier, Mutex};
 
+use super::with_heap;
 use crate::heap::{CheckReport, HeapError, Tx};
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{Domain, Heap, PoolOptions};
@@ -465,11 +466,12 @@ pub fn single_thread_check(
     history: &[Root],
 ) -> impl Fn(&Sim, &[u8], &CrashContext) -> Result<(), String> + '_ {
     move |sim, image, ctx| {
-        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
-        let k = ctx.marks.len();
-        let allowed: Vec<&Root> = history[k..(k + 2).min(history.len())].iter().collect();
-        check_slots(&heap, &allowed, 0..SLOTS)?;
-        check_heap(&heap).map(drop)
+        with_heap(sim, image, ctx, &opts(), |heap| {
+            let k = ctx.marks.len();
+            let allowed: Vec<&Root> = history[k..(k + 2).min(history.len())].iter().collect();
+            check_slots(&heap, &allowed, 0..SLOTS)?;
+            check_heap(&heap).map(drop)
+        })
     }
 }
 
@@ -497,17 +499,19 @@ pub fn multi_run_check<'a>(
     next: impl Fn(u32, &Root) -> Vec<Op> + 'a,
 ) -> MultiRunCheck<'a> {
     Box::new(move |sim, image, ctx, parent| {
-        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
-        let run = parent.map_or(history, Vec::as_slice);
-        let k = ctx.run_marks.len();
-        let allowed: Vec<&Root> = run[k..(k + 2).min(run.len())].iter().collect();
-        check_slots(&heap, &allowed, 0..SLOTS).map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
-        check_heap(&heap).map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
-        if !ctx.followed {
-            return Ok(Vec::new());
-        }
-        let start = heap.get(heap.root::<Root>().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        Ok(run_script(&heap, &next(ctx.depth, &start), 0..SLOTS, |op| sim.mark(op as u64)))
+        with_heap(sim, image, ctx, &opts(), |heap| {
+            let run = parent.map_or(history, Vec::as_slice);
+            let k = ctx.run_marks.len();
+            let allowed: Vec<&Root> = run[k..(k + 2).min(run.len())].iter().collect();
+            check_slots(&heap, &allowed, 0..SLOTS).map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
+            check_heap(&heap).map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
+            if !ctx.followed {
+                return Ok(Vec::new());
+            }
+            let start =
+                heap.get(heap.root::<Root>().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            Ok(run_script(&heap, &next(ctx.depth, &start), 0..SLOTS, |op| sim.mark(op as u64)))
+        })
     })
 }
 

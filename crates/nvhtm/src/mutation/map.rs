@@ -21,6 +21,7 @@ pub const HASH_SEED: u64 = 0x5eed_0f7e_574a_5e00;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use super::with_heap;
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{Domain, Heap, PoolOptions, StrictMap};
 
@@ -206,10 +207,11 @@ pub fn check(
     histories: &[Vec<Model>],
 ) -> impl Fn(&Sim, &[u8], &CrashContext) -> Result<(), String> + '_ {
     move |sim, image, ctx| {
-        let heap = Heap::open_image(image, &opts(), sim.clone()).map_err(|e| e.to_string())?;
-        let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-        let done = |t: usize| ctx.marks.iter().filter(|&&m| (m >> 32) as usize == t).count();
-        check_recovered(&map, threads, histories, done).map(drop)
+        with_heap(sim, image, ctx, &opts(), |heap| {
+            let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
+            let done = |t: usize| ctx.marks.iter().filter(|&&m| (m >> 32) as usize == t).count();
+            check_recovered(&map, threads, histories, done).map(drop)
+        })
     }
 }
 
@@ -227,23 +229,22 @@ pub fn check_recovered<D: Domain>(
         true
     })
     .map_err(|e| e.to_string())?;
-    let mine = |t: usize, m: &Model| -> Model {
-        m.iter()
-            .filter(|(k, _)| threads == 1 || (*k.last().unwrap() as usize) % threads == t)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
+    // Thread t's part of a model, compared in place (no copies: this runs for every image).
+    fn part(m: &Model, t: usize, threads: usize) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+        m.iter().filter(move |(k, _)| threads == 1 || (*k.last().unwrap() as usize) % threads == t)
+    }
+    let mine = |t: usize, m| part(m, t, threads);
     for (t, history) in histories.iter().enumerate() {
         let done = done(t);
-        let now = mine(t, &found);
         let allowed = [&history[done], &history[(done + 1).min(history.len() - 1)]];
-        if !allowed.iter().any(|m| mine(t, m) == now) {
-            let diff: Vec<_> = now.keys().filter(|k| !history[done].contains_key(*k)).take(3).collect();
+        if !allowed.iter().any(|m| mine(t, m).eq(mine(t, &found))) {
+            let diff: Vec<_> =
+                mine(t, &found).filter(|(k, _)| !allowed[0].contains_key(*k)).take(3).collect();
             return Err(format!(
                 "thread {t}: after {done} operations the map has {} keys (expected {} or {}); e.g. {diff:?}",
-                now.len(),
-                mine(t, allowed[0]).len(),
-                mine(t, allowed[1]).len()
+                mine(t, &found).count(),
+                mine(t, allowed[0]).count(),
+                mine(t, allowed[1]).count()
             ));
         }
     }

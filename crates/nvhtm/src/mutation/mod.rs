@@ -29,8 +29,38 @@ use std::fmt;
 use std::time::Instant;
 
 use crate::persist::Site;
+use crate::pool::{ImageSlot, PoolOptions};
 use crate::sim::litmus::Protocol;
-use crate::sim::{CrashTest, MutationReport};
+use crate::sim::{CrashContext, CrashTest, MutationReport, Sim};
+use crate::Heap;
+
+/// Opens a crash image's heap in this thread's reusable [`ImageSlot`] (restoring only the lines
+/// that differ from the previous image) and runs `f` on it: the first step of every heap and
+/// map check. An image whose heap does not open is rejected with the error.
+///
+/// ```
+/// use nvhtm::mutation::{heap::opts, with_heap};
+/// use nvhtm::sim::{CrashTest, Sim};
+/// let sim = Sim::new();
+/// let heap = nvhtm::Heap::create_in_memory(&opts(), sim.clone()).unwrap();
+/// sim.restart_recording().unwrap();
+/// heap.transaction(|tx| tx.alloc_bytes(100).map(drop)).unwrap();
+/// let report = CrashTest::default().run(&sim.recording(), |sim, image, ctx| {
+///     with_heap(sim, image, ctx, &opts(), |heap| Ok(heap.stats().map_err(|e| e.to_string())?.chunks))
+///         .map(drop)
+/// });
+/// report.assert_passed();
+/// ```
+pub fn with_heap<R>(
+    sim: &Sim,
+    image: &[u8],
+    ctx: &CrashContext,
+    opts: &PoolOptions,
+    f: impl FnOnce(Heap<Sim>) -> Result<R, String>,
+) -> Result<R, String> {
+    ImageSlot::with_local(&ctx.delta, |slot| Heap::open_image_in(slot, image, opts, sim.clone(), f))
+        .map_err(|e| e.to_string())?
+}
 
 /// A named crash suite of one structure: a recorded workload, its oracle, and the crash
 /// settings, run as a mutation test.

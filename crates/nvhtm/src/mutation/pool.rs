@@ -1,7 +1,5 @@
 //! The pool header's crash workload and oracle: root, size and clean-flag updates.
 
-use std::cell::RefCell;
-
 use crate::pool::{ImageSlot, MIN_POOL_SIZE};
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{PPtr, Pool, PoolOptions};
@@ -47,15 +45,10 @@ pub fn record_header_updates() -> Recording {
 /// Each image opens in this thread's [`ImageSlot`], which restores only the lines that differ
 /// from the previous image (the header lines, mostly) instead of mapping and copying a new pool.
 pub fn check_header(sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
-    thread_local! {
-        static SLOT: RefCell<ImageSlot> = RefCell::new(ImageSlot::new());
-    }
-    SLOT.with(|slot| {
-        let mut slot = slot.borrow_mut();
-        slot.hint(&ctx.delta);
-        Pool::open_image_in(&mut slot, image, &opts(), sim.clone(), |pool| judge_header(pool, ctx))
-            .map_err(|e| e.to_string())?
+    ImageSlot::with_local(&ctx.delta, |slot| {
+        Pool::open_image_in(slot, image, &opts(), sim.clone(), |pool| judge_header(&pool, ctx))
     })
+    .map_err(|e| e.to_string())?
 }
 
 fn judge_header(pool: &Pool<Sim>, ctx: &CrashContext) -> Result<(), String> {

@@ -13,7 +13,7 @@ use super::header::{
     self, FixedHeader, Header, StateSlot, HEADER_BYTES, INCOMPAT_FAMS, MIN_POOL_SIZE, SLOT_OFFSETS,
 };
 use super::{FileDomain, MappingKind, Pool, PoolError, PoolOptions, Result};
-use crate::fams::{Committer, FileStorage, Role, SimStorage, Storage};
+use crate::fams::{journal_path, Committer, FileStorage, Role, SimStorage, Storage};
 use crate::persist::{Domain, Volatile};
 use crate::region::Region;
 
@@ -102,6 +102,23 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| PoolError::io(dir, "fsync directory", e))
 }
 
+/// The directory of `path`, and a fresh name in it under which a new pool is built before it is
+/// renamed to `path`.
+fn temporary_name(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| PoolError::Io {
+        path: path.to_path_buf(),
+        op: "create",
+        source: std::io::Error::other("the path has no file name"),
+    })?;
+    let tmp =
+        dir.join(format!(".{}.{}.{:x}.tmp", name.to_string_lossy(), std::process::id(), fastrand::u64(..)));
+    Ok((dir, tmp))
+}
+
 /// Renames `from` to `to` unless `to` exists, atomically.
 fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
@@ -134,21 +151,7 @@ impl<D: FileDomain> Pool<D> {
     ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         let size = validate_new(path, opts)?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path.file_name().ok_or_else(|| PoolError::Io {
-            path: path.to_path_buf(),
-            op: "create",
-            source: std::io::Error::other("the path has no file name"),
-        })?;
-        let tmp = dir.join(format!(
-            ".{}.{}.{:x}.tmp",
-            name.to_string_lossy(),
-            std::process::id(),
-            fastrand::u64(..)
-        ));
+        let (dir, tmp) = temporary_name(path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -239,14 +242,33 @@ impl<D: FileDomain> Pool<D> {
     ) -> std::result::Result<Pool<D>, E> {
         let path = path.as_ref();
         validate_new(path, opts)?;
-        let made = (|| {
-            let storage = FileStorage::open(path, true).map_err(|e| PoolError::io(path, "create", e))?;
+        let (dir, tmp) = temporary_name(path)?;
+        let (journal, tmp_journal) = (journal_path(path), journal_path(&tmp));
+        // A journal without its data file is what a deleted pool left: it must never be
+        // replayed into this one.
+        match std::fs::remove_file(&journal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PoolError::io(&journal, "remove a leftover journal", e).into())
+            }
+            _ => {}
+        }
+        let mut journal_placed = false;
+        let made = (|| -> std::result::Result<Pool<D>, E> {
+            let storage = FileStorage::open(&tmp, true).map_err(|e| PoolError::io(path, "create", e))?;
             let domain = D::for_mapping(MappingKind::Fams, opts, path)?;
-            Pool::format_fams(storage, opts, domain, path, init)
+            // Formatted, `init` run and committed by the first sync: durable under the
+            // temporary names. The journal takes its name first; the data file's rename then
+            // publishes the pool. A crash between them leaves a retired journal and no pool.
+            let pool = Pool::format_fams(storage, opts, domain, path, init)?;
+            rename_no_replace(&tmp_journal, &journal)?;
+            journal_placed = true;
+            rename_no_replace(&tmp, path)?;
+            sync_dir(&dir)?;
+            Ok(pool)
         })();
         if made.is_err() {
-            let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_file(crate::fams::journal_path(path));
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(if journal_placed { &journal } else { &tmp_journal });
         }
         made
     }
@@ -264,7 +286,7 @@ impl<D: FileDomain> Pool<D> {
             .map_err(|e| PoolError::io(path, "open", e))?;
         lock_exclusive(&file, path)?;
         let mut head = vec![0u8; HEADER_BYTES];
-        let len = crate::fams::peek_recovered(&file, &crate::fams::journal_path(path), &mut head)?;
+        let len = crate::fams::peek_recovered(&file, &journal_path(path), &mut head)?;
         let header = fams_header(&head, len, opts, path)?;
         let storage =
             FileStorage::with_data(file, path, false).map_err(|e| PoolError::io(path, "open journal", e))?;
@@ -273,7 +295,9 @@ impl<D: FileDomain> Pool<D> {
     }
 }
 
-/// The header of a FAMS pool as recovery will leave it (`head`, `len`), checked.
+/// The header of a FAMS pool as recovery will leave it (`head`, `len`), checked. The file is
+/// loaded whole into memory, so a length past both the pool's size and the options' maximum
+/// (a file grown by someone else, or a journal naming a huge length) is refused before it is.
 fn fams_header(head: &[u8], len: u64, opts: &PoolOptions, path: &Path) -> Result<Header> {
     let header = header::parse(path, &head[..HEADER_BYTES.min(len as usize)], len)?;
     check_layout(&header, &opts.layout, path)?;
@@ -281,6 +305,17 @@ fn fams_header(head: &[u8], len: u64, opts: &PoolOptions, path: &Path) -> Result
         return Err(PoolError::FamsMode {
             path: path.to_path_buf(),
             what: "not a FAMS pool: open it without FAMS mode",
+        });
+    }
+    let limit = page_round(header.state.size.max(opts.max_size));
+    if len > limit {
+        return Err(PoolError::Corrupt {
+            path: path.to_path_buf(),
+            what: format!(
+                "the FAMS file is {len} bytes once its journal is applied, past the pool's {} bytes \
+                 and the {}-byte maximum size of these options",
+                header.state.size, opts.max_size
+            ),
         });
     }
     Ok(header)
@@ -403,7 +438,7 @@ impl Pool<Volatile> {
     pub fn open_fams_private(path: impl AsRef<Path>, opts: &PoolOptions) -> Result<Pool<Volatile>> {
         let path = path.as_ref();
         let data = std::fs::read(path).map_err(|e| PoolError::io(path, "read", e))?;
-        let journal = match std::fs::read(crate::fams::journal_path(path)) {
+        let journal = match std::fs::read(journal_path(path)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(PoolError::io(path, "read journal", e)),

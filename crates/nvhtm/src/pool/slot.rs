@@ -1,6 +1,7 @@
 //! A reusable mapping for opening crash images as pools: [`ImageSlot`] and
 //! [`Pool::open_image_in`].
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,6 +112,7 @@ pub struct ImageSlot {
     trusted: bool,
     whole_copies: u64,
     lines_copied: u64,
+    abandoned: u64,
 }
 
 impl std::fmt::Debug for ImageSlot {
@@ -140,7 +142,45 @@ impl ImageSlot {
             trusted: false,
             whole_copies: 0,
             lines_copied: 0,
+            abandoned: 0,
         }
+    }
+
+    /// Runs `f` with this thread's slot, [hinted](ImageSlot::hint) with `delta`: the usual way
+    /// for a crash check to open its image (`delta` is its
+    /// [`CrashContext::delta`](crate::sim::CrashContext::delta)). A call nested inside another
+    /// gets a fresh slot.
+    ///
+    /// ```
+    /// use nvhtm::pool::ImageSlot;
+    /// use nvhtm::sim::{CrashTest, Sim};
+    /// use nvhtm::{Heap, PoolOptions};
+    /// let opts = PoolOptions::layout("local-slot").with_size(512 << 10);
+    /// let sim = Sim::new();
+    /// let heap = Heap::create_in_memory(&opts, sim.clone()).unwrap();
+    /// sim.restart_recording().unwrap();
+    /// heap.transaction(|tx| tx.alloc_bytes(100).map(drop)).unwrap();
+    /// let report = CrashTest::default().run(&sim.recording(), |sim, image, ctx| {
+    ///     ImageSlot::with_local(&ctx.delta, |slot| {
+    ///         Heap::open_image_in(slot, image, &opts, sim.clone(), |heap| heap.check(&mut |_, _| {}).is_consistent())
+    ///     })
+    ///     .map_err(|e| e.to_string())?
+    ///     .then_some(())
+    ///     .ok_or_else(|| "inconsistent".to_string())
+    /// });
+    /// report.assert_passed();
+    /// ```
+    pub fn with_local<R>(delta: &ImageDelta, f: impl FnOnce(&mut ImageSlot) -> R) -> R {
+        thread_local! {
+            static LOCAL: RefCell<ImageSlot> = RefCell::new(ImageSlot::new());
+        }
+        LOCAL.with(|local| match local.try_borrow_mut() {
+            Ok(mut slot) => {
+                slot.hint(delta);
+                f(&mut slot)
+            }
+            Err(_) => f(&mut ImageSlot::new()),
+        })
     }
 
     /// Tells the slot where the next image it opens differs from the previous one (the
@@ -168,6 +208,22 @@ impl ImageSlot {
     /// How many 64-byte lines opens restored one by one.
     pub fn lines_copied(&self) -> u64 {
         self.lines_copied
+    }
+
+    /// How many mappings the slot gave up to pools that outlived their open.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
+    }
+
+    /// Gives up the mapping to a pool that outlived its open: leaked, so that it stays valid
+    /// for that pool, and replaced at the next open.
+    fn abandon_mapping(&mut self) {
+        if let Some(region) = self.region.take() {
+            std::mem::forget(region);
+        }
+        self.held = None;
+        self.stale = Arc::new(LineSet::new(0));
+        self.abandoned += 1;
     }
 
     /// Makes the slot's first `len` bytes equal `image[..len]`, in a reservation of at least
@@ -234,17 +290,21 @@ impl ImageSlot {
 
 impl<D: Domain> Pool<D> {
     /// [`Pool::open_image`] in a reusable mapping: opens `image` as a pool in `slot`'s memory
-    /// and runs `f` on it; the pool is closed (dropped) when `f` returns, before this returns,
-    /// so it can neither outlive the slot nor share it with the next image's pool. Per image
-    /// the slot copies only the lines that differ from what it holds — those the previous
-    /// pool stored to, and those the slot's [`hint`](ImageSlot::hint) names — or the whole image
-    /// when it has no usable hint. See [`ImageSlot`].
+    /// and hands it to `f`, which owns it (to build a heap or a map on it) and is expected to
+    /// drop it before returning. Per image the slot copies only the lines that differ from what
+    /// it holds — those the previous pool stored to, and those the slot's
+    /// [`hint`](ImageSlot::hint) names — or the whole image when it has no usable hint. See
+    /// [`ImageSlot`].
+    ///
+    /// A pool that outlives `f` (returned in `R`, or leaked) keeps the slot's memory: the slot
+    /// then gives that mapping up for good — it is never unmapped or reused — and maps anew at
+    /// its next open.
     pub fn open_image_in<R>(
         slot: &mut ImageSlot,
         image: &[u8],
         opts: &PoolOptions,
         domain: D,
-        f: impl FnOnce(&Pool<D>) -> R,
+        f: impl FnOnce(Pool<D>) -> R,
     ) -> Result<R> {
         let path = Path::new("<image>");
         let header = header::parse(path, image, image.len() as u64)
@@ -272,8 +332,12 @@ impl<D: Domain> Pool<D> {
         let mut pool = Pool::assemble(region, domain, Box::new(SlotMemory), path, header, was_clean);
         pool.written = Some(slot.stale.clone());
         pool.update_state(|s| s.clean_shutdown = 0)?;
-        let result = f(&pool);
-        drop(pool);
+        let result = f(pool);
+        // Every pool opened in the slot holds a clone of `stale`: another holder now is a pool
+        // that outlived `f`, still using the mapping.
+        if Arc::strong_count(&slot.stale) > 1 {
+            slot.abandon_mapping();
+        }
         Ok(result)
     }
 }
@@ -344,6 +408,19 @@ mod tests {
         slot.hint(&delta(5, vec![]));
         assert_eq!(opened(&mut slot, &a, false), expected(&a));
         assert_eq!(slot.whole_copies(), 2);
+    }
+
+    #[test]
+    fn a_pool_that_outlives_its_open_keeps_its_memory() {
+        let a = image(64 << 10, 5);
+        let b = image(64 << 10, 6);
+        let mut slot = ImageSlot::new();
+        let kept = Pool::open_image_in(&mut slot, &a, &opts(64 << 10), Volatile, |pool| pool).unwrap();
+        assert_eq!(slot.abandoned(), 1);
+        // The next open maps anew: it neither sees nor disturbs the escaped pool.
+        assert_eq!(opened(&mut slot, &b, true), expected(&b));
+        drop(slot);
+        assert_eq!(kept.image().unwrap(), expected(&a));
     }
 
     #[test]
