@@ -42,13 +42,14 @@ fn recovery_survives_crashes_during_recovery() {
     }
 }
 
-/// Every heap flush and fence is needed by some image of the heap's suites: single-threaded
+/// Every heap flush and fence is needed by some image of the heap's suites: a heap laid out in
+/// a new pool (its header persisted before the pool's root names it), single-threaded
 /// random transactions, two threads taking turns on the same words (the retirements, which
 /// only another thread's later change needs: one thread alone persists them with its own next
 /// fence), and two runs in a row (recovery's retirement of every lane and the fence after it).
 #[test]
 fn every_heap_flush_and_fence_is_needed() {
-    let suites: Vec<_> = ["heap-single", "heap-two-threads", "heap-two-runs"]
+    let suites: Vec<_> = ["heap-format", "heap-single", "heap-two-threads", "heap-two-runs"]
         .into_iter()
         .map(|name| mutation::suite(name).unwrap())
         .collect();
@@ -60,9 +61,9 @@ fn every_heap_flush_and_fence_is_needed() {
     let missed: Vec<String> =
         heap.iter().filter(|row| !row.caught).map(|row| row.site().to_string()).collect();
     assert!(missed.is_empty(), "no crash image needs {missed:?}\n{table}");
-    // The two-thread and two-run suites are not redundant: each catches a heap site that no
+    // The format, two-thread and two-run suites are not redundant: each catches a heap site that no
     // other suite catches.
-    for suite in ["heap-two-threads", "heap-two-runs"] {
+    for suite in ["heap-format", "heap-two-threads", "heap-two-runs"] {
         assert!(heap.iter().any(|row| row.caught_by == [suite]), "{suite} catches nothing new\n{table}");
     }
 }

@@ -17,9 +17,11 @@ use std::ops::Range;
 use std::sync::{Barrier, Mutex};
 
 use super::with_heap;
+use crate::heap::HeapOptions;
 use crate::heap::{CheckReport, HeapError, Tx};
+use crate::pool::ImageSlot;
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
-use crate::{Domain, Heap, PoolOptions};
+use crate::{Domain, Heap, Pool, PoolOptions};
 
 /// A slot of the root: (block offset, size, tag). Tag t means the block's bytes are all `t`
 /// (an update rewrites the first 512), so freed blocks leave non-zero garbage behind for later
@@ -610,6 +612,51 @@ pub(super) fn two_threads_suite() -> MutationReport {
     let (recording, history) = record_two_threads();
     let test = CrashTest { exhaustive_limit: 256, samples: 32, ..CrashTest::default() };
     test.mutation_run(&recording, single_thread_check(&history))
+}
+
+/// Records [`Heap::format`] of a new in-memory pool: the heap header and root words, persisted
+/// before the pool's root names them.
+///
+/// ```
+/// let recording = nvhtm::mutation::heap::record_format();
+/// assert!(recording.fences() >= 2);
+/// ```
+pub fn record_format() -> Recording {
+    let sim = Sim::new();
+    let pool = Pool::create_in_memory(&opts(), sim.clone()).unwrap();
+    sim.restart_recording().unwrap();
+    Heap::format(pool, &HeapOptions::default()).unwrap();
+    sim.recording()
+}
+
+/// The check of [`record_format`]'s images: the pool has no root yet (the format had not
+/// published the heap), or it holds an empty, consistent heap.
+///
+/// ```
+/// use nvhtm::mutation::heap::{check_format, record_format};
+/// nvhtm::CrashTest::default().run(&record_format(), check_format).assert_passed();
+/// ```
+pub fn check_format(sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
+    ImageSlot::with_local(&ctx.delta, |slot| {
+        Pool::open_image_in(slot, image, &opts(), sim.clone(), |pool| {
+            if pool.info().root_offset == 0 {
+                return Ok(());
+            }
+            let heap =
+                Heap::load(pool).map_err(|e| format!("the root names a heap that does not load: {e}"))?;
+            let report = heap.check(&mut |_, _| {});
+            if !report.is_consistent() || report.small_blocks + report.large_blocks != 0 {
+                return Err(format!("a new heap is not empty and consistent: {report:?}"));
+            }
+            Ok(())
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// The `heap-format` suite: [`record_format`] crashed everywhere.
+pub(super) fn format_suite() -> MutationReport {
+    CrashTest::default().mutation_run(&record_format(), check_format)
 }
 
 /// The first run of the `heap-two-runs` suite: its last update crashes with undo entries on

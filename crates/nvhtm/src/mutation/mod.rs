@@ -112,6 +112,11 @@ pub const SUITES: &[Suite] = &[
         run: fams::two_runs_suite,
     },
     Suite {
+        name: "heap-format",
+        about: "a new heap laid out in a pool: published by the pool's root only once durable",
+        run: heap::format_suite,
+    },
+    Suite {
         name: "heap-single",
         about: "random single-threaded transactions, frees, publishes, aborts",
         run: heap::single_suite,
