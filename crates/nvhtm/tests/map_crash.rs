@@ -5,9 +5,9 @@
 //! heap consistent with no leaked block. The workloads and the oracle are
 //! `nvhtm::mutation::map`'s, shared with the map's mutation suites (`nvhtm mutation`).
 
-use nvhtm::mutation::map::{apply, check, check_recovered, key, opts, random_op, record, record_with, Model};
-use nvhtm::mutation::{self, with_heap};
-use nvhtm::sim::{CrashContext, CrashTest, Sim};
+use nvhtm::mutation;
+use nvhtm::mutation::map::{apply, check, key, multi_run_check, random_op, record, record_with, Model};
+use nvhtm::sim::{CrashTest, Sim};
 use nvhtm::StrictMap;
 
 #[test]
@@ -42,11 +42,13 @@ fn concurrent_writers_survive_sampled_crashes() {
 }
 
 /// Every map flush and fence is needed by some image of the map's suites: random operations
-/// across a split, and a split whose cleared slots another thread reuses before the splitting
-/// thread fences again (the clearing's fence, which only that other thread needs).
+/// across a split, a split whose cleared slots another thread reuses before the splitting
+/// thread fences again (the clearing's fence, which only that other thread needs), and a split
+/// crashed before its clearing whose stale window the next run inserts into (the fence after
+/// an insert clears stale slots itself, needed only after a crash).
 #[test]
 fn every_map_flush_and_fence_is_needed() {
-    let suites: Vec<_> = ["map-single", "map-split-two-threads"]
+    let suites: Vec<_> = ["map-single", "map-split-two-threads", "map-two-runs"]
         .into_iter()
         .map(|name| mutation::suite(name).unwrap())
         .collect();
@@ -58,9 +60,18 @@ fn every_map_flush_and_fence_is_needed() {
     let missed: Vec<String> =
         map.iter().filter(|row| !row.caught).map(|row| row.site().to_string()).collect();
     assert!(missed.is_empty(), "no crash image needs {missed:?}\n{table}");
+    // The multi-run suite catches a site no other suite does (the fence after an insert's own
+    // clearing); the two-thread one a site the single-threaded random suite misses (the split's
+    // clearing fence, which the multi-run suite also needs).
     assert!(
-        map.iter().any(|row| row.caught_by == ["map-split-two-threads"]),
-        "the two-thread split suite catches nothing new\n{table}"
+        map.iter().any(|row| row.caught_by == ["map-two-runs"]),
+        "map-two-runs catches nothing new\n{table}"
+    );
+    assert!(
+        map.iter()
+            .any(|row| row.caught_by.contains(&"map-split-two-threads")
+                && !row.caught_by.contains(&"map-single")),
+        "map-split-two-threads catches nothing map-single misses\n{table}"
     );
 }
 
@@ -96,15 +107,7 @@ fn runs_in_a_row_survive_a_crash_in_each() {
         }
         history
     };
-    let check = |sim: &Sim, image: &[u8], ctx: &CrashContext, parent: Option<&Vec<Model>>| {
-        with_heap(sim, image, ctx, &opts(), |heap| {
-            let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-            let run = parent.map_or_else(|| histories[0].clone(), Clone::clone);
-            let found = check_recovered(&map, 1, std::slice::from_ref(&run), |_| ctx.run_marks.len())
-                .map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
-            Ok(if ctx.followed { next_run(sim, &map, found, ctx.depth) } else { Vec::new() })
-        })
-    };
+    let check = multi_run_check(histories[0].clone(), next_run);
     let two = CrashTest {
         recovery_depth: 1,
         follow_one_in: 16,
@@ -112,12 +115,12 @@ fn runs_in_a_row_survive_a_crash_in_each() {
         samples: 8,
         ..CrashTest::default()
     };
-    let report = two.run_with(&recording, check);
+    let report = two.run_with(&recording, &check);
     println!("two runs: {} fences, {report}", recording.fences());
     report.assert_passed();
     assert!(report.recovery_images_checked > 2000, "{report}");
     let three = CrashTest { recovery_depth: 2, follow_one_in: 24, ..two };
-    let report = three.run_with(&recording, check);
+    let report = three.run_with(&recording, &check);
     println!("three runs: {report}");
     report.assert_passed();
 }

@@ -320,29 +320,8 @@ fn home(hash: u64) -> u64 {
 /// test.run(&recording, check(2, &histories)).assert_passed();
 /// ```
 pub fn record_split_two_threads() -> (Recording, Vec<Vec<Model>>) {
-    let n = keys_before_first_split();
-    let sim = Sim::new();
-    let map = Arc::new(
-        StrictMap::open_with_seed(Heap::create_in_memory(&opts(), sim.clone()).unwrap(), HASH_SEED).unwrap(),
-    );
-    let mut base = Model::new();
-    for i in 0..n {
-        let k = format!("k{i}").into_bytes();
-        map.upsert(&k, &i.to_le_bytes()).unwrap();
-        base.insert(k, i.to_le_bytes().to_vec());
-    }
-    map.heap().pool().fence().unwrap();
-    sim.restart_recording().unwrap();
-    let full = home(hash(format!("k{n}").as_bytes()));
-    let a_key = (0u64..)
-        .map(|j| format!("a{j}-0").into_bytes())
-        .find(|k| home(hash(k)) == full && hash(k) >> 63 == 1)
-        .unwrap();
-    let b_keys: Vec<Vec<u8>> = (0u64..)
-        .map(|j| format!("b{j}-1").into_bytes())
-        .filter(|k| home(hash(k)) == full && hash(k) >> 63 == 0)
-        .take(3)
-        .collect();
+    let Split { sim, map, base, a_key, b_keys } = split_setup();
+    let map = Arc::new(map);
     let b_value = vec![0xb0u8; 40];
     let clearing = annotated_line(SPLIT_CLEARING);
     let a_thread = std::thread::current().id();
@@ -389,6 +368,114 @@ pub fn record_split_two_threads() -> (Recording, Vec<Vec<Model>>) {
         b_history.push(next);
     }
     (sim.recording(), vec![vec![base, a_model], b_history])
+}
+
+/// A map filled until its next insert splits, with the recording restarted: the key whose
+/// insert splits (`a_key`, homed in the full window, owned after the split by the new segment)
+/// and three keys homed in the same window and staying in the old segment (`b_keys`), where
+/// after the split the only free slots are the ones it cleared.
+struct Split {
+    sim: Sim,
+    map: StrictMap<Sim>,
+    base: Model,
+    a_key: Vec<u8>,
+    b_keys: Vec<Vec<u8>>,
+}
+
+fn split_setup() -> Split {
+    let n = keys_before_first_split();
+    let sim = Sim::new();
+    let map =
+        StrictMap::open_with_seed(Heap::create_in_memory(&opts(), sim.clone()).unwrap(), HASH_SEED).unwrap();
+    let mut base = Model::new();
+    for i in 0..n {
+        let k = format!("k{i}").into_bytes();
+        map.upsert(&k, &i.to_le_bytes()).unwrap();
+        base.insert(k, i.to_le_bytes().to_vec());
+    }
+    map.heap().pool().fence().unwrap();
+    sim.restart_recording().unwrap();
+    let full = home(hash(format!("k{n}").as_bytes()));
+    let a_key = (0u64..)
+        .map(|j| format!("a{j}-0").into_bytes())
+        .find(|k| home(hash(k)) == full && hash(k) >> 63 == 1)
+        .unwrap();
+    let b_keys: Vec<Vec<u8>> = (0u64..)
+        .map(|j| format!("b{j}-1").into_bytes())
+        .filter(|k| home(hash(k)) == full && hash(k) >> 63 == 0)
+        .take(3)
+        .collect();
+    Split { sim, map, base, a_key, b_keys }
+}
+
+/// The check of a multi-run map suite: the recovered map is compared with the model of the run
+/// that crashed (`parent`, or the first run's `first`; one thread), and, when followed, `next`
+/// runs the next workload on it (marking each completed operation) and returns its models.
+pub fn multi_run_check<'a>(
+    first: Vec<Model>,
+    next: impl Fn(&Sim, &StrictMap<Sim>, Model, u32) -> Vec<Model> + 'a,
+) -> MultiRunCheck<'a> {
+    Box::new(move |sim, image, ctx, parent| {
+        with_heap(sim, image, ctx, &opts(), |heap| {
+            let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
+            let run = parent.unwrap_or(&first);
+            let found = check_recovered(&map, 1, std::slice::from_ref(run), |_| ctx.run_marks.len())
+                .map_err(|e| format!("run {}: {e}", ctx.depth + 1))?;
+            Ok(if ctx.followed { next(sim, &map, found, ctx.depth) } else { Vec::new() })
+        })
+    })
+}
+
+/// A check of a multi-run map suite: the model it gets is the history of the run that crashed,
+/// the one it returns the history of the run it starts.
+pub type MultiRunCheck<'a> =
+    Box<dyn Fn(&Sim, &[u8], &CrashContext, Option<&Vec<Model>>) -> Result<Vec<Model>, String> + 'a>;
+
+/// Records the insert that splits a full segment (one mark), for [`two_runs_suite`]; returns the
+/// recording, the models before and after, and the keys of the second run.
+///
+/// ```
+/// let (recording, models, second) = nvhtm::mutation::map::record_split();
+/// assert_eq!((models.len(), second.len()), (2, 3));
+/// assert!(recording.fences() > 2);
+/// ```
+pub fn record_split() -> (Recording, Vec<Model>, Vec<Vec<u8>>) {
+    let Split { sim, map, base, a_key, b_keys } = split_setup();
+    assert!(map.insert(&a_key, b"a-value").unwrap());
+    sim.mark(0);
+    assert_eq!(map.shape().unwrap().0, 2, "the insert split the segment");
+    let mut after = base.clone();
+    after.insert(a_key, b"a-value".to_vec());
+    (sim.recording(), vec![base, after], b_keys)
+}
+
+/// The `map-two-runs` suite: the insert that splits a segment, crashed everywhere — between the
+/// split's commit and its clearing too — and each image recovered; then a second run inserts
+/// three keys homed in the split's full window of the old segment, whose only free slots after
+/// the split are stale copies: an insert there clears them and fences before reusing a slot,
+/// else a crash can show its new bytes under the stale occupancy bit. Each second run is
+/// crashed everywhere too.
+pub(super) fn two_runs_suite() -> MutationReport {
+    let (recording, models, second) = record_split();
+    let value = vec![0xb0u8; 40];
+    let next = move |sim: &Sim, map: &StrictMap<Sim>, start: Model, _: u32| {
+        let mut history = vec![start];
+        for (i, k) in second.iter().enumerate() {
+            let mut model = history.last().unwrap().clone();
+            apply(map, &mut model, &Op::Upsert(k.clone(), value.clone()));
+            history.push(model);
+            sim.mark(i as u64);
+        }
+        history
+    };
+    let test = CrashTest {
+        recovery_depth: 1,
+        follow_one_in: 8,
+        exhaustive_limit: 32,
+        samples: 8,
+        ..CrashTest::default()
+    };
+    test.mutation_run_with(&recording, multi_run_check(models, next))
 }
 
 /// The `map-split-two-threads` suite: [`record_split_two_threads`].

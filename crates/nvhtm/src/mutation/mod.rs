@@ -137,6 +137,11 @@ pub const SUITES: &[Suite] = &[
         run: map::single_suite,
     },
     Suite {
+        name: "map-two-runs",
+        about: "a split crashed before its clearing, recovered, then inserts into its stale window",
+        run: map::two_runs_suite,
+    },
+    Suite {
         name: "map-split-two-threads",
         about: "another thread reuses a slot a split cleared before the splitter fences again",
         run: map::split_two_threads_suite,
