@@ -18,7 +18,7 @@ use nvhtm::Heap;
 #[test]
 fn random_transactions_survive_a_crash_at_every_fence() {
     let mut total = 0;
-    for seed in 1..=12 {
+    for seed in 1..=16 {
         let (recording, history) = record(seed, 30);
         let test = CrashTest { exhaustive_limit: 1024, samples: 96, ..CrashTest::default() };
         let report = test.run(&recording, single_thread_check(&history));
