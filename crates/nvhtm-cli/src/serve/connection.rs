@@ -25,7 +25,7 @@ pub async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: std:
     let _ = stream.set_nodelay(true);
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed) + 1;
     shared.clients.fetch_add(1, Ordering::Relaxed);
-    let mut client = Client { id, name: None, addr };
+    let mut client = Client { id, touched: false, name: None, addr };
     if let Err(e) = run(&shared, &mut stream, &mut client).await {
         tracing::debug!(client = id, %addr, error = %e, "connection ended");
     }
@@ -65,14 +65,12 @@ async fn run(shared: &Shared, stream: &mut TcpStream, client: &mut Client) -> st
                 }
             }
             if out.len() >= SEND_AT {
-                stream.write_all(out.bytes()).await?;
-                out.clear();
+                send(shared, client, stream, &mut out).await?;
             }
         }
         input.drain(..used);
         if !out.is_empty() {
-            stream.write_all(out.bytes()).await?;
-            out.clear();
+            send(shared, client, stream, &mut out).await?;
         }
         if flow == Flow::Close {
             stream.flush().await?;
@@ -93,6 +91,27 @@ async fn run(shared: &Shared, stream: &mut TcpStream, client: &mut Client) -> st
             return Ok(());
         }
     }
+}
+
+/// Sends the replies in `out`, once what they answer is durable (group commit: see
+/// [`super::GroupCommit`]). A failed commit closes the connection without them: no write is
+/// acknowledged that was not made durable.
+async fn send(
+    shared: &Shared,
+    client: &mut Client,
+    stream: &mut TcpStream,
+    out: &mut Out,
+) -> std::io::Result<()> {
+    if let Some(group) = shared.group.as_ref().filter(|_| client.touched) {
+        client.touched = false;
+        if let Err(why) = group.covered(shared).await {
+            tracing::error!(client = client.id, %why, "a commit failed: closing the connection unanswered");
+            return Err(std::io::Error::other(why));
+        }
+    }
+    stream.write_all(out.bytes()).await?;
+    out.clear();
+    Ok(())
 }
 
 /// Redis's guard against cross-protocol scripting: a browser made to post to the port sends

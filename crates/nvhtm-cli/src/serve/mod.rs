@@ -31,7 +31,9 @@ use resp::{Arg, Limits, Out};
 /// How writes become durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Every write is durable before it is answered (the map persists each operation).
+    /// Every write is durable before it is answered: on a mapped pool the map persists each
+    /// operation; on a FAMS pool the server commits the writes of every connection together
+    /// (group commit) and answers each batch after the commit that covers it.
     Strict,
     /// A FAMS pool: writes reach the file atomically at each sync, every `--sync-ms`, at SAVE
     /// and at SHUTDOWN; a crash loses what came after the last completed sync.
@@ -54,7 +56,8 @@ pub struct Options {
     /// The pool file, created on first start.
     #[arg(long, default_value = "nvhtm-serve.pool")]
     pub pool: PathBuf,
-    /// Durability mode (default: the existing pool's, or strict for a new one).
+    /// Durability mode (default: fams for a FAMS pool, else strict; a new pool is a FAMS pool
+    /// with --mode fams, a mapped one otherwise).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Address to listen on.
@@ -166,6 +169,9 @@ pub struct Ctx<'a> {
 pub struct Client {
     /// The id CLIENT ID reports (unique in this server's life).
     pub id: u64,
+    /// Whether a command since the last commit touched the keyspace (group commit: its
+    /// replies wait for a commit that began after it).
+    pub touched: bool,
     /// The name CLIENT SETNAME gave it.
     pub name: Option<Vec<u8>>,
     /// The peer address.
@@ -218,6 +224,43 @@ pub struct Shared {
     pub stop: Notify,
     /// Per-run hash keys for SCAN's cursors.
     pub scan_hasher: std::hash::RandomState,
+    /// Strict mode on a FAMS pool: the group commit.
+    pub group: Option<GroupCommit>,
+}
+
+/// Strict mode on a FAMS pool: a committer task runs one pool sync at a time; a connection
+/// whose batch touched the keyspace waits, before it sends the batch's replies, for a commit
+/// that *began* after the batch ran. Every write and every read of a not-yet-committed write
+/// arriving while a commit runs is covered by the next one, so one sync serves every
+/// connection that was waiting: the writes of all connections are committed together.
+///
+/// Reads wait too: a value another client wrote is in memory before it is committed, and a
+/// reader answered before the commit could see a write that a crash then loses.
+#[derive(Debug)]
+pub struct GroupCommit {
+    /// Commits begun (the number of the latest).
+    pub begun: AtomicU64,
+    /// The number of the latest completed commit.
+    pub done: tokio::sync::watch::Sender<u64>,
+    /// Wakes the committer.
+    pub wake: Notify,
+}
+
+impl GroupCommit {
+    /// Waits until every keyspace access this task made so far is committed. `Err` when a
+    /// commit failed: the pool is poisoned and the replies must not be sent.
+    pub async fn covered(&self, shared: &Shared) -> Result<(), String> {
+        // A commit numbered past what has begun by now begins after this task's accesses.
+        let need = self.begun.load(Ordering::SeqCst) + 1;
+        let mut done = self.done.subscribe();
+        self.wake.notify_one();
+        let waited = done.wait_for(|&n| n >= need).await.map(|_| ());
+        match (shared.poisoned.get(), waited) {
+            (Some(why), _) => Err(why.clone()),
+            (None, Ok(())) => Ok(()),
+            (None, Err(_)) => Err("the committer stopped".into()),
+        }
+    }
 }
 
 /// Seconds since the epoch.
@@ -234,7 +277,10 @@ impl Shared {
         recovery: Duration,
     ) -> Result<Shared, MapError> {
         let keys_recovered = map.len()?;
-        let domain = map.heap().pool().info().domain.to_string();
+        let info = map.heap().pool().info();
+        let fams = info.fams;
+        // A FAMS pool's stores go to private memory (a volatile domain); its commits are syncs.
+        let domain = if fams { "fams".to_string() } else { info.domain.to_string() };
         let limits = Limits { max_bulk: options.proto_max_bulk_len, ..Limits::default() };
         Ok(Shared {
             map,
@@ -257,6 +303,11 @@ impl Shared {
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             scan_hasher: std::hash::RandomState::new(),
+            group: (mode == Mode::Strict && fams).then(|| GroupCommit {
+                begun: AtomicU64::new(0),
+                done: tokio::sync::watch::channel(0).0,
+                wake: Notify::new(),
+            }),
         })
     }
 
@@ -362,6 +413,9 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
             )));
         }
     }
+    if spec.access != Access::None {
+        ctx.client.touched = true;
+    }
     let alone = match spec.access {
         Access::None => return (spec.run)(ctx, args),
         Access::Shared => false,
@@ -395,17 +449,15 @@ pub fn open_map(
     let opts = PoolOptions::default().with_size(size);
     let (heap, mode) = if path.exists() {
         let fams = PoolInfo::read(path)?.fams;
-        let found = if fams { Mode::Fams } else { Mode::Strict };
-        if let Some(asked) = mode.filter(|&m| m != found) {
+        if mode == Some(Mode::Fams) && !fams {
             return Err(format!(
-                "{} is a {} pool; it cannot be served in {} mode (start without --mode, or use another --pool)",
-                path.display(),
-                found.name(),
-                asked.name()
+                "{} is a mapped pool, not a FAMS pool; it cannot be served in fams mode (start without --mode, or use another --pool)",
+                path.display()
             )
             .into());
         }
-        (Heap::load(crate::commands::open_pool(path, &opts)?)?, found)
+        let mode = mode.unwrap_or(if fams { Mode::Fams } else { Mode::Strict });
+        (Heap::load(crate::commands::open_pool(path, &opts)?)?, mode)
     } else {
         match mode.unwrap_or(Mode::Strict) {
             Mode::Strict => (Heap::<AutoDomain>::create(path, &opts)?, Mode::Strict),

@@ -27,6 +27,9 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
     if shared.mode == Mode::Fams {
         tokio::spawn(sync_timer(Arc::clone(&shared)));
     }
+    if shared.group.is_some() {
+        tokio::spawn(committer(Arc::clone(&shared)));
+    }
     tracing::info!(
         mode = shared.mode.name(),
         pool = %options.pool.display(),
@@ -83,6 +86,28 @@ async fn sync_timer(shared: Arc<Shared>) {
                 tracing::error!(error = %e, "the sync task failed");
                 return;
             }
+        }
+    }
+}
+
+/// Strict mode on a FAMS pool: one commit at a time, each covering every access made before it
+/// began (see [`super::GroupCommit`]). Stops once a commit has failed, waking the waiters,
+/// who then find the pool poisoned.
+async fn committer(shared: Arc<Shared>) {
+    let Some(group) = &shared.group else { return };
+    loop {
+        group.wake.notified().await;
+        let number = group.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let syncing = Arc::clone(&shared);
+        let synced = tokio::task::spawn_blocking(move || syncing.sync()).await;
+        if let Err(e) = &synced {
+            let _ = shared.poisoned.set(format!("the commit task failed: {e}"));
+        }
+        group.done.send_replace(number);
+        if !matches!(synced, Ok(Ok(()))) {
+            // Poisoned: later waiters are answered at once.
+            group.done.send_replace(u64::MAX);
+            return;
         }
     }
 }
@@ -150,6 +175,7 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
             if shared.mode == Mode::Fams {
                 line("nvhtm_sync_ms", &options.sync_ms);
             }
+            line("nvhtm_group_commit", &if shared.group.is_some() { "yes" } else { "no" });
             line("nvhtm_syncs", &shared.syncs.load(Ordering::Relaxed));
             line("nvhtm_poisoned", &shared.poisoned.get().map_or("no", |why| why.as_str()));
             line("rdb_last_save_time", &shared.last_save.load(Ordering::Relaxed));
