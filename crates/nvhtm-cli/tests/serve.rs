@@ -799,9 +799,22 @@ fn strict_mode_on_a_fams_pool_group_commits_every_acknowledged_write() {
     // Without the group commit nothing would reach the file before the hourly sync.
     let mut c = server.conn();
     assert_eq!(c.cmd(&["SET", "one", "1"]), ok());
+    // Reads of committed data wait for no commit; a write does.
+    let syncs = |c: &mut Conn| {
+        let V::Bulk(info) = c.cmd(&["INFO", "persistence"]) else { panic!("INFO") };
+        let info = String::from_utf8(info).unwrap();
+        info.lines().find_map(|l| l.strip_prefix("nvhtm_syncs:")).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let before = syncs(&mut c);
+    for _ in 0..100 {
+        assert_eq!(c.cmd(&["GET", "one"]), bulk("1"));
+    }
+    assert_eq!(syncs(&mut c), before, "reads of committed data committed nothing");
+    assert_eq!(c.cmd(&["INCR", "one"]), V::Int(2));
+    assert_eq!(syncs(&mut c), before + 1, "one commit for one write");
     server.kill9();
     let server = Server::start(&pool, &["--mode", "strict"]);
-    assert_eq!(server.conn().cmd(&["GET", "one"]), bulk("1"));
+    assert_eq!(server.conn().cmd(&["GET", "one"]), bulk("2"));
     assert!(server.shutdown().success());
     let checked =
         acknowledged_writes_survive_kill_9(&pool, &["--mode", "strict", "--sync-ms", "3600000"], 2, 1000);

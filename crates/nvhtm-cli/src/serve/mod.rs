@@ -234,12 +234,19 @@ pub struct Shared {
 /// arriving while a commit runs is covered by the next one, so one sync serves every
 /// connection that was waiting: the writes of all connections are committed together.
 ///
-/// Reads wait too: a value another client wrote is in memory before it is committed, and a
-/// reader answered before the commit could see a write that a crash then loses.
+/// Reads wait too, when a write is not yet committed: a value another client wrote is in
+/// memory before it is committed, and a reader answered before the commit could see a write
+/// that a crash then loses. A batch that finds every write committed waits for nothing.
 #[derive(Debug)]
 pub struct GroupCommit {
     /// Commits begun (the number of the latest).
     pub begun: AtomicU64,
+    /// Write commands begun, each counted inside the pool's writer gate before it writes.
+    pub writes: AtomicU64,
+    /// Of [`writes`](Self::writes), how many the last completed commit covers: the count read
+    /// before that commit began. A write counted by then was either done or inside the
+    /// writer gate, which the commit waits for; a write not yet counted had not written.
+    pub committed: AtomicU64,
     /// The number of the latest completed commit.
     pub done: tokio::sync::watch::Sender<u64>,
     /// Wakes the committer.
@@ -250,6 +257,13 @@ impl GroupCommit {
     /// Waits until every keyspace access this task made so far is committed. `Err` when a
     /// commit failed: the pool is poisoned and the replies must not be sent.
     pub async fn covered(&self, shared: &Shared) -> Result<(), String> {
+        if self.writes.load(Ordering::SeqCst) == self.committed.load(Ordering::SeqCst) {
+            // Every write so far, whatever this task wrote or read, is committed.
+            return match shared.poisoned.get() {
+                Some(why) => Err(why.clone()),
+                None => Ok(()),
+            };
+        }
         // A commit numbered past what has begun by now begins after this task's accesses.
         let need = self.begun.load(Ordering::SeqCst) + 1;
         let mut done = self.done.subscribe();
@@ -305,6 +319,8 @@ impl Shared {
             scan_hasher: std::hash::RandomState::new(),
             group: (mode == Mode::Strict && fams).then(|| GroupCommit {
                 begun: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
+                committed: AtomicU64::new(0),
                 done: tokio::sync::watch::channel(0).0,
                 wake: Notify::new(),
             }),
@@ -416,6 +432,16 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     if spec.access != Access::None {
         ctx.client.touched = true;
     }
+    // Group commit: counted inside the writer gate, so a commit covers every write it counts.
+    let pool = ctx.shared.map.heap().pool();
+    let _counted = match &ctx.shared.group {
+        Some(group) if spec.write => {
+            let writer = pool.enter_writer();
+            group.writes.fetch_add(1, Ordering::SeqCst);
+            Some(writer)
+        }
+        _ => None,
+    };
     let alone = match spec.access {
         Access::None => return (spec.run)(ctx, args),
         Access::Shared => false,

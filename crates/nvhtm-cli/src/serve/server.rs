@@ -98,8 +98,12 @@ async fn committer(shared: Arc<Shared>) {
     loop {
         group.wake.notified().await;
         let number = group.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let covers = group.writes.load(Ordering::SeqCst);
         let syncing = Arc::clone(&shared);
         let synced = tokio::task::spawn_blocking(move || syncing.sync()).await;
+        if matches!(synced, Ok(Ok(()))) {
+            group.committed.fetch_max(covers, Ordering::SeqCst);
+        }
         if let Err(e) = &synced {
             let _ = shared.poisoned.set(format!("the commit task failed: {e}"));
         }
