@@ -201,6 +201,13 @@ impl Server {
         self.child.wait().unwrap()
     }
 
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        self.child.wait().unwrap()
+    }
+
     fn log(&self) -> String {
         self.log.lines.lock().unwrap().0.join("\n")
     }
@@ -655,6 +662,21 @@ fn concurrent_clients_see_atomic_updates() {
     for t in threads {
         t.join().unwrap();
     }
+    // Many connections open at once, each answered.
+    let mut many: Vec<Conn> = (0..300).map(|_| server.conn()).collect();
+    for (i, c) in many.iter_mut().enumerate() {
+        c.send(&encode(&[b"ECHO", i.to_string().as_bytes()]));
+    }
+    for (i, c) in many.iter_mut().enumerate().rev() {
+        assert_eq!(c.read(), bulk(&i.to_string()));
+    }
+    let V::Bulk(info) = server.conn().cmd(&["INFO", "clients"]) else { panic!("INFO") };
+    let info = String::from_utf8(info).unwrap();
+    let connected: u64 =
+        info.lines().find_map(|l| l.strip_prefix("connected_clients:")).unwrap().trim().parse().unwrap();
+    // The 8 writers' connections may not all be seen closed yet.
+    assert!(connected >= 301, "{info}");
+    drop(many);
     let mut c = server.conn();
     assert_eq!(c.cmd(&["GET", "counter"]), bulk("1600"));
     assert_eq!(c.cmd(&["STRLEN", "log"]), V::Int(1600));
@@ -685,7 +707,16 @@ fn data_survives_shutdown_and_restart_on_an_ordinary_file() {
     );
     let V::Bulk(info) = c.cmd(&["INFO", "persistence"]) else { panic!("INFO") };
     assert!(String::from_utf8(info).unwrap().contains("nvhtm_keys_recovered:3\r\n"));
+    assert_eq!(c.cmd(&["SET", "c", "3"]), ok());
     drop(c);
+    // SIGTERM closes the pool cleanly too.
+    assert!(server.terminate().success());
+    let info =
+        Command::new(env!("CARGO_BIN_EXE_nvhtm")).args(["info", "--json"]).arg(&pool).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["clean_shutdown"], serde_json::Value::Bool(true), "{info}");
+    let server = Server::start(&pool, &[]);
+    assert_eq!(server.conn().cmd(&["DBSIZE"]), V::Int(4));
     // A mapped pool cannot be served in fams mode.
     let status = Command::new(env!("CARGO_BIN_EXE_nvhtm"))
         .args(["serve", "--mode", "fams", "--port", "0", "--pool"])
