@@ -525,3 +525,72 @@ pub fn serve(options: Options) -> CommandResult {
         Err(e) => Err(format!("closing {}: {e}", options.pool.display()).into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use nvhtm::Volatile;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn server() -> Shared {
+        let opts = PoolOptions::layout("serve-test").with_size(8 << 20);
+        let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
+        let options = Args::parse_from(["test"]).options;
+        Shared::new(StrictMap::open(heap).unwrap(), options, Mode::Strict, Duration::ZERO).unwrap()
+    }
+
+    /// Runs one command; its reply's bytes.
+    fn exec(shared: &Shared, args: &[&str]) -> String {
+        let mut client = Client { id: 1, touched: false, name: None, addr: "127.0.0.1:1".parse().unwrap() };
+        let mut out = Out::new();
+        let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Borrowed(a.as_bytes())).collect();
+        let flow = dispatch(&mut Ctx { shared, client: &mut client, out: &mut out }, &args);
+        assert_eq!(flow, Flow::Continue);
+        String::from_utf8(out.bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_poisoned_server_refuses_writes_and_still_answers_reads() {
+        let shared = server();
+        assert_eq!(exec(&shared, &["SET", "k", "v"]), "+OK\r\n");
+        shared.poisoned.set("fsync failed: EIO".into()).unwrap();
+        for write in
+            [&["SET", "k", "w"][..], &["INCR", "n"], &["DEL", "k"], &["MSET", "a", "1"], &["FLUSHDB"]]
+        {
+            let reply = exec(&shared, write);
+            assert!(
+                reply.starts_with("-MISCONF the pool could not be made durable (fsync failed: EIO)"),
+                "{write:?}: {reply}"
+            );
+        }
+        assert_eq!(exec(&shared, &["GET", "k"]), "$1\r\nv\r\n", "nothing was written");
+        assert_eq!(exec(&shared, &["DBSIZE"]), ":1\r\n");
+        assert!(exec(&shared, &["SAVE"]).starts_with("-ERR the pool could not be synced: fsync failed: EIO"));
+        assert!(exec(&shared, &["INFO", "persistence"]).contains("nvhtm_poisoned:fsync failed: EIO\r\n"));
+    }
+
+    #[test]
+    fn arity_is_checked_before_a_handler_runs() {
+        let shared = server();
+        assert_eq!(exec(&shared, &["SET", "k"]), "-ERR wrong number of arguments for 'set' command\r\n");
+        assert_eq!(
+            exec(&shared, &["DBSIZE", "x"]),
+            "-ERR wrong number of arguments for 'dbsize' command\r\n"
+        );
+        assert_eq!(
+            exec(&shared, &["MSETNX", "a", "1", "b"]),
+            "-ERR wrong number of arguments for 'msetnx' command\r\n"
+        );
+        assert_eq!(exec(&shared, &["DBSIZE"]), ":0\r\n");
+        let long = "x".repeat(300);
+        let reply = exec(&shared, &["nope", &long, "more"]);
+        assert!(reply.starts_with("-ERR unknown command 'nope', with args beginning with: 'xxx"), "{reply}");
+        assert!(reply.len() < 200, "the arguments quoted are cut at 128 bytes: {reply}");
+    }
+}
