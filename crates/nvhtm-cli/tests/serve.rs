@@ -286,6 +286,17 @@ fn connection_commands_answer_like_redis() {
     assert!(
         matches!(c.cmd(&["AUTH", "pw"]), V::Error(e) if e.starts_with("ERR AUTH <password> called without any password"))
     );
+    assert_eq!(c.cmd(&["CLIENT", "SETINFO", "LIB-NAME", "redis-py"]), ok());
+    assert_eq!(c.cmd(&["CLIENT", "SETINFO", "lib-ver", "5.0.1"]), ok());
+    assert_eq!(c.cmd(&["CLIENT", "SETINFO", "bogus", "x"]), err("ERR Unrecognized option 'bogus'"));
+    assert_eq!(
+        c.cmd(&["CLIENT", "SETINFO", "lib-name", "a b"]),
+        err("ERR lib-name cannot contain spaces, newlines or special characters.")
+    );
+    // RESET: back to RESP2, no name.
+    assert!(matches!(c.cmd(&["HELLO", "3"]), V::Map(_)));
+    assert_eq!(c.cmd(&["RESET"]), V::Simple("RESET".into()));
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]), V::Nil);
     assert_eq!(c.cmd(&["QUIT"]), ok());
     assert!(c.closed());
 }
@@ -389,6 +400,18 @@ fn string_commands_answer_like_redis() {
     assert_eq!(c.cmd(&["GETRANGE", "s", "0", "-1"]), bulk("Hello World"));
     assert_eq!(c.cmd(&["GETRANGE", "none", "0", "-1"]), bulk(""));
     assert_eq!(c.cmd(&["GETRANGE", "s", "a", "1"]), not_int);
+    assert_eq!(c.cmd(&["SET", "sr", "Hello World"]), ok());
+    assert_eq!(c.cmd(&["SETRANGE", "sr", "6", "Redis"]), V::Int(11));
+    assert_eq!(c.cmd(&["GET", "sr"]), bulk("Hello Redis"));
+    assert_eq!(c.cmd(&["SETRANGE", "padded", "3", "ab"]), V::Int(5));
+    assert_eq!(c.cmd(&["GET", "padded"]), V::Bulk(b"\0\0\0ab".to_vec()));
+    assert_eq!(c.cmd(&["SETRANGE", "absent", "5", ""]), V::Int(0));
+    assert_eq!(c.cmd(&["EXISTS", "absent"]), V::Int(0));
+    assert_eq!(c.cmd(&["SETRANGE", "sr", "-1", "x"]), err("ERR offset is out of range"));
+    assert_eq!(
+        c.cmd(&["SETRANGE", "sr", "536870911", "xy"]),
+        err("ERR string exceeds maximum allowed size (proto-max-bulk-len)")
+    );
     // Binary-safe keys and values, and values past the inline size.
     let key: &[u8] = b"bin\x00\r\nkey";
     let value: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
@@ -415,6 +438,14 @@ fn key_commands_answer_like_redis() {
     names.sort_by_key(|v| format!("{v:?}"));
     assert_eq!(names, vec![bulk("user:1:name"), bulk("user:2:name")]);
     assert_eq!(c.cmd(&["KEYS", "nothing*"]), V::Array(vec![]));
+    assert_eq!(c.cmd(&["RENAME", "other", "moved"]), ok());
+    assert_eq!(c.cmd(&["MGET", "other", "moved"]), V::Array(vec![V::Nil, bulk("x")]));
+    assert_eq!(c.cmd(&["RENAME", "nokey", "x"]), err("ERR no such key"));
+    assert_eq!(c.cmd(&["RENAMENX", "moved", "user:1:name"]), V::Int(0));
+    assert_eq!(c.cmd(&["RENAMENX", "moved", "other"]), V::Int(1));
+    assert_eq!(c.cmd(&["RENAME", "other", "other"]), ok());
+    assert_eq!(c.cmd(&["RENAMENX", "other", "other"]), V::Int(0));
+    assert_eq!(c.cmd(&["GET", "other"]), bulk("x"));
     assert_eq!(c.cmd(&["DEL", "other", "none", "user:2:age"]), V::Int(2));
     assert_eq!(c.cmd(&["UNLINK", "user:1:name"]), V::Int(1));
     assert_eq!(c.cmd(&["DBSIZE"]), V::Int(1));
@@ -512,6 +543,21 @@ fn server_commands_answer_like_redis() {
     assert!(secs > 1_600_000_000 && micros < 1_000_000);
     assert_eq!(c.cmd(&["SAVE"]), ok());
     assert!(matches!(c.cmd(&["LASTSAVE"]), V::Int(t) if t as u64 >= secs));
+    let syncs = |c: &mut Conn| {
+        let V::Bulk(info) = c.cmd(&["INFO", "persistence"]) else { panic!("INFO") };
+        let info = String::from_utf8(info).unwrap();
+        info.lines().find_map(|l| l.strip_prefix("nvhtm_syncs:")).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let before = syncs(&mut c);
+    assert_eq!(c.cmd(&["BGSAVE"]), V::Simple("Background saving started".into()));
+    // Bounded poll for the background sync (no sleep, no clock).
+    let mut polls = 0;
+    while syncs(&mut c) == before {
+        polls += 1;
+        assert!(polls < 1_000_000, "BGSAVE never synced");
+        std::thread::yield_now();
+    }
+    assert_eq!(c.cmd(&["BGSAVE", "BOGUS"]), err("ERR syntax error"));
     assert_eq!(c.cmd(&["SHUTDOWN", "ABORT"]), err("ERR No shutdown in progress."));
     assert_eq!(c.cmd(&["SHUTDOWN", "BOGUS"]), err("ERR syntax error"));
     assert_eq!(c.cmd(&["PING"]), V::Simple("PONG".into()), "still serving");

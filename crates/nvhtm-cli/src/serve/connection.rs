@@ -1,5 +1,5 @@
 //! One client's connection, and the connection commands: PING, ECHO, HELLO, AUTH, SELECT,
-//! QUIT, CLIENT, COMMAND.
+//! QUIT, RESET, CLIENT, COMMAND.
 //!
 //! The task reads into a buffer, answers every complete request in it (pipelining: a batch of
 //! requests costs one read and one write), writes the replies, and reads again. A client that
@@ -128,6 +128,7 @@ pub const COMMANDS: &[Spec] = &[
     Spec { name: "auth", arity: -2, write: false, access: Access::None, run: auth },
     Spec { name: "select", arity: 2, write: false, access: Access::None, run: select },
     Spec { name: "quit", arity: -1, write: false, access: Access::None, run: quit },
+    Spec { name: "reset", arity: 1, write: false, access: Access::None, run: reset },
     Spec { name: "client", arity: -2, write: false, access: Access::None, run: client },
     Spec { name: "command", arity: -1, write: false, access: Access::None, run: command },
 ];
@@ -248,6 +249,14 @@ fn quit(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     Ok(Flow::Close)
 }
 
+/// RESET: the connection as it was when it opened (RESP2, no name, database 0).
+fn reset(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
+    ctx.out.set_resp3(false);
+    ctx.client.name = None;
+    ctx.out.simple("RESET");
+    Ok(Flow::Continue)
+}
+
 fn unknown_subcommand(args: &[Arg<'_>], group: &str) -> CmdError {
     CmdError(format!(
         "ERR unknown subcommand '{}'. Try {group} HELP.",
@@ -280,6 +289,24 @@ fn client(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
             }
             // An empty name removes it, as in Redis.
             ctx.client.name = (!args[2].is_empty()).then(|| args[2].to_vec());
+            ctx.out.ok();
+        }
+        b"setinfo" => {
+            // Client libraries announce themselves (redis-py, Jedis...): accepted, not kept yet.
+            arity(4, "setinfo")?;
+            let attribute = args[2].to_ascii_lowercase();
+            if attribute != b"lib-name" && attribute != b"lib-ver" {
+                return Err(CmdError(format!(
+                    "ERR Unrecognized option '{}'",
+                    String::from_utf8_lossy(&args[2])
+                )));
+            }
+            if !valid_name(&args[3]) {
+                return Err(CmdError(format!(
+                    "ERR {} cannot contain spaces, newlines or special characters.",
+                    String::from_utf8_lossy(&attribute)
+                )));
+            }
             ctx.out.ok();
         }
         _ => return Err(unknown_subcommand(args, "CLIENT")),

@@ -1,4 +1,5 @@
-//! The keyspace commands: DEL, UNLINK, EXISTS, TYPE, DBSIZE, KEYS, SCAN, FLUSHDB, FLUSHALL.
+//! The keyspace commands: DEL, UNLINK, EXISTS, TYPE, RENAME, RENAMENX, DBSIZE, KEYS, SCAN,
+//! FLUSHDB, FLUSHALL.
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -12,6 +13,8 @@ pub const COMMANDS: &[Spec] = &[
     Spec { name: "unlink", arity: -2, write: true, access: Access::ExclusiveIfSeveral, run: del },
     Spec { name: "exists", arity: -2, write: false, access: Access::Shared, run: exists },
     Spec { name: "type", arity: 2, write: false, access: Access::Shared, run: key_type },
+    Spec { name: "rename", arity: 3, write: true, access: Access::Exclusive, run: rename },
+    Spec { name: "renamenx", arity: 3, write: true, access: Access::Exclusive, run: renamenx },
     Spec { name: "dbsize", arity: 1, write: false, access: Access::Shared, run: dbsize },
     Spec { name: "keys", arity: 2, write: false, access: Access::Shared, run: keys },
     Spec { name: "scan", arity: -2, write: false, access: Access::Shared, run: scan },
@@ -40,6 +43,38 @@ fn exists(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
 fn key_type(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let present = ctx.shared.map.contains(&args[1])?;
     ctx.out.simple(if present { "string" } else { "none" });
+    Ok(Flow::Continue)
+}
+
+/// Moves the value of `from` to `to` (replacing it unless `keep`): whether it moved. The
+/// keyspace is held alone, so no client sees both keys or neither; in a FAMS pool no sync
+/// splits the move, in a mapped pool a crash between its two writes leaves both keys.
+fn rename_key(ctx: &mut Ctx<'_>, from: &[u8], to: &[u8], keep: bool) -> Result<bool, CmdError> {
+    let map = &ctx.shared.map;
+    let value = map.get(from)?.ok_or_else(|| CmdError::from("ERR no such key"))?;
+    if from == to {
+        return Ok(!keep);
+    }
+    if keep {
+        if !map.insert(to, &value)? {
+            return Ok(false);
+        }
+    } else {
+        map.upsert(to, &value)?;
+    }
+    map.remove(from)?;
+    Ok(true)
+}
+
+fn rename(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    rename_key(ctx, &args[1], &args[2], false)?;
+    ctx.out.ok();
+    Ok(Flow::Continue)
+}
+
+fn renamenx(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let moved = rename_key(ctx, &args[1], &args[2], true)?;
+    ctx.out.int(i64::from(moved));
     Ok(Flow::Continue)
 }
 

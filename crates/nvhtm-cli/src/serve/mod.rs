@@ -222,6 +222,8 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Wakes the accept loop to stop.
     pub stop: Notify,
+    /// Wakes the background saver (BGSAVE).
+    pub bgsave: Notify,
     /// Per-run hash keys for SCAN's cursors.
     pub scan_hasher: std::hash::RandomState,
     /// Strict mode on a FAMS pool: the group commit.
@@ -316,6 +318,7 @@ impl Shared {
             poisoned: OnceLock::new(),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            bgsave: Notify::new(),
             scan_hasher: std::hash::RandomState::new(),
             group: (mode == Mode::Strict && fams).then(|| GroupCommit {
                 begun: AtomicU64::new(0),

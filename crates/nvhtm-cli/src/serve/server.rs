@@ -1,5 +1,5 @@
 //! The accept loop, the FAMS sync timer, and the server commands: INFO, CONFIG, TIME, SAVE,
-//! LASTSAVE, SHUTDOWN.
+//! BGSAVE, LASTSAVE, SHUTDOWN.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -30,6 +30,7 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
     if shared.group.is_some() {
         tokio::spawn(committer(Arc::clone(&shared)));
     }
+    tokio::spawn(background_saver(Arc::clone(&shared)));
     tracing::info!(
         mode = shared.mode.name(),
         pool = %options.pool.display(),
@@ -116,12 +117,29 @@ async fn committer(shared: Arc<Shared>) {
     }
 }
 
+/// BGSAVE's worker: a sync off the async workers each time one is asked for.
+async fn background_saver(shared: Arc<Shared>) {
+    loop {
+        shared.bgsave.notified().await;
+        let syncing = Arc::clone(&shared);
+        match tokio::task::spawn_blocking(move || syncing.sync()).await {
+            Ok(Ok(())) => tracing::info!("background save done"),
+            Ok(Err(_)) => return, // logged and poisoned by `sync`
+            Err(e) => {
+                tracing::error!(error = %e, "the background save task failed");
+                return;
+            }
+        }
+    }
+}
+
 /// The server commands.
 pub const COMMANDS: &[Spec] = &[
     Spec { name: "info", arity: -1, write: false, access: Access::Shared, run: info },
     Spec { name: "config", arity: -2, write: false, access: Access::None, run: config },
     Spec { name: "time", arity: 1, write: false, access: Access::None, run: time },
     Spec { name: "save", arity: 1, write: false, access: Access::None, run: save },
+    Spec { name: "bgsave", arity: -1, write: false, access: Access::None, run: bgsave },
     Spec { name: "lastsave", arity: 1, write: false, access: Access::None, run: lastsave },
     Spec { name: "shutdown", arity: -1, write: false, access: Access::None, run: shutdown },
 ];
@@ -269,6 +287,21 @@ fn save(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
         }
         Err(why) => Err(CmdError(format!("ERR the pool could not be synced: {why}"))),
     }
+}
+
+/// BGSAVE [SCHEDULE]: a sync in the background; LASTSAVE tells when it is done.
+fn bgsave(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    match &args[1..] {
+        [] => {}
+        [schedule] if schedule.eq_ignore_ascii_case(b"schedule") => {}
+        _ => return Err(CmdError::syntax()),
+    }
+    if let Some(why) = ctx.shared.poisoned.get() {
+        return Err(CmdError(format!("ERR the pool could not be synced: {why}")));
+    }
+    ctx.shared.bgsave.notify_one();
+    ctx.out.simple("Background saving started");
+    Ok(Flow::Continue)
 }
 
 fn lastsave(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {

@@ -1,5 +1,5 @@
 //! The string commands: GET, SET, SETNX, GETSET, GETDEL, MGET, MSET, MSETNX, INCR, DECR,
-//! INCRBY, DECRBY, APPEND, STRLEN, GETRANGE.
+//! INCRBY, DECRBY, APPEND, STRLEN, GETRANGE, SETRANGE.
 //!
 //! Read-modify-write commands (INCR, APPEND, GETSET, SET with XX or GET...) run as a
 //! compare-and-swap loop on the map ([`update`]) rather than under a striped lock of the
@@ -33,6 +33,7 @@ pub const COMMANDS: &[Spec] = &[
     Spec { name: "append", arity: 3, write: true, access: Access::Shared, run: append },
     Spec { name: "strlen", arity: 2, write: false, access: Access::Shared, run: strlen },
     Spec { name: "getrange", arity: 4, write: false, access: Access::Shared, run: getrange },
+    Spec { name: "setrange", arity: 4, write: true, access: Access::Shared, run: setrange },
 ];
 
 /// What a read-modify-write does to its key.
@@ -283,6 +284,31 @@ fn getrange(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     if ctx.shared.map.get_with(&args[1], |value| out.bulk(range(value, start, end)))?.is_none() {
         out.bulk(b"");
     }
+    Ok(Flow::Continue)
+}
+
+fn setrange(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let offset = int_arg(&args[2])?;
+    let offset = usize::try_from(offset).map_err(|_| CmdError::from("ERR offset is out of range"))?;
+    let patch = &args[3];
+    let max = ctx.shared.limits.max_bulk;
+    let len = update(&ctx.shared.map, &args[1], |current| {
+        if patch.is_empty() {
+            // Nothing to write: the length as it is, and no key created.
+            return Ok((Change::Keep, current.map_or(0, <[u8]>::len)));
+        }
+        if (offset as u64).saturating_add(patch.len() as u64) > max {
+            return Err("ERR string exceeds maximum allowed size (proto-max-bulk-len)".into());
+        }
+        let mut value = current.unwrap_or_default().to_vec();
+        if value.len() < offset + patch.len() {
+            value.resize(offset + patch.len(), 0);
+        }
+        value[offset..offset + patch.len()].copy_from_slice(patch);
+        let len = value.len();
+        Ok((Change::Set(value), len))
+    })?;
+    ctx.out.int(len as i64);
     Ok(Flow::Continue)
 }
 
