@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod format;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -181,6 +182,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A Redis-protocol server whose data lives in a pool (redis-cli, redis-benchmark and
+    /// client libraries work unchanged).
+    Serve(serve::Options),
     /// Measure the persistence layer and the crash simulator (ratios, side by side).
     Bench {
         #[command(subcommand)]
@@ -212,6 +216,7 @@ fn main() -> ExitCode {
         Command::Litmus => commands::litmus(),
         Command::Mutation { suites, json } => commands::mutation::run(&suites, json),
         Command::Bench { which } => bench::run(which),
+        Command::Serve(options) => serve::serve(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

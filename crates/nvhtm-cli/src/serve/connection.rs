@@ -1,0 +1,338 @@
+//! One client's connection, and the connection commands: PING, ECHO, HELLO, AUTH, SELECT,
+//! QUIT, RESET, CLIENT, COMMAND.
+//!
+//! The task reads into a buffer, answers every complete request in it (pipelining: a batch of
+//! requests costs one read and one write), writes the replies, and reads again. A client that
+//! breaks the protocol gets `-ERR Protocol error: ...` and is disconnected; nothing else is
+//! affected.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::resp::{self, Arg, Out, Parsed};
+use super::server;
+use super::{dispatch, int_arg, wrong_arity, Access, Client, CmdError, CmdResult, Ctx, Flow, Shared, Spec};
+
+/// Replies past this size are sent before the rest of a batch is answered, so a long
+/// pipeline of reads does not pile up its replies in memory.
+const SEND_AT: usize = 64 * 1024;
+
+/// Serves one client until it leaves, breaks the protocol, or the server stops.
+pub async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: std::net::SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed) + 1;
+    shared.clients.fetch_add(1, Ordering::Relaxed);
+    let mut client = Client { id, touched: false, name: None, addr };
+    if let Err(e) = run(&shared, &mut stream, &mut client).await {
+        tracing::debug!(client = id, %addr, error = %e, "connection ended");
+    }
+    shared.clients.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn run(shared: &Shared, stream: &mut TcpStream, client: &mut Client) -> std::io::Result<()> {
+    let mut input: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut out = Out::new();
+    let limit = usize::try_from(shared.options.client_query_buffer_limit).unwrap_or(usize::MAX);
+    loop {
+        let mut used = 0;
+        let mut flow = Flow::Continue;
+        let mut need = 0;
+        while flow == Flow::Continue {
+            match resp::parse(&input[used..], &shared.limits) {
+                Ok(Parsed::Incomplete(n)) => {
+                    need = n;
+                    break;
+                }
+                Ok(Parsed::Request { args, len }) => {
+                    used += len;
+                    if args.is_empty() {
+                        continue;
+                    }
+                    if is_http(&args[0]) {
+                        tracing::warn!(client = client.id, addr = %client.addr, "HTTP request on the Redis port: closing the connection");
+                        return Ok(());
+                    }
+                    let mut ctx = Ctx { shared, client: &mut *client, out: &mut out };
+                    flow = dispatch(&mut ctx, &args);
+                }
+                Err(resp::ProtocolError(why)) => {
+                    out.error(&format!("ERR Protocol error: {why}"));
+                    flow = Flow::Close;
+                    tracing::debug!(client = client.id, addr = %client.addr, %why, "protocol error");
+                }
+            }
+            if out.len() >= SEND_AT {
+                send(shared, client, stream, &mut out).await?;
+            }
+        }
+        input.drain(..used);
+        if !out.is_empty() {
+            send(shared, client, stream, &mut out).await?;
+        }
+        if flow == Flow::Close {
+            stream.flush().await?;
+            return Ok(());
+        }
+        if input.len() >= limit {
+            tracing::warn!(client = client.id, addr = %client.addr, buffered = input.len(), "client-query-buffer-limit reached: closing the connection");
+            return Ok(());
+        }
+        // A bulk string whose length is known is read into room reserved once.
+        let want = need.min(limit);
+        if want > input.len() {
+            input.reserve(want - input.len());
+        } else if input.capacity() - input.len() < 4096 {
+            input.reserve(16 * 1024);
+        }
+        if stream.read_buf(&mut input).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends the replies in `out`, once what they answer is durable (group commit: see
+/// [`super::GroupCommit`]). A failed commit closes the connection without them: no write is
+/// acknowledged that was not made durable.
+async fn send(
+    shared: &Shared,
+    client: &mut Client,
+    stream: &mut TcpStream,
+    out: &mut Out,
+) -> std::io::Result<()> {
+    if let Some(group) = shared.group.as_ref().filter(|_| client.touched) {
+        client.touched = false;
+        if let Err(why) = group.covered(shared).await {
+            tracing::error!(client = client.id, %why, "a commit failed: closing the connection unanswered");
+            return Err(std::io::Error::other(why));
+        }
+    }
+    stream.write_all(out.bytes()).await?;
+    out.clear();
+    Ok(())
+}
+
+/// Redis's guard against cross-protocol scripting: a browser made to post to the port sends
+/// `POST` or `Host:` lines first.
+fn is_http(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:")
+}
+
+/// The connection commands.
+pub const COMMANDS: &[Spec] = &[
+    Spec { name: "ping", arity: -1, write: false, access: Access::None, run: ping },
+    Spec { name: "echo", arity: 2, write: false, access: Access::None, run: echo },
+    Spec { name: "hello", arity: -1, write: false, access: Access::None, run: hello },
+    Spec { name: "auth", arity: -2, write: false, access: Access::None, run: auth },
+    Spec { name: "select", arity: 2, write: false, access: Access::None, run: select },
+    Spec { name: "quit", arity: -1, write: false, access: Access::None, run: quit },
+    Spec { name: "reset", arity: 1, write: false, access: Access::None, run: reset },
+    Spec { name: "client", arity: -2, write: false, access: Access::None, run: client },
+    Spec { name: "command", arity: -1, write: false, access: Access::None, run: command },
+];
+
+fn ping(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    match args {
+        [_] => ctx.out.simple("PONG"),
+        [_, message] => ctx.out.bulk(message),
+        _ => return Err(wrong_arity("ping")),
+    }
+    Ok(Flow::Continue)
+}
+
+fn echo(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    ctx.out.bulk(&args[1]);
+    Ok(Flow::Continue)
+}
+
+/// The password check of AUTH and HELLO's AUTH: the server has no password, so the `default`
+/// user (Redis's `nopass` user) logs in with any password, and no other user exists.
+fn check_user(user: &[u8]) -> Result<(), CmdError> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err("WRONGPASS invalid username-password pair or user is disabled.".into())
+    }
+}
+
+/// Client names are printable ASCII without spaces (Redis's rule).
+fn valid_name(name: &[u8]) -> bool {
+    name.iter().all(|&b| (b'!'..=b'~').contains(&b))
+}
+
+const BAD_NAME: &str = "ERR Client names cannot contain spaces, newlines or special characters.";
+
+fn hello(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let mut resp3 = ctx.out.resp3();
+    let mut name = None;
+    if let Some(version) = args.get(1) {
+        match resp::parse_i64(version) {
+            Some(2) => resp3 = false,
+            Some(3) => resp3 = true,
+            Some(_) => return Err("NOPROTO unsupported protocol version".into()),
+            None => return Err("ERR Protocol version is not an integer or out of range".into()),
+        }
+        let mut i = 2;
+        while i < args.len() {
+            let more = args.len() - i - 1;
+            if args[i].eq_ignore_ascii_case(b"auth") && more >= 2 {
+                check_user(&args[i + 1])?;
+                i += 3;
+            } else if args[i].eq_ignore_ascii_case(b"setname") && more >= 1 {
+                if !valid_name(&args[i + 1]) {
+                    return Err(BAD_NAME.into());
+                }
+                name = Some(args[i + 1].to_vec());
+                i += 2;
+            } else {
+                return Err(CmdError(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[i])
+                )));
+            }
+        }
+    }
+    if let Some(name) = name {
+        ctx.client.name = Some(name);
+    }
+    ctx.out.set_resp3(resp3);
+    let out = &mut *ctx.out;
+    out.map(7);
+    out.bulk(b"server");
+    out.bulk(b"redis");
+    out.bulk(b"version");
+    out.bulk(server::REDIS_VERSION.as_bytes());
+    out.bulk(b"proto");
+    out.int(if resp3 { 3 } else { 2 });
+    out.bulk(b"id");
+    out.int(ctx.client.id as i64);
+    out.bulk(b"mode");
+    out.bulk(b"standalone");
+    out.bulk(b"role");
+    out.bulk(b"master");
+    out.bulk(b"modules");
+    out.array(0);
+    Ok(Flow::Continue)
+}
+
+fn auth(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    match args {
+        [_, _password] => Err(CmdError(
+            "ERR AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?"
+                .into(),
+        )),
+        [_, user, _password] => {
+            check_user(user)?;
+            ctx.out.ok();
+            Ok(Flow::Continue)
+        }
+        _ => Err(CmdError::syntax()),
+    }
+}
+
+fn select(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    match int_arg(&args[1]) {
+        Ok(0) => {
+            ctx.out.ok();
+            Ok(Flow::Continue)
+        }
+        Ok(_) => Err("ERR DB index is out of range".into()),
+        Err(_) => Err(CmdError::not_integer()),
+    }
+}
+
+fn quit(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
+    ctx.out.ok();
+    Ok(Flow::Close)
+}
+
+/// RESET: the connection as it was when it opened (RESP2, no name, database 0).
+fn reset(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
+    ctx.out.set_resp3(false);
+    ctx.client.name = None;
+    ctx.out.simple("RESET");
+    Ok(Flow::Continue)
+}
+
+fn unknown_subcommand(args: &[Arg<'_>], group: &str) -> CmdError {
+    CmdError(format!(
+        "ERR unknown subcommand '{}'. Try {group} HELP.",
+        String::from_utf8_lossy(&args[1]).chars().take(128).collect::<String>()
+    ))
+}
+
+fn client(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let sub = args[1].to_ascii_lowercase();
+    let arity = |n: usize, name: &str| {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(wrong_arity(&format!("client|{name}")))
+        }
+    };
+    match sub.as_slice() {
+        b"id" => {
+            arity(2, "id")?;
+            ctx.out.int(ctx.client.id as i64);
+        }
+        b"getname" => {
+            arity(2, "getname")?;
+            ctx.out.bulk_or_null(ctx.client.name.as_deref());
+        }
+        b"setname" => {
+            arity(3, "setname")?;
+            if !valid_name(&args[2]) {
+                return Err(BAD_NAME.into());
+            }
+            // An empty name removes it, as in Redis.
+            ctx.client.name = (!args[2].is_empty()).then(|| args[2].to_vec());
+            ctx.out.ok();
+        }
+        b"setinfo" => {
+            // Client libraries announce themselves (redis-py, Jedis...): accepted, not kept yet.
+            arity(4, "setinfo")?;
+            let attribute = args[2].to_ascii_lowercase();
+            if attribute != b"lib-name" && attribute != b"lib-ver" {
+                return Err(CmdError(format!(
+                    "ERR Unrecognized option '{}'",
+                    String::from_utf8_lossy(&args[2])
+                )));
+            }
+            if !valid_name(&args[3]) {
+                return Err(CmdError(format!(
+                    "ERR {} cannot contain spaces, newlines or special characters.",
+                    String::from_utf8_lossy(&attribute)
+                )));
+            }
+            ctx.out.ok();
+        }
+        _ => return Err(unknown_subcommand(args, "CLIENT")),
+    }
+    Ok(Flow::Continue)
+}
+
+/// COMMAND: enough for clients that ask (redis-cli asks COMMAND DOCS for its hints) to
+/// degrade quietly: no command descriptions yet.
+fn command(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let Some(sub) = args.get(1) else {
+        ctx.out.array(0);
+        return Ok(Flow::Continue);
+    };
+    match sub.to_ascii_lowercase().as_slice() {
+        b"count" if args.len() == 2 => ctx.out.int(super::command_count() as i64),
+        b"count" => return Err(wrong_arity("command|count")),
+        b"docs" => ctx.out.map(0),
+        b"info" => {
+            // One null per name asked: "no description", which clients accept.
+            ctx.out.array(args.len() - 2);
+            for _ in 2..args.len() {
+                ctx.out.null_array();
+            }
+        }
+        _ => return Err(unknown_subcommand(args, "COMMAND")),
+    }
+    Ok(Flow::Continue)
+}

@@ -1,0 +1,599 @@
+//! `nvhtm serve`: a Redis-protocol server whose data lives in an nvhtm pool.
+//!
+//! The keyspace is one [`StrictMap`] in a pool file. Commands run on tokio's worker threads
+//! directly against the map (its operations are short and never await); a write is answered
+//! only once the map has returned, which in `strict` mode means once it is durable, and in
+//! `fams` mode once it is in the private state that the next sync commits.
+//!
+//! Modules, one per command group: [`connection`] (the per-client task and PING, HELLO,
+//! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`server`]
+//! (INFO, CONFIG, SAVE, SHUTDOWN...), and [`resp`] (the protocol).
+
+pub mod connection;
+pub mod keys;
+pub mod resp;
+pub mod server;
+pub mod strings;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nvhtm::pool::{PoolInfo, PoolOptions};
+use nvhtm::{AutoDomain, Heap, MapError, StrictMap};
+use tokio::sync::Notify;
+
+use crate::commands::CommandResult;
+use resp::{Arg, Limits, Out};
+
+/// How writes become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Every write is durable before it is answered: on a mapped pool the map persists each
+    /// operation; on a FAMS pool the server commits the writes of every connection together
+    /// (group commit) and answers each batch after the commit that covers it.
+    Strict,
+    /// A FAMS pool: writes reach the file atomically at each sync, every `--sync-ms`, at SAVE
+    /// and at SHUTDOWN; a crash loses what came after the last completed sync.
+    Fams,
+}
+
+impl Mode {
+    /// The name used on the command line and in INFO.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Strict => "strict",
+            Mode::Fams => "fams",
+        }
+    }
+}
+
+/// `nvhtm serve`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// The pool file, created on first start.
+    #[arg(long, default_value = "nvhtm-serve.pool")]
+    pub pool: PathBuf,
+    /// Durability mode (default: fams for a FAMS pool, else strict; a new pool is a FAMS pool
+    /// with --mode fams, a mapped one otherwise).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: String,
+    /// Port to listen on (0: any free port; the log line names it).
+    #[arg(long, default_value_t = 6379)]
+    pub port: u16,
+    /// FAMS mode: milliseconds between syncs.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sync_ms: u64,
+    /// Size of a new pool (it grows on demand), e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = crate::format::parse_size)]
+    pub size: u64,
+    /// The longest bulk string a request may hold (Redis's proto-max-bulk-len).
+    #[arg(long, default_value = "512MiB", value_parser = crate::format::parse_size)]
+    pub proto_max_bulk_len: u64,
+    /// The most unparsed bytes one client may have buffered (Redis's
+    /// client-query-buffer-limit); a client past it is disconnected.
+    #[arg(long, default_value = "1GiB", value_parser = crate::format::parse_size)]
+    pub client_query_buffer_limit: u64,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// What a command handler returns when it succeeds: what the connection does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Read the next request.
+    Continue,
+    /// Send the replies so far and close the connection (QUIT).
+    Close,
+}
+
+/// An error reply: the full text after `-`, starting with its code (`ERR ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdError(pub String);
+
+impl CmdError {
+    /// `ERR syntax error`.
+    pub fn syntax() -> CmdError {
+        CmdError("ERR syntax error".into())
+    }
+
+    /// `ERR value is not an integer or out of range`.
+    pub fn not_integer() -> CmdError {
+        CmdError("ERR value is not an integer or out of range".into())
+    }
+}
+
+impl From<&str> for CmdError {
+    fn from(text: &str) -> CmdError {
+        CmdError(text.to_string())
+    }
+}
+
+impl From<MapError> for CmdError {
+    fn from(e: MapError) -> CmdError {
+        CmdError(format!("ERR {e}"))
+    }
+}
+
+/// A handler's result.
+pub type CmdResult = Result<Flow, CmdError>;
+
+/// What a command needs of the keyspace gate (see [`Shared::keyspace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Touches no key.
+    None,
+    /// Reads or writes keys one operation at a time: shares the keyspace.
+    Shared,
+    /// Writes several keys that other clients must see change together: the keyspace alone.
+    Exclusive,
+    /// Exclusive with more than one key argument (DEL, UNLINK), shared otherwise.
+    ExclusiveIfSeveral,
+}
+
+/// One command: its name, Redis's arity (n: exactly n words with the name; -n: at least n),
+/// whether it writes, and what it needs of the keyspace.
+#[derive(Debug)]
+pub struct Spec {
+    /// Lower-case name.
+    pub name: &'static str,
+    /// Redis's arity convention.
+    pub arity: i32,
+    /// Whether it changes the data (refused once the pool is poisoned).
+    pub write: bool,
+    /// Its use of the keyspace gate.
+    pub access: Access,
+    /// The handler.
+    pub run: fn(&mut Ctx<'_>, &[Arg<'_>]) -> CmdResult,
+}
+
+/// What a handler works with.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The server.
+    pub shared: &'a Shared,
+    /// This client.
+    pub client: &'a mut Client,
+    /// Its reply buffer.
+    pub out: &'a mut Out,
+}
+
+/// One connected client's state.
+#[derive(Debug)]
+pub struct Client {
+    /// The id CLIENT ID reports (unique in this server's life).
+    pub id: u64,
+    /// Whether a command since the last commit touched the keyspace (group commit: its
+    /// replies wait for a commit that began after it).
+    pub touched: bool,
+    /// The name CLIENT SETNAME gave it.
+    pub name: Option<Vec<u8>>,
+    /// The peer address.
+    pub addr: SocketAddr,
+}
+
+/// The server's state, shared by every connection.
+#[derive(Debug)]
+pub struct Shared {
+    /// The keyspace.
+    pub map: StrictMap<AutoDomain>,
+    /// The keyspace gate: single-key commands share it, multi-key writes (MSET, MSETNX, DEL of
+    /// several keys, FLUSHDB) hold it alone, so no client sees such a command half done. In
+    /// FAMS mode the exclusive holders also hold the pool's writer gate, so no sync commits
+    /// half of one either.
+    keyspace: RwLock<()>,
+    /// How it was started.
+    pub options: Options,
+    /// The mode in effect.
+    pub mode: Mode,
+    /// The pool's persistence domain, in words.
+    pub domain: String,
+    /// The address it listens on.
+    pub addr: OnceLock<SocketAddr>,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// When it started.
+    pub started: Instant,
+    /// Keys found in the pool at start.
+    pub keys_recovered: u64,
+    /// Time to open the pool, heap and map at start.
+    pub recovery: Duration,
+    /// The last client id handed out.
+    pub next_client_id: AtomicU64,
+    /// Clients connected now.
+    pub clients: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_received: AtomicU64,
+    /// Commands processed since start.
+    pub commands_processed: AtomicU64,
+    /// Unix time of the last successful sync (SAVE, FAMS timer) or of the start.
+    pub last_save: AtomicU64,
+    /// Syncs that succeeded since start.
+    pub syncs: AtomicU64,
+    /// Why the pool is poisoned, once a sync failed: writes are refused from then on.
+    pub poisoned: OnceLock<String>,
+    /// Set when SHUTDOWN, SIGTERM or SIGINT asked the server to stop.
+    pub stopping: AtomicBool,
+    /// Wakes the accept loop to stop.
+    pub stop: Notify,
+    /// Wakes the background saver (BGSAVE).
+    pub bgsave: Notify,
+    /// Per-run hash keys for SCAN's cursors.
+    pub scan_hasher: std::hash::RandomState,
+    /// Strict mode on a FAMS pool: the group commit.
+    pub group: Option<GroupCommit>,
+}
+
+/// Strict mode on a FAMS pool: a committer task runs one pool sync at a time; a connection
+/// whose batch touched the keyspace waits, before it sends the batch's replies, for a commit
+/// that *began* after the batch ran. Every write and every read of a not-yet-committed write
+/// arriving while a commit runs is covered by the next one, so one sync serves every
+/// connection that was waiting: the writes of all connections are committed together.
+///
+/// Reads wait too, when a write is not yet committed: a value another client wrote is in
+/// memory before it is committed, and a reader answered before the commit could see a write
+/// that a crash then loses. A batch that finds every write committed waits for nothing.
+#[derive(Debug)]
+pub struct GroupCommit {
+    /// Commits begun (the number of the latest).
+    pub begun: AtomicU64,
+    /// Write commands begun, each counted inside the pool's writer gate before it writes.
+    pub writes: AtomicU64,
+    /// Of [`writes`](Self::writes), how many the last completed commit covers: the count read
+    /// before that commit began. A write counted by then was either done or inside the
+    /// writer gate, which the commit waits for; a write not yet counted had not written.
+    pub committed: AtomicU64,
+    /// The number of the latest completed commit.
+    pub done: tokio::sync::watch::Sender<u64>,
+    /// Wakes the committer.
+    pub wake: Notify,
+}
+
+impl GroupCommit {
+    /// Waits until every keyspace access this task made so far is committed. `Err` when a
+    /// commit failed: the pool is poisoned and the replies must not be sent.
+    pub async fn covered(&self, shared: &Shared) -> Result<(), String> {
+        if self.writes.load(Ordering::SeqCst) == self.committed.load(Ordering::SeqCst) {
+            // Every write so far, whatever this task wrote or read, is committed.
+            return match shared.poisoned.get() {
+                Some(why) => Err(why.clone()),
+                None => Ok(()),
+            };
+        }
+        // A commit numbered past what has begun by now begins after this task's accesses.
+        let need = self.begun.load(Ordering::SeqCst) + 1;
+        let mut done = self.done.subscribe();
+        self.wake.notify_one();
+        let waited = done.wait_for(|&n| n >= need).await.map(|_| ());
+        match (shared.poisoned.get(), waited) {
+            (Some(why), _) => Err(why.clone()),
+            (None, Ok(())) => Ok(()),
+            (None, Err(_)) => Err("the committer stopped".into()),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Shared {
+    /// A server over `map` (recovered in `recovery`, holding `keys_recovered` keys).
+    pub fn new(
+        map: StrictMap<AutoDomain>,
+        options: Options,
+        mode: Mode,
+        recovery: Duration,
+    ) -> Result<Shared, MapError> {
+        let keys_recovered = map.len()?;
+        let info = map.heap().pool().info();
+        let fams = info.fams;
+        // A FAMS pool's stores go to private memory (a volatile domain); its commits are syncs.
+        let domain = if fams { "fams".to_string() } else { info.domain.to_string() };
+        let limits = Limits { max_bulk: options.proto_max_bulk_len, ..Limits::default() };
+        Ok(Shared {
+            map,
+            keyspace: RwLock::new(()),
+            options,
+            mode,
+            domain,
+            addr: OnceLock::new(),
+            limits,
+            started: Instant::now(),
+            keys_recovered,
+            recovery,
+            next_client_id: AtomicU64::new(0),
+            clients: AtomicU64::new(0),
+            connections_received: AtomicU64::new(0),
+            commands_processed: AtomicU64::new(0),
+            last_save: AtomicU64::new(unix_now()),
+            syncs: AtomicU64::new(0),
+            poisoned: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+            bgsave: Notify::new(),
+            scan_hasher: std::hash::RandomState::new(),
+            group: (mode == Mode::Strict && fams).then(|| GroupCommit {
+                begun: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
+                committed: AtomicU64::new(0),
+                done: tokio::sync::watch::channel(0).0,
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// The keyspace gate, shared.
+    pub fn keyspace_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.keyspace.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The keyspace gate, alone.
+    pub fn keyspace_alone(&self) -> RwLockWriteGuard<'_, ()> {
+        self.keyspace.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every write so far durable (a FAMS commit; an msync of the mapping in strict
+    /// mode). A failure poisons the server: writes are refused from then on. Blocking: call
+    /// it off the async workers.
+    pub fn sync(&self) -> Result<(), String> {
+        if let Some(why) = self.poisoned.get() {
+            return Err(why.clone());
+        }
+        match self.map.heap().pool().sync() {
+            Ok(()) => {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                self.last_save.store(unix_now(), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let _ = self.poisoned.set(why.clone());
+                tracing::error!(error = %why, "sync failed: the pool is poisoned, writes are refused until a restart");
+                Err(why)
+            }
+        }
+    }
+
+    /// Asks the server to stop (SHUTDOWN, signals).
+    pub fn request_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_one();
+    }
+}
+
+/// Every command, by group.
+fn lookup(name: &[u8]) -> Option<&'static Spec> {
+    [connection::COMMANDS, strings::COMMANDS, keys::COMMANDS, server::COMMANDS]
+        .into_iter()
+        .flatten()
+        .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// How many commands the server knows (COMMAND COUNT).
+pub fn command_count() -> usize {
+    connection::COMMANDS.len() + strings::COMMANDS.len() + keys::COMMANDS.len() + server::COMMANDS.len()
+}
+
+/// Redis's text for an unknown command: the name and the start of its arguments, quoted.
+fn unknown_command(args: &[Arg<'_>]) -> CmdError {
+    let mut list = String::new();
+    for arg in &args[1..] {
+        if list.len() >= 128 {
+            break;
+        }
+        let text = String::from_utf8_lossy(arg);
+        let room = 128 - list.len();
+        list.push('\'');
+        list.extend(text.chars().take(room));
+        list.push_str("' ");
+    }
+    let name: String = String::from_utf8_lossy(&args[0]).chars().take(128).collect();
+    CmdError(format!("ERR unknown command '{name}', with args beginning with: {list}"))
+}
+
+/// `ERR wrong number of arguments for 'NAME' command`.
+pub fn wrong_arity(name: &str) -> CmdError {
+    CmdError(format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+/// Runs one request (non-empty `args`), writing its reply.
+pub fn dispatch(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Flow {
+    ctx.shared.commands_processed.fetch_add(1, Ordering::Relaxed);
+    match run(ctx, args) {
+        Ok(flow) => flow,
+        Err(CmdError(text)) => {
+            ctx.out.error(&text);
+            Flow::Continue
+        }
+    }
+}
+
+fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let Some(spec) = lookup(&args[0]) else {
+        return Err(unknown_command(args));
+    };
+    let n = args.len() as i64;
+    let arity = i64::from(spec.arity);
+    if (arity >= 0 && n != arity) || (arity < 0 && n < -arity) {
+        return Err(wrong_arity(spec.name));
+    }
+    if spec.write {
+        if let Some(why) = ctx.shared.poisoned.get() {
+            return Err(CmdError(format!(
+                "MISCONF the pool could not be made durable ({why}); writes are refused until the server restarts"
+            )));
+        }
+    }
+    if spec.access != Access::None {
+        ctx.client.touched = true;
+    }
+    // Group commit: counted inside the writer gate, so a commit covers every write it counts.
+    let pool = ctx.shared.map.heap().pool();
+    let _counted = match &ctx.shared.group {
+        Some(group) if spec.write => {
+            let writer = pool.enter_writer();
+            group.writes.fetch_add(1, Ordering::SeqCst);
+            Some(writer)
+        }
+        _ => None,
+    };
+    let alone = match spec.access {
+        Access::None => return (spec.run)(ctx, args),
+        Access::Shared => false,
+        Access::Exclusive => true,
+        Access::ExclusiveIfSeveral => args.len() > 2,
+    };
+    if alone {
+        let shared = ctx.shared;
+        let _keyspace = shared.keyspace_alone();
+        // FAMS: no sync between the keys of one command (re-entered by each map write).
+        let _writer = shared.map.heap().pool().enter_writer();
+        (spec.run)(ctx, args)
+    } else {
+        let _keyspace = ctx.shared.keyspace_shared();
+        (spec.run)(ctx, args)
+    }
+}
+
+/// Parses an integer argument (`ERR value is not an integer or out of range`).
+pub fn int_arg(arg: &[u8]) -> Result<i64, CmdError> {
+    resp::parse_i64(arg).ok_or_else(CmdError::not_integer)
+}
+
+/// Opens the pool at `path` (creating it when absent) and its map, in `mode` (the pool's own
+/// when `None`).
+pub fn open_map(
+    path: &Path,
+    mode: Option<Mode>,
+    size: u64,
+) -> Result<(StrictMap<AutoDomain>, Mode), Box<dyn std::error::Error>> {
+    let opts = PoolOptions::default().with_size(size);
+    let (heap, mode) = if path.exists() {
+        let fams = PoolInfo::read(path)?.fams;
+        if mode == Some(Mode::Fams) && !fams {
+            return Err(format!(
+                "{} is a mapped pool, not a FAMS pool; it cannot be served in fams mode (start without --mode, or use another --pool)",
+                path.display()
+            )
+            .into());
+        }
+        let mode = mode.unwrap_or(if fams { Mode::Fams } else { Mode::Strict });
+        (Heap::load(crate::commands::open_pool(path, &opts)?)?, mode)
+    } else {
+        match mode.unwrap_or(Mode::Strict) {
+            Mode::Strict => (Heap::<AutoDomain>::create(path, &opts)?, Mode::Strict),
+            Mode::Fams => (Heap::<AutoDomain>::create_fams(path, &opts)?, Mode::Fams),
+        }
+    };
+    Ok((StrictMap::open(heap)?, mode))
+}
+
+/// `nvhtm serve`.
+pub fn serve(options: Options) -> CommandResult {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Fails only if a subscriber is already installed, which then logs for us.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+
+    let begun = Instant::now();
+    let (map, mode) = open_map(&options.pool, options.mode, options.size)?;
+    let recovery = begun.elapsed();
+    let shared = Arc::new(Shared::new(map, options.clone(), mode, recovery)?);
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = options.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
+    let served = runtime.block_on(server::listen(Arc::clone(&shared)));
+    // Dropping the runtime drops every connection task at its next await (a command runs
+    // between awaits, so none is cut in the middle) and waits for blocking syncs.
+    drop(runtime);
+    let shared = Arc::into_inner(shared).ok_or("a connection outlived the server")?;
+    let closed = shared.map.close();
+    served?;
+    match closed {
+        Ok(()) => {
+            tracing::info!(pool = %options.pool.display(), "pool closed cleanly; bye");
+            Ok(())
+        }
+        Err(e) => Err(format!("closing {}: {e}", options.pool.display()).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use nvhtm::Volatile;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn server() -> Shared {
+        let opts = PoolOptions::layout("serve-test").with_size(8 << 20);
+        let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
+        let options = Args::parse_from(["test"]).options;
+        Shared::new(StrictMap::open(heap).unwrap(), options, Mode::Strict, Duration::ZERO).unwrap()
+    }
+
+    /// Runs one command; its reply's bytes.
+    fn exec(shared: &Shared, args: &[&str]) -> String {
+        let mut client = Client { id: 1, touched: false, name: None, addr: "127.0.0.1:1".parse().unwrap() };
+        let mut out = Out::new();
+        let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Borrowed(a.as_bytes())).collect();
+        let flow = dispatch(&mut Ctx { shared, client: &mut client, out: &mut out }, &args);
+        assert_eq!(flow, Flow::Continue);
+        String::from_utf8(out.bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_poisoned_server_refuses_writes_and_still_answers_reads() {
+        let shared = server();
+        assert_eq!(exec(&shared, &["SET", "k", "v"]), "+OK\r\n");
+        shared.poisoned.set("fsync failed: EIO".into()).unwrap();
+        for write in
+            [&["SET", "k", "w"][..], &["INCR", "n"], &["DEL", "k"], &["MSET", "a", "1"], &["FLUSHDB"]]
+        {
+            let reply = exec(&shared, write);
+            assert!(
+                reply.starts_with("-MISCONF the pool could not be made durable (fsync failed: EIO)"),
+                "{write:?}: {reply}"
+            );
+        }
+        assert_eq!(exec(&shared, &["GET", "k"]), "$1\r\nv\r\n", "nothing was written");
+        assert_eq!(exec(&shared, &["DBSIZE"]), ":1\r\n");
+        assert!(exec(&shared, &["SAVE"]).starts_with("-ERR the pool could not be synced: fsync failed: EIO"));
+        assert!(exec(&shared, &["INFO", "persistence"]).contains("nvhtm_poisoned:fsync failed: EIO\r\n"));
+    }
+
+    #[test]
+    fn arity_is_checked_before_a_handler_runs() {
+        let shared = server();
+        assert_eq!(exec(&shared, &["SET", "k"]), "-ERR wrong number of arguments for 'set' command\r\n");
+        assert_eq!(
+            exec(&shared, &["DBSIZE", "x"]),
+            "-ERR wrong number of arguments for 'dbsize' command\r\n"
+        );
+        assert_eq!(
+            exec(&shared, &["MSETNX", "a", "1", "b"]),
+            "-ERR wrong number of arguments for 'msetnx' command\r\n"
+        );
+        assert_eq!(exec(&shared, &["DBSIZE"]), ":0\r\n");
+        let long = "x".repeat(300);
+        let reply = exec(&shared, &["nope", &long, "more"]);
+        assert!(reply.starts_with("-ERR unknown command 'nope', with args beginning with: 'xxx"), "{reply}");
+        assert!(reply.len() < 200, "the arguments quoted are cut at 128 bytes: {reply}");
+    }
+}
