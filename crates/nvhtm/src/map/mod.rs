@@ -276,12 +276,42 @@ struct Placement {
     from: Option<(u64, u64)>,
 }
 
+/// At most `N` pairs of words, on the stack (the write paths allocate nothing on the Rust heap).
+#[derive(Debug, Clone, Copy)]
+struct Pairs<const N: usize> {
+    items: [(u64, u64); N],
+    len: usize,
+}
+
+impl<const N: usize> Pairs<N> {
+    fn new() -> Pairs<N> {
+        Pairs { items: [(0, 0); N], len: 0 }
+    }
+
+    /// Appends a pair; the callers never hold more than `N` (a bound of their protocol, not of
+    /// the data they read).
+    fn push(&mut self, pair: (u64, u64)) {
+        assert!(self.len < N, "more than {N} pairs");
+        self.items[self.len] = pair;
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[(u64, u64)] {
+        &self.items[..self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [(u64, u64)] {
+        &mut self.items[..self.len]
+    }
+}
+
 /// A slot written and ready to commit.
 struct Prepared {
-    /// Ranges to make durable before the commit.
-    before_commit: Vec<(u64, u64)>,
-    /// Meta words to store at the commit, by bucket.
-    metas: Vec<(u64, u64)>,
+    /// Ranges to make durable before the commit: the slot, a raised reach, and (for a heap
+    /// commit) the fingerprint.
+    before_commit: Pairs<3>,
+    /// Meta words to store at the commit, by bucket: the new slot's and the released one's.
+    metas: Pairs<2>,
 }
 
 /// How a write ended: done, or the window is full and the segment must split first.
@@ -1023,7 +1053,7 @@ impl<D: Domain> StrictMap<D> {
         match (metas.as_slice(), &records.adopt, records.free) {
             // One word, no allocation change: the plain protocol, two fences.
             ([(bucket, meta)], None, None) => {
-                for &(at, len) in &before_commit {
+                for &(at, len) in before_commit.as_slice() {
                     pool.flush(at, len)?;
                 }
                 pool.fence()?;
@@ -1036,21 +1066,19 @@ impl<D: Domain> StrictMap<D> {
             // it in the same line: it is made durable before the commit like the slot.
             _ => {
                 before_commit.push((bucket_offset(segment.at, bucket) + 8, 8));
-                let words: Vec<(u64, u64)> =
-                    metas.iter().map(|&(bucket, meta)| (bucket_offset(segment.at, bucket), meta)).collect();
                 self.heap.transaction(|tx| {
                     // First: from here on the transaction gives the block back if it aborts.
                     if let Some(r) = records.adopt {
                         tx.adopt(r);
                     }
-                    for &(at, len) in &before_commit {
+                    for &(at, len) in before_commit.as_slice() {
                         tx.flush_on_commit(at, len)?;
                     }
                     if let Some(old) = records.free {
                         tx.free(old)?;
                     }
-                    for &(at, meta) in &words {
-                        tx.redo_store(at, meta)?;
+                    for &(bucket, meta) in metas.as_slice() {
+                        tx.redo_store(bucket_offset(segment.at, bucket), meta)?;
                     }
                     Ok::<_, HeapError>(())
                 })?;
@@ -1071,14 +1099,16 @@ impl<D: Domain> StrictMap<D> {
         let b = bucket_offset(segment.at, bucket);
         pool.write(b + 8 + slot, &hash.fingerprint())?;
         // Lines that must be durable before the commit (the slot; a raised reach).
-        let mut before_commit = vec![(s, 32)];
+        let mut before_commit = Pairs::new();
+        before_commit.push((s, 32));
         // Meta words to change at the commit: this bucket gains the slot, the old slot (if any)
         // is released. A key placed past its home bucket's reach raises the reach first: it
         // must be durable before the key can be found through it (a reach never shrinks until
         // the segment splits; one that is too long only costs probes).
-        let mut metas: Vec<(u64, u64)> = vec![(bucket, self.load(b)? | 1 << slot)];
+        let mut metas = Pairs::new();
+        metas.push((bucket, self.load(b)? | 1 << slot));
         if let Some((old_bucket, old_slot)) = from {
-            match metas.iter_mut().find(|(bk, _)| *bk == old_bucket) {
+            match metas.as_mut_slice().iter_mut().find(|(bk, _)| *bk == old_bucket) {
                 Some(entry) => entry.1 &= !(1 << old_slot),
                 None => metas
                     .push((old_bucket, self.load(bucket_offset(segment.at, old_bucket))? & !(1 << old_slot))),
@@ -1086,7 +1116,7 @@ impl<D: Domain> StrictMap<D> {
         }
         let distance = distance(home, bucket);
         if distance > 0 {
-            match metas.iter_mut().find(|(bk, _)| *bk == home) {
+            match metas.as_mut_slice().iter_mut().find(|(bk, _)| *bk == home) {
                 Some(entry) => entry.1 = with_reach(entry.1, distance),
                 None => {
                     let homed = bucket_offset(segment.at, home);
