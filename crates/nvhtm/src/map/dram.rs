@@ -1,15 +1,69 @@
 //! DRAM state of the strict map: per-segment locks, versions and summaries; reading segment
 //! headers and finding (and locking) the segment that owns a hash.
 
+use std::sync::atomic::AtomicPtr;
+
 use super::*;
 
-/// DRAM lock, version and summary of one segment.
-#[derive(Debug, Default)]
+/// DRAM state of one segment: its lock, version and summary, and its header mirrored.
+#[derive(Debug)]
 pub(super) struct SegLocks {
+    /// The segment's id (its index in the [`SegTable`]).
+    pub(super) id: u64,
     pub(super) lock: Mutex<()>,
+    /// Odd while a writer or a split changes the segment, until its commit is durable.
     pub(super) version: AtomicU64,
     /// Built from media on first use under the lock, then kept by writers.
     pub(super) summary: OnceLock<Summary>,
+    /// The segment's offset (0 until a directory entry naming it is first read from media),
+    /// depth and pattern, as on media. Set before the segment is reachable through the
+    /// directory mirror; a split changes depth and pattern under the lock, its version odd.
+    at: AtomicU64,
+    depth: AtomicU64,
+    pattern: AtomicU64,
+}
+
+impl SegLocks {
+    fn new(id: u64) -> SegLocks {
+        SegLocks {
+            id,
+            lock: Mutex::new(()),
+            version: AtomicU64::new(0),
+            summary: OnceLock::new(),
+            at: AtomicU64::new(0),
+            depth: AtomicU64::new(0),
+            pattern: AtomicU64::new(0),
+        }
+    }
+
+    /// The segment's header as DRAM knows it (stable under its lock, or between two equal
+    /// even reads of its version).
+    pub(super) fn header(&self) -> Segment {
+        Segment {
+            at: self.at.load(Ordering::Acquire),
+            depth: self.depth.load(Ordering::Relaxed),
+            pattern: self.pattern.load(Ordering::Relaxed),
+            id: self.id,
+        }
+    }
+
+    /// Records the segment's header: before it is published (a new segment, or one first
+    /// named by a directory entry read from media), or by a split with its version odd.
+    pub(super) fn set_header(&self, at: u64, depth: u64, pattern: u64) {
+        self.depth.store(depth, Ordering::Relaxed);
+        self.pattern.store(pattern, Ordering::Relaxed);
+        self.at.store(at, Ordering::Release);
+    }
+
+    /// Debug builds check the rule readers rely on: a writer changes the segment only while
+    /// its version is odd.
+    pub(super) fn debug_assert_writing(&self) {
+        debug_assert!(
+            self.version.load(Ordering::Relaxed) & 1 == 1,
+            "segment {} written with an even version",
+            self.id
+        );
+    }
 }
 
 /// What DRAM knows of a segment's keys.
@@ -31,14 +85,16 @@ impl Summary {
     }
 }
 
-/// A segment whose lock this thread holds, with its DRAM state.
+/// A segment whose lock this thread holds, with its DRAM state and a view of its words.
 pub(super) struct Held<'a> {
     pub(super) segment: Segment,
+    pub(super) locks: &'a SegLocks,
     pub(super) summary: &'a Summary,
+    pub(super) view: SegView<'a>,
     pub(super) _lock: MutexGuard<'a, ()>,
 }
 
-/// Segment locks by segment id, created on first use; lock-free to look up.
+/// Segment DRAM state by segment id, created on first use; lock-free to look up.
 pub(super) struct SegTable {
     pub(super) pages: Vec<OnceLock<Box<[SegLocks]>>>,
 }
@@ -51,9 +107,68 @@ impl SegTable {
     }
 
     pub(super) fn get(&self, id: u64) -> Option<&SegLocks> {
-        let page = self.pages.get((id / LOCK_PAGE) as usize)?;
-        let page = page.get_or_init(|| (0..LOCK_PAGE).map(|_| SegLocks::default()).collect());
+        let page_no = id / LOCK_PAGE;
+        let page = self.pages.get(page_no as usize)?;
+        let page =
+            page.get_or_init(|| (0..LOCK_PAGE).map(|i| SegLocks::new(page_no * LOCK_PAGE + i)).collect());
         page.get((id % LOCK_PAGE) as usize)
+    }
+}
+
+/// The directory mirrored in DRAM at one depth: per entry, the DRAM state of the segment it
+/// names (null until read from media, under the resize lock). Every pointer is to a
+/// [`SegLocks`] of the map's own [`SegTable`], which never moves or frees one before the map is
+/// dropped.
+#[derive(Debug)]
+pub(super) struct DirMirror {
+    pub(super) depth: u64,
+    segments: Box<[AtomicPtr<SegLocks>]>,
+}
+
+impl DirMirror {
+    fn new(depth: u64, segments: impl Iterator<Item = *mut SegLocks>) -> DirMirror {
+        DirMirror { depth, segments: segments.map(AtomicPtr::new).collect() }
+    }
+}
+
+/// A pointer for a [`DirMirror`] entry.
+fn entry(locks: &SegLocks) -> *mut SegLocks {
+    (locks as *const SegLocks).cast_mut()
+}
+
+/// The DRAM mirror of the directory: the persistent directory stays the truth, and the mirror
+/// follows it (filled lazily from media, so opening stays O(1); changed by splits, which
+/// hold the resize lock and the split segment's version odd while they change it).
+#[derive(Debug)]
+pub(super) struct Mirror {
+    /// Mirrors by depth. A doubling builds the next one and publishes its depth; the shallower
+    /// ones stay allocated until the map is dropped (a reader may still index one it loaded,
+    /// and they take less room together than the current one).
+    by_depth: Box<[OnceLock<DirMirror>]>,
+    /// The current one, one of `by_depth` (null before first use).
+    current: AtomicPtr<DirMirror>,
+}
+
+impl Mirror {
+    pub(super) fn new() -> Mirror {
+        Mirror {
+            by_depth: (0..=MAX_DEPTH).map(|_| OnceLock::new()).collect(),
+            current: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    pub(super) fn current(&self) -> Option<&DirMirror> {
+        let current = self.current.load(Ordering::Acquire);
+        // SAFETY: a non-null `current` points into a `by_depth` OnceLock that was set before
+        // the pointer was published (release/acquire); `by_depth` is a boxed slice that is never
+        // reallocated, and a set OnceLock is never taken, so the DirMirror lives, unmoved, as
+        // long as `self`, which the returned reference borrows.
+        unsafe { current.as_ref() }
+    }
+
+    /// Makes `mirror` (one of `by_depth`) the current one.
+    fn publish(&self, mirror: &DirMirror) {
+        self.current.store((mirror as *const DirMirror).cast_mut(), Ordering::Release);
     }
 }
 
@@ -89,44 +204,29 @@ impl Segment {
 }
 
 impl<D: Domain> StrictMap<D> {
-    /// Reads a segment header.
+    /// Reads a segment header from media, checked: its magic, its depth, and that the whole
+    /// segment lies in the pool.
     pub(super) fn segment(&self, at: u64) -> Result<Segment> {
-        let [magic, depth, pattern, id]: [u64; 4] = self.heap.raw_pool().read(at)?;
-        if magic != SEG_MAGIC || depth > MAX_DEPTH {
+        let pool = self.heap.raw_pool();
+        let [magic, depth, pattern, id]: [u64; 4] = pool.read(at)?;
+        if magic != SEG_MAGIC || depth > MAX_DEPTH || pool.checked_words(at, SEGMENT_SIZE).is_err() {
             return Err(MapError::Corrupt(format!("no segment at {at:#x}")));
         }
         Ok(Segment { at, depth, pattern, id })
     }
 
-    /// The segment the directory names for `hash` now (may be stale by the time it is used).
-    /// `None` when a split swapped the directory while it was being read: read it again.
-    pub(super) fn locate(&self, hash: Hash) -> Result<Option<Segment>> {
+    /// The persistent directory: its offset and depth, checked (its magic, its depth, and that
+    /// its entries lie in the pool).
+    pub(super) fn directory(&self) -> Result<(u64, u64)> {
         let dir = self.load(self.root + ROOT_DIR)?;
         let [magic, depth]: [u64; 2] = self.heap.raw_pool().read(dir)?;
-        if magic != DIR_MAGIC || depth > MAX_DEPTH {
+        if magic != DIR_MAGIC
+            || depth > MAX_DEPTH
+            || !self.heap.raw_pool().contains(dir, DIR_HEADER + (8 << depth))
+        {
             return Err(MapError::Corrupt(format!("no directory at {dir:#x}")));
         }
-        let at = self.load(dir + DIR_HEADER + 8 * hash.prefix(depth))?;
-        let segment = self.segment(at)?;
-        if segment.depth > depth {
-            // A split that doubles the directory swaps the new one in before it deepens the
-            // segment: seeing the deeper segment through the old directory means the swap
-            // happened after the directory was read.
-            if self.load(self.root + ROOT_DIR)? != dir {
-                return Ok(None);
-            }
-            return Err(MapError::Corrupt(format!("segment {at:#x} is deeper than the directory")));
-        }
-        Ok(Some(segment))
-    }
-
-    /// The directory's depth, refused when it cannot be one.
-    pub(super) fn dir_depth(&self, dir: u64) -> Result<u64> {
-        let depth = self.load(dir + 8)?;
-        if depth > MAX_DEPTH {
-            return Err(MapError::Corrupt(format!("directory depth {depth}")));
-        }
-        Ok(depth)
+        Ok((dir, depth))
     }
 
     /// A segment named by directory entry `j` of a directory of depth `global`, checked.
@@ -135,11 +235,127 @@ impl<D: Domain> StrictMap<D> {
         if segment.depth > global {
             return Err(MapError::Corrupt(format!("segment {:#x} is deeper than the directory", segment.at)));
         }
+        if j >> (global - segment.depth) != segment.pattern {
+            return Err(MapError::Corrupt(format!(
+                "directory entry {j} names segment {:#x} of pattern {:#x} at depth {}: the directory names \
+                 no segment owning its hashes",
+                segment.at, segment.pattern, segment.depth
+            )));
+        }
         Ok(segment)
     }
 
-    pub(super) fn locks(&self, segment: &Segment) -> Result<&SegLocks> {
-        self.segments.get(segment.id).ok_or_else(|| MapError::Corrupt(format!("segment id {}", segment.id)))
+    /// The current directory mirror, made (with every entry unknown) on first use.
+    fn mirror(&self) -> Result<&DirMirror> {
+        if let Some(mirror) = self.mirror.current() {
+            return Ok(mirror);
+        }
+        let _no_splits = lock(&self.resize);
+        if let Some(mirror) = self.mirror.current() {
+            return Ok(mirror);
+        }
+        let (_, depth) = self.directory()?;
+        let mirror = self.mirror.by_depth[depth as usize]
+            .get_or_init(|| DirMirror::new(depth, (0..1u64 << depth).map(|_| std::ptr::null_mut())));
+        self.mirror.publish(mirror);
+        Ok(mirror)
+    }
+
+    /// The DRAM state of the segment the directory names for `hash` now (it may have split by
+    /// the time it is used: callers check that it owns the hash under its lock or version).
+    pub(super) fn owner(&self, hash: Hash) -> Result<&SegLocks> {
+        loop {
+            let mirror = self.mirror()?;
+            let j = hash.prefix(mirror.depth);
+            let named = mirror.segments[j as usize].load(Ordering::Acquire);
+            // SAFETY: a non-null entry points to a SegLocks of `self.segments` (see DirMirror),
+            // published after its header was set (release/acquire); the table's pages are boxed
+            // slices in OnceLocks, never moved, replaced or freed before `self`, which the
+            // returned reference borrows.
+            if let Some(locks) = unsafe { named.as_ref() } {
+                return Ok(locks);
+            }
+            match self.fill(mirror, j)? {
+                Some(locks) => return Ok(locks),
+                None => continue, // a doubling replaced the mirror meanwhile
+            }
+        }
+    }
+
+    /// Reads directory entry `j` of `mirror` from media, checks the segment it names, and
+    /// records both in DRAM. `None` if `mirror` is no longer the current one.
+    fn fill(&self, mirror: &DirMirror, j: u64) -> Result<Option<&SegLocks>> {
+        let _no_splits = lock(&self.resize);
+        if !self.mirror.current().is_some_and(|current| std::ptr::eq(current, mirror)) {
+            return Ok(None);
+        }
+        // SAFETY: as in `owner`.
+        if let Some(locks) = unsafe { mirror.segments[j as usize].load(Ordering::Acquire).as_ref() } {
+            return Ok(Some(locks));
+        }
+        // Splits (which change the directory) hold the resize lock: the directory on media is
+        // the one the mirror follows.
+        let (dir, global) = self.directory()?;
+        if global != mirror.depth {
+            return Err(MapError::Corrupt(format!(
+                "the directory on media has depth {global}, the map's {}",
+                mirror.depth
+            )));
+        }
+        let segment = self.entry_segment(dir, global, j)?;
+        let locks = self.segments.get(segment.id).ok_or_else(|| {
+            MapError::Corrupt(format!("segment {:#x} has id {}, past the table", segment.at, segment.id))
+        })?;
+        let known = locks.header();
+        if known.at == 0 {
+            locks.set_header(segment.at, segment.depth, segment.pattern);
+        } else if known.at != segment.at {
+            return Err(MapError::Corrupt(format!(
+                "segments {:#x} and {:#x} have the same id {}",
+                known.at, segment.at, segment.id
+            )));
+        }
+        mirror.segments[j as usize].store(entry(locks), Ordering::Release);
+        Ok(Some(locks))
+    }
+
+    /// After a split's commit, under the resize lock: the directory mirror names the segment
+    /// `new` (its header set) for the `count` entries from `first` at depth `global`, doubling
+    /// the mirror first when `global` is deeper than it.
+    pub(super) fn mirror_split(&self, global: u64, first: u64, count: u64, new: &SegLocks) -> Result<()> {
+        let current =
+            self.mirror.current().ok_or_else(|| MapError::Corrupt("a split before the mirror".into()))?;
+        let named = first..first + count;
+        if global == current.depth {
+            for j in named {
+                current.segments[j as usize].store(entry(new), Ordering::Release);
+            }
+            return Ok(());
+        }
+        if global != current.depth + 1 {
+            return Err(MapError::Corrupt(format!("a split to depth {global} from {}", current.depth)));
+        }
+        let segments = (0..1u64 << global).map(|j| {
+            if named.contains(&j) {
+                entry(new)
+            } else {
+                current.segments[(j >> 1) as usize].load(Ordering::Relaxed)
+            }
+        });
+        let doubled = self.mirror.by_depth[global as usize].get_or_init(|| DirMirror::new(global, segments));
+        if doubled.depth != global
+            || !std::ptr::eq(doubled.segments[first as usize].load(Ordering::Relaxed), new)
+        {
+            return Err(MapError::Corrupt(format!("the directory reached depth {global} twice")));
+        }
+        self.mirror.publish(doubled);
+        Ok(())
+    }
+
+    /// The segment the directory names for `hash` now, as DRAM knows it (tests).
+    #[cfg(test)]
+    pub(super) fn locate(&self, hash: Hash) -> Result<Segment> {
+        Ok(self.owner(hash)?.header())
     }
 
     /// The segment's summary, built from media if this is its first use. The caller holds the
@@ -148,66 +364,55 @@ impl<D: Domain> StrictMap<D> {
         if let Some(summary) = locks.summary.get() {
             return Ok(summary);
         }
+        let view = SegView::new(self.heap.raw_pool(), segment.at)?;
         let mut homes = vec![0u64; BUCKETS as usize];
         let mut live = 0;
         for bucket in 0..BUCKETS {
-            self.for_owned(segment, bucket, |_, hash| {
+            self.for_owned(&view, segment, bucket, |_, hash| {
                 homes[hash.home() as usize] |= hash.summary_bit();
                 live += 1;
-                Ok(())
-            })?;
+            });
         }
         Ok(locks.summary.get_or_init(|| Summary::new(homes, live)))
     }
 
     /// Recomputes the summary of the keys homed at `home` from media, after one of them left.
-    pub(super) fn resummarise(&self, held: &Held, home: u64) -> Result<()> {
-        let reach = reach(self.load(bucket_offset(held.segment.at, home))?);
+    pub(super) fn resummarise(&self, held: &Held, home: u64) {
+        let reach = reach(held.view.meta(home));
         let mut bits = 0;
         for bucket in (0..=reach).map(|i| (home + i) % BUCKETS) {
-            self.for_owned(&held.segment, bucket, |_, hash| {
+            self.for_owned(&held.view, &held.segment, bucket, |_, hash| {
                 if hash.home() == home {
                     bits |= hash.summary_bit();
                 }
-                Ok(())
-            })?;
+            });
         }
         held.summary.homes[home as usize].store(bits, Ordering::Release);
-        Ok(())
     }
 
-    /// The segment that owns `hash`, locked (the directory is read again if a split moved the
-    /// hash meanwhile).
+    /// The segment that owns `hash`, locked (found again if a split moved the hash meanwhile).
     pub(super) fn lock_owner(&self, hash: Hash) -> Result<(Segment, &SegLocks, MutexGuard<'_, ()>)> {
-        // Each retry follows a split (at most 40 for one hash) or a read of a directory that a
-        // doubling swapped or freed meanwhile; a real corruption fails every time.
-        let mut failure = None;
+        // Each retry follows a split (at most 40 for one hash): the mirror's entries were
+        // checked against the segments they name when read from media.
         for attempt in 0..128 {
             if attempt > 0 {
                 std::thread::yield_now(); // let the split that moved things finish
             }
-            let owner = (|| {
-                let Some(located) = self.locate(hash)? else {
-                    return Ok(None);
-                };
-                let locks = self.locks(&located)?;
-                let guard = lock(&locks.lock);
-                let segment = self.segment(located.at)?;
-                // Still the directory's choice: the first read may have followed a directory
-                // freed (and its block reused) by a concurrent doubling.
-                let current =
-                    segment.owns(hash) && self.locate(hash)?.is_some_and(|again| again.at == segment.at);
-                Ok::<_, MapError>(current.then_some((segment, locks, guard)))
-            })();
-            match owner {
-                Ok(Some(owner)) => return Ok(owner),
-                Ok(None) => {}
-                Err(e) if is_poisoned(&e) => return Err(e),
-                Err(e) => failure = Some(e),
+            let locks = self.owner(hash)?;
+            let guard = lock(&locks.lock);
+            let segment = locks.header();
+            if segment.owns(hash) {
+                return Ok((segment, locks, guard));
             }
         }
-        Err(failure.unwrap_or_else(|| {
-            MapError::Corrupt(format!("the directory names no segment owning hash {:#018x}", hash.0))
-        }))
+        Err(MapError::Corrupt(format!("the directory names no segment owning hash {:#018x}", hash.0)))
+    }
+
+    /// Locks the segment owning `hash` for a writer, with its summary and a view of its words.
+    pub(super) fn hold(&self, hash: Hash) -> Result<Held<'_>> {
+        let (segment, locks, guard) = self.lock_owner(hash)?;
+        let summary = self.summary_locked(&segment, locks)?;
+        let view = SegView::new(self.heap.raw_pool(), segment.at)?;
+        Ok(Held { segment, locks, summary, view, _lock: guard })
     }
 }

@@ -60,10 +60,15 @@ impl<D: Domain> StrictMap<D> {
     /// The live entries of `segment`, which the caller holds locked.
     pub(super) fn segment_entries(&self, segment: &Segment) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let pool = self.heap.raw_pool();
-        let mut entries = Vec::new();
+        let view = SegView::new(pool, segment.at)?;
+        let mut slots = Vec::new();
         for bucket in 0..BUCKETS {
-            self.for_owned(segment, bucket, |slot, _| {
-                let words: [u64; 4] = pool.load_words(slot_offset(segment.at, bucket, slot))?;
+            self.for_owned(&view, segment, bucket, |slot, _| slots.push((bucket, slot)));
+        }
+        let mut entries = Vec::with_capacity(slots.len());
+        for (bucket, slot) in slots {
+            {
+                let words = view.slot(bucket, slot);
                 let info = words[3];
                 if info_kind(info) == KIND_INLINE {
                     let key: [u8; 16] = bytemuck::cast([words[0], words[1]]);
@@ -85,8 +90,7 @@ impl<D: Domain> StrictMap<D> {
                     value.read(pool, words[1] + 8 + u64::from(key_len), value_len as usize)?;
                     entries.push((key, value.as_slice().to_vec()));
                 }
-                Ok(())
-            })?;
+            }
         }
         Ok(entries)
     }
@@ -133,8 +137,7 @@ impl<D: Domain> StrictMap<D> {
     /// The number of segments and the directory's depth (a walk of the directory).
     pub fn shape(&self) -> Result<(u64, u64)> {
         let _no_splits = lock(&self.resize);
-        let dir = self.load(self.root + ROOT_DIR)?;
-        let global = self.dir_depth(dir)?;
+        let (dir, global) = self.directory()?;
         let mut segments = 0;
         for j in 0..1u64 << global {
             let segment = self.entry_segment(dir, global, j)?;

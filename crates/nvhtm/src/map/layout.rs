@@ -75,7 +75,15 @@ impl Hash {
 
     /// The `i`-th bucket of the key's window.
     pub fn bucket(self, i: u64) -> u64 {
-        (self.home() + i) % BUCKETS
+        let bucket = self.home() + i;
+        // One subtraction for the window's buckets (i < WINDOW), not a division.
+        if bucket < BUCKETS {
+            bucket
+        } else if bucket < 2 * BUCKETS {
+            bucket - BUCKETS
+        } else {
+            bucket % BUCKETS
+        }
     }
 
     pub fn fingerprint(self) -> u8 {

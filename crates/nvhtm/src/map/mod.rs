@@ -40,6 +40,7 @@ mod split;
 #[cfg(test)]
 mod tests;
 mod typed;
+mod view;
 mod write;
 
 pub use iter::MapStats;
@@ -49,6 +50,7 @@ pub use typed::TypedMap;
 use dram::*;
 use read::*;
 use split::*;
+use view::*;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -138,6 +140,8 @@ pub struct StrictMap<D: Domain> {
     /// The secret seed of the keyed hash (read from the root at open).
     seed: u64,
     segments: SegTable,
+    /// The directory in DRAM.
+    mirror: Mirror,
     /// Serialises splits (and `shape`, which must not see one), and counts them.
     resize: Mutex<Splits>,
 }
@@ -203,6 +207,7 @@ impl<D: Domain> StrictMap<D> {
             root: root.offset(),
             seed: 0,
             segments: SegTable::new(),
+            mirror: Mirror::new(),
             resize: Mutex::default(),
         };
         match map.load(map.root + ROOT_MAGIC)? {

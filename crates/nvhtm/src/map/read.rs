@@ -57,22 +57,41 @@ impl ValueBuf {
     }
 }
 
+/// The slots of a bucket whose fingerprint may be `fingerprint`, as bits 8·slot + 7 (a zero
+/// byte test on the fingerprints xor the wanted one: exact except that a byte just after a
+/// match may be reported too, which only costs a key comparison).
+fn fingerprint_matches(fingerprints: [u8; 8], fingerprint: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let x = u64::from_le_bytes(fingerprints) ^ (ONES * u64::from(fingerprint));
+    x.wrapping_sub(ONES) & !x & (ONES << 7)
+}
+
+/// The bits of `fingerprint_matches` for the slots `meta` marks occupied: occupancy bit `s`
+/// moved to bit 8·s + 7 (one multiplication: the seven shifted copies of the seven bits do not
+/// overlap, so no carry mixes them).
+fn occupied_matches(meta: u64, matches: u64) -> u64 {
+    const SPREAD: u64 = 0x0408_1020_4081; // bits 0, 7, 14, ..., 42
+    const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+    let occupied = ((meta & 0x7f).wrapping_mul(SPREAD) & LOW_BITS) << 7;
+    matches & occupied
+}
+
 impl<D: Domain> StrictMap<D> {
     /// Calls `visit(slot, hash)` for every occupied slot of `bucket` holding a key the segment
     /// owns (not a stale copy).
     pub(super) fn for_owned(
         &self,
+        view: &SegView,
         segment: &Segment,
         bucket: u64,
-        mut visit: impl FnMut(u64, Hash) -> Result<()>,
-    ) -> Result<()> {
-        for slot in occupied(self.load(bucket_offset(segment.at, bucket))?) {
-            let hash = self.slot_hash(segment.at, bucket, slot)?;
+        mut visit: impl FnMut(u64, Hash),
+    ) {
+        for slot in occupied(view.meta(bucket)) {
+            let hash = self.slot_hash(view, bucket, slot);
             if segment.owns(hash) {
-                visit(slot, hash)?;
+                visit(slot, hash);
             }
         }
-        Ok(())
     }
 
     /// Looks `key` up in the segment a writer holds: a key its summary rules out is not probed.
@@ -87,33 +106,30 @@ impl<D: Domain> StrictMap<D> {
         if held.summary.homes[hash.home() as usize].load(Ordering::Relaxed) & hash.summary_bit() == 0 {
             return Ok(None);
         }
-        self.find(held.segment.at, hash, key, &|| true, value)
+        self.find(&held.view, hash, key, &|| true, value)
     }
 
-    /// Looks `key` up in `segment` (its owner), returning where it is and copying its value into
-    /// `value` if given. `stable` says whether no writer has touched the segment since the caller
-    /// began (always, under its lock).
+    /// Looks `key` up in the segment `view` shows (its owner), returning where it is and copying
+    /// its value into `value` if given. `stable` says whether no writer has touched the segment
+    /// since the caller began (always, under its lock).
     pub(super) fn find(
         &self,
-        segment: u64,
+        view: &SegView,
         hash: Hash,
         key: &[u8],
         stable: &dyn Fn() -> bool,
         value: Option<&mut ValueBuf>,
     ) -> Result<Option<Found>> {
-        let pool = self.heap.raw_pool();
-        let home_meta = self.load(bucket_offset(segment, hash.home()))?;
+        let home_meta = view.meta(hash.home());
         for i in 0..=reach(home_meta) {
             let bucket = hash.bucket(i);
-            let at = bucket_offset(segment, bucket);
-            let meta = if i == 0 { home_meta } else { self.load(at)? };
-            let fingerprints = pool.load_u64(at + 8, Ordering::Acquire)?.to_le_bytes();
-            for slot in 0..SLOTS {
-                if meta & (1 << slot) == 0 || fingerprints[slot as usize] != hash.fingerprint() {
-                    continue;
-                }
-                let s = slot_offset(segment, bucket, slot);
-                let words: [u64; 4] = pool.load_words(s)?;
+            let meta = if i == 0 { home_meta } else { view.meta(bucket) };
+            let mut candidates =
+                occupied_matches(meta, fingerprint_matches(view.fingerprints(bucket), hash.fingerprint()));
+            while candidates != 0 {
+                let slot = u64::from(candidates.trailing_zeros() / 8);
+                candidates &= candidates - 1;
+                let words = view.slot(bucket, slot);
                 let info = words[3];
                 match info_kind(info) {
                     KIND_INLINE => {
@@ -129,6 +145,7 @@ impl<D: Domain> StrictMap<D> {
                         }
                     }
                     KIND_RECORD if words[0] == hash.0 => {
+                        let pool = self.heap.raw_pool();
                         let record = words[1];
                         let [key_len, value_len]: [u32; 2] = pool.read(record)?;
                         // A lock-free reader may be looking at a record freed and reused since
@@ -171,59 +188,65 @@ impl<D: Domain> StrictMap<D> {
         let hash = self.hash(key);
         let (mut failures, mut strays) = (0, 0);
         loop {
-            let attempt = (|| -> Result<Option<bool>> {
-                let Some(segment) = self.locate(hash)? else {
-                    return Ok(None);
-                };
-                let locks = self.locks(&segment)?;
-                let before = locks.version.load(Ordering::Acquire);
-                if before & 1 == 1 {
-                    return Ok(None);
-                }
-                let segment = self.segment(segment.at)?;
-                if !segment.owns(hash) {
-                    // Only a split (at most 40 for one hash) can make this happen legitimately.
-                    strays += 1;
-                    if strays > 128 {
-                        return Err(MapError::Corrupt(format!(
-                            "the directory names no segment owning hash {:#018x}",
-                            hash.0
-                        )));
-                    }
-                    return Ok(None);
-                }
-                let homes = match locks.summary.get() {
-                    Some(summary) => &summary.homes,
-                    None => {
-                        let (owner, owner_locks, _guard) = self.lock_owner(hash)?;
-                        self.summary_locked(&owner, owner_locks)?;
-                        return Ok(None); // retry with the summary
-                    }
-                };
-                let maybe = homes[hash.home() as usize].load(Ordering::Acquire) & hash.summary_bit() != 0;
-                let found = if maybe {
-                    // The home bucket's four lines at once: the slot's miss overlaps the meta's.
-                    self.heap.raw_pool().prefetch(bucket_offset(segment.at, hash.home()), BUCKET);
-                    let stable = || locks.version.load(Ordering::Relaxed) == before;
-                    self.find(segment.at, hash, key, &stable, Some(&mut *value))?.is_some()
-                } else {
-                    false
-                };
-                std::sync::atomic::fence(Ordering::Acquire);
-                if locks.version.load(Ordering::Relaxed) != before {
-                    return Ok(None);
-                }
-                Ok(Some(found))
-            })();
-            match attempt {
+            match self.try_lookup(hash, key, value, &mut strays) {
                 Ok(Some(found)) => return Ok(found),
                 Ok(None) => {}
-                // Reading a block freed under us can fail; a real corruption fails every time.
+                // Reading a record freed under us can fail; a real corruption fails every time.
                 Err(e) if failures > 64 || is_poisoned(&e) => return Err(e),
                 Err(_) => failures += 1,
             }
             std::thread::yield_now();
         }
+    }
+
+    /// One optimistic attempt of [`lookup`](Self::lookup): hash → directory mirror → segment
+    /// version → home bucket → slot → version again. `None` when a writer or a split got in
+    /// the way: try again.
+    fn try_lookup(
+        &self,
+        hash: Hash,
+        key: &[u8],
+        value: &mut ValueBuf,
+        strays: &mut u32,
+    ) -> Result<Option<bool>> {
+        let locks = self.owner(hash)?;
+        let before = locks.version.load(Ordering::Acquire);
+        if before & 1 == 1 {
+            return Ok(None);
+        }
+        let segment = locks.header();
+        if !segment.owns(hash) {
+            // The segment split since the mirror was read (at most 40 times for one hash).
+            *strays += 1;
+            if *strays > 128 {
+                return Err(MapError::Corrupt(format!(
+                    "the directory names no segment owning hash {:#018x}",
+                    hash.0
+                )));
+            }
+            return Ok(None);
+        }
+        // Made after the version was read: a writer whose commit failed poisoned the pool
+        // before it released the version, and the view refuses a poisoned pool.
+        let view = SegView::new(self.heap.raw_pool(), segment.at)?;
+        let Some(summary) = locks.summary.get() else {
+            drop(self.hold(hash)?); // builds the summary; then retry with it
+            return Ok(None);
+        };
+        let home = hash.home();
+        let found = if summary.homes[home as usize].load(Ordering::Acquire) & hash.summary_bit() != 0 {
+            // The home bucket's four lines at once: the slot's miss overlaps the meta's.
+            view.prefetch_bucket(home);
+            let stable = || locks.version.load(Ordering::Relaxed) == before;
+            self.find(&view, hash, key, &stable, Some(&mut *value))?.is_some()
+        } else {
+            false
+        };
+        std::sync::atomic::fence(Ordering::Acquire);
+        if locks.version.load(Ordering::Relaxed) != before {
+            return Ok(None);
+        }
+        Ok(Some(found))
     }
 
     /// Whether `key` is present.
@@ -232,15 +255,44 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// The hash of the key in a slot.
-    pub(super) fn slot_hash(&self, segment: u64, bucket: u64, slot: u64) -> Result<Hash> {
-        let s = slot_offset(segment, bucket, slot);
-        let info = self.load(s + 24)?;
-        Ok(match info_kind(info) {
-            KIND_RECORD => Hash(self.load(s)?),
+    pub(super) fn slot_hash(&self, view: &SegView, bucket: u64, slot: u64) -> Hash {
+        let words = view.slot(bucket, slot);
+        match info_kind(words[3]) {
+            KIND_RECORD => Hash(words[0]),
             _ => {
-                let key: [u8; 16] = self.heap.raw_pool().read(s)?;
-                self.hash(&key[..info_key_len(info).min(INLINE_KEY)])
+                let key: [u8; 16] = bytemuck::cast([words[0], words[1]]);
+                self.hash(&key[..info_key_len(words[3]).min(INLINE_KEY)])
             }
-        })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn occupied_fingerprint_matches_are_the_occupied_slots_holding_the_fingerprint() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..10_000 {
+            let fingerprints: [u8; 8] = std::array::from_fn(|_| rng.u8(0..4));
+            let (meta, wanted) = (rng.u64(..), rng.u8(0..4));
+            let found = occupied_matches(meta, fingerprint_matches(fingerprints, wanted));
+            for slot in 0..8 {
+                let bit = found >> (8 * slot + 7) & 1 == 1;
+                let occupied = slot < SLOTS && meta >> slot & 1 == 1;
+                if occupied && fingerprints[slot as usize] == wanted {
+                    assert!(bit, "slot {slot} of {fingerprints:?} / {meta:#x} missed");
+                }
+                if !occupied {
+                    assert!(!bit, "free slot {slot} reported");
+                }
+                // A false match is only ever above a true one (the borrow of the subtraction).
+                if bit && fingerprints[slot as usize] != wanted {
+                    assert!(fingerprints[..slot as usize].contains(&wanted));
+                }
+            }
+            assert_eq!(found & !(0x80u64 * 0x0101_0101_0101_0101), 0);
+        }
     }
 }

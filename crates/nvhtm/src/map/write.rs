@@ -89,11 +89,10 @@ impl<D: Domain> StrictMap<D> {
         let _writer = self.heap.raw_pool().enter_writer();
         let hash = self.hash(key);
         loop {
-            let (segment, locks, guard) = self.lock_owner(hash)?;
-            let summary = self.summary_locked(&segment, locks)?;
-            let mut held = Held { segment, summary, _lock: guard };
+            let mut held = self.hold(hash)?;
+            let segment = held.segment;
             let outcome = {
-                let _writing = Writing::start(&locks.version);
+                let _writing = Writing::start(&held.locks.version);
                 op(&mut held, hash)?
             };
             drop(held);
@@ -165,50 +164,48 @@ impl<D: Domain> StrictMap<D> {
     }
 
     /// A free slot of the window, clearing stale copies a split left behind if there is none.
-    pub(super) fn free_slot(&self, segment: &Segment, hash: Hash) -> Result<Option<(u64, u64)>> {
-        let first_free_in_window = || -> Result<Option<(u64, u64)>> {
-            for bucket in (0..WINDOW).map(|i| hash.bucket(i)) {
-                if let Some(slot) = first_free(self.load(bucket_offset(segment.at, bucket))?) {
-                    return Ok(Some((bucket, slot)));
-                }
-            }
-            Ok(None)
+    pub(super) fn free_slot(&self, held: &Held, hash: Hash) -> Result<Option<(u64, u64)>> {
+        let first_free_in_window = || {
+            (0..WINDOW)
+                .map(|i| hash.bucket(i))
+                .find_map(|bucket| first_free(held.view.meta(bucket)).map(|slot| (bucket, slot)))
         };
-        if let Some(free) = first_free_in_window()? {
+        if let Some(free) = first_free_in_window() {
             return Ok(Some(free));
         }
-        if !self.clear_stale(segment, (0..WINDOW).map(|i| hash.bucket(i)))? {
+        if !self.clear_stale(held, (0..WINDOW).map(|i| hash.bucket(i)))? {
             return Ok(None);
         }
         // A cleared slot's bit must be clear on media before new bytes go into the slot:
         // otherwise a crash could show them under the stale bit.
         self.heap.raw_pool().fence()?;
-        first_free_in_window()
+        Ok(first_free_in_window())
     }
 
     /// Clears the occupancy bits of slots in `buckets` whose keys the segment no longer owns
     /// (flushed, not fenced). Returns whether it cleared any.
-    pub(super) fn clear_stale(&self, segment: &Segment, buckets: impl Iterator<Item = u64>) -> Result<bool> {
+    pub(super) fn clear_stale(&self, held: &Held, buckets: impl Iterator<Item = u64>) -> Result<bool> {
         let mut cleared = false;
         for bucket in buckets {
             let mut stale = 0;
-            for slot in occupied(self.load(bucket_offset(segment.at, bucket))?) {
-                if !segment.owns(self.slot_hash(segment.at, bucket, slot)?) {
+            for slot in occupied(held.view.meta(bucket)) {
+                if !held.segment.owns(self.slot_hash(&held.view, bucket, slot)) {
                     stale |= 1 << slot;
                 }
             }
-            self.clear_slots(segment.at, bucket, stale)?;
+            self.clear_slots(&held.view, held.locks, bucket, stale)?;
             cleared |= stale != 0;
         }
         Ok(cleared)
     }
 
     /// Clears the occupancy bits `mask` of `bucket` (flushed, not fenced).
-    pub(super) fn clear_slots(&self, segment: u64, bucket: u64, mask: u64) -> Result<()> {
+    pub(super) fn clear_slots(&self, view: &SegView, locks: &SegLocks, bucket: u64, mask: u64) -> Result<()> {
         if mask != 0 {
-            let at = bucket_offset(segment, bucket);
+            locks.debug_assert_writing();
+            let at = bucket_offset(view.at, bucket);
             let pool = self.heap.raw_pool();
-            pool.store_u64(at, self.load(at)? & !mask, Ordering::Release)?;
+            pool.store_u64(at, view.meta(bucket) & !mask, Ordering::Release)?;
             pool.flush(at, 8)?;
         }
         Ok(())
@@ -232,6 +229,7 @@ impl<D: Domain> StrictMap<D> {
                 && is_inline(key, value)
                 && info_value_len(found.info) == value.len()
             {
+                held.locks.debug_assert_writing();
                 let at = slot_offset(segment.at, found.bucket, found.slot) + 16;
                 let mut word = [0u8; 8];
                 word[..value.len()].copy_from_slice(value);
@@ -241,9 +239,9 @@ impl<D: Domain> StrictMap<D> {
             }
         }
         let old_slot = old.map(|f| (f.bucket, f.slot));
-        let free = match self.free_slot(&segment, hash)? {
+        let free = match self.free_slot(held, hash)? {
             Some(free) => Some(free),
-            None => self.displace(&segment, hash, old_slot)?,
+            None => self.displace(held, hash, old_slot)?,
         };
         let Some((bucket, slot)) = free else {
             return Ok(false);
@@ -281,7 +279,7 @@ impl<D: Domain> StrictMap<D> {
         // Readers retry while this segment is being written, so the summary may cover the key
         // before its commit (a failed commit leaves a bit that only costs a probe).
         held.summary.homes[hash.home() as usize].fetch_or(hash.summary_bit(), Ordering::Release);
-        self.commit_slot(&segment, placement, records)?;
+        self.commit_slot(held, placement, records)?;
         if old.is_none() {
             held.summary.live.fetch_add(1, Ordering::Relaxed);
         }
@@ -293,7 +291,7 @@ impl<D: Domain> StrictMap<D> {
     /// `keep` is a slot that must not move. Returns the slot it freed.
     pub(super) fn displace(
         &self,
-        segment: &Segment,
+        held: &Held,
         hash: Hash,
         keep: Option<(u64, u64)>,
     ) -> Result<Option<(u64, u64)>> {
@@ -301,24 +299,24 @@ impl<D: Domain> StrictMap<D> {
         // From the window's far end: keys homed late in it reach farthest past it.
         for offset in (1..WINDOW).rev() {
             let from = hash.bucket(offset);
-            let meta = self.load(bucket_offset(segment.at, from))?;
+            let (segment, view) = (&held.segment, &held.view);
+            let meta = view.meta(from);
             for slot in occupied(meta).filter(|&s| Some((from, s)) != keep) {
-                let moving = self.slot_hash(segment.at, from, slot)?;
+                let moving = self.slot_hash(view, from, slot);
                 let behind = distance(home, moving.home());
                 if behind == 0 || behind > offset || !segment.owns(moving) {
                     continue;
                 }
                 // Buckets past this window that are still in the moving key's window.
                 for to in (WINDOW - behind..WINDOW).map(|i| moving.bucket(i)) {
-                    let Some(to_slot) = first_free(self.load(bucket_offset(segment.at, to))?) else {
+                    let Some(to_slot) = first_free(view.meta(to)) else {
                         continue;
                     };
-                    let words: [u64; 4] =
-                        self.heap.raw_pool().load_words(slot_offset(segment.at, from, slot))?;
+                    let words = view.slot(from, slot);
                     let records = RecordChange { adopt: None, free: None };
                     let placement =
                         Placement { hash: moving, to: (to, to_slot), words, from: Some((from, slot)) };
-                    self.commit_slot(segment, placement, records)?;
+                    self.commit_slot(held, placement, records)?;
                     return Ok(Some((from, slot)));
                 }
             }
@@ -328,15 +326,12 @@ impl<D: Domain> StrictMap<D> {
 
     /// Writes a placement's slot with its fingerprint and commits it, releasing its old slot and
     /// making `records`' heap changes in the same commit, failure-atomically.
-    pub(super) fn commit_slot(
-        &self,
-        segment: &Segment,
-        placement: Placement,
-        records: RecordChange,
-    ) -> Result<()> {
+    pub(super) fn commit_slot(&self, held: &Held, placement: Placement, records: RecordChange) -> Result<()> {
+        held.locks.debug_assert_writing();
         let pool = self.heap.raw_pool();
+        let segment = &held.segment;
         let bucket = placement.to.0;
-        let Prepared { mut before_commit, metas } = match self.prepare_slot(segment, placement) {
+        let Prepared { mut before_commit, metas } = match self.prepare_slot(held, placement) {
             Ok(prepared) => prepared,
             Err(e) => {
                 if let Some(reservation) = records.adopt {
@@ -385,7 +380,8 @@ impl<D: Domain> StrictMap<D> {
     /// The first half of [`commit_slot`](Self::commit_slot): writes the slot and its
     /// fingerprint (and raises the home's reach, durable before the commit); returns the ranges
     /// to make durable before the commit and the meta words to store at it.
-    pub(super) fn prepare_slot(&self, segment: &Segment, placement: Placement) -> Result<Prepared> {
+    pub(super) fn prepare_slot(&self, held: &Held, placement: Placement) -> Result<Prepared> {
+        let (segment, view) = (&held.segment, &held.view);
         let Placement { hash, to: (bucket, slot), words, from } = placement;
         let pool = self.heap.raw_pool();
         let home = hash.home();
@@ -401,12 +397,11 @@ impl<D: Domain> StrictMap<D> {
         // must be durable before the key can be found through it (a reach never shrinks until
         // the segment splits; one that is too long only costs probes).
         let mut metas = Pairs::new();
-        metas.push((bucket, self.load(b)? | 1 << slot));
+        metas.push((bucket, view.meta(bucket) | 1 << slot));
         if let Some((old_bucket, old_slot)) = from {
             match metas.as_mut_slice().iter_mut().find(|(bk, _)| *bk == old_bucket) {
                 Some(entry) => entry.1 &= !(1 << old_slot),
-                None => metas
-                    .push((old_bucket, self.load(bucket_offset(segment.at, old_bucket))? & !(1 << old_slot))),
+                None => metas.push((old_bucket, view.meta(old_bucket) & !(1 << old_slot))),
             }
         }
         let distance = distance(home, bucket);
@@ -415,7 +410,7 @@ impl<D: Domain> StrictMap<D> {
                 Some(entry) => entry.1 = with_reach(entry.1, distance),
                 None => {
                     let homed = bucket_offset(segment.at, home);
-                    let meta = self.load(homed)?;
+                    let meta = view.meta(home);
                     if reach(meta) < distance {
                         pool.store_u64(homed, with_reach(meta, distance), Ordering::Release)?;
                         before_commit.push((homed, 8));
@@ -431,7 +426,8 @@ impl<D: Domain> StrictMap<D> {
     pub(super) fn unlink(&self, held: &mut Held, hash: Hash, found: Found) -> Result<()> {
         let pool = self.heap.raw_pool();
         let at = bucket_offset(held.segment.at, found.bucket);
-        let meta = self.load(at)? & !(1 << found.slot);
+        held.locks.debug_assert_writing();
+        let meta = held.view.meta(found.bucket) & !(1 << found.slot);
         if found.record == 0 {
             pool.store_u64(at, meta, Ordering::Release)?;
             pool.persist(at, 8)?;
@@ -442,6 +438,7 @@ impl<D: Domain> StrictMap<D> {
             })?;
         }
         held.summary.live.fetch_sub(1, Ordering::Relaxed);
-        self.resummarise(held, hash.home())
+        self.resummarise(held, hash.home());
+        Ok(())
     }
 }
