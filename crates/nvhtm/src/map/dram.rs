@@ -263,16 +263,30 @@ impl<D: Domain> StrictMap<D> {
 
     /// The DRAM state of the segment the directory names for `hash` now (it may have split by
     /// the time it is used: callers check that it owns the hash under its lock or version).
+    #[inline]
     pub(super) fn owner(&self, hash: Hash) -> Result<&SegLocks> {
-        loop {
-            let mirror = self.mirror()?;
-            let j = hash.prefix(mirror.depth);
-            let named = mirror.segments[j as usize].load(Ordering::Acquire);
+        if let Some(mirror) = self.mirror.current() {
+            let named = mirror.segments[hash.prefix(mirror.depth) as usize].load(Ordering::Acquire);
             // SAFETY: a non-null entry points to a SegLocks of `self.segments` (see DirMirror),
             // published after its header was set (release/acquire); the table's pages are boxed
             // slices in OnceLocks, never moved, replaced or freed before `self`, which the
             // returned reference borrows.
             if let Some(locks) = unsafe { named.as_ref() } {
+                return Ok(locks);
+            }
+        }
+        self.owner_from_media(hash)
+    }
+
+    /// [`owner`](Self::owner) when the mirror or its entry is not made yet.
+    #[cold]
+    #[inline(never)]
+    fn owner_from_media(&self, hash: Hash) -> Result<&SegLocks> {
+        loop {
+            let mirror = self.mirror()?;
+            let j = hash.prefix(mirror.depth);
+            // SAFETY: as in `owner`.
+            if let Some(locks) = unsafe { mirror.segments[j as usize].load(Ordering::Acquire).as_ref() } {
                 return Ok(locks);
             }
             match self.fill(mirror, j)? {
@@ -376,18 +390,36 @@ impl<D: Domain> StrictMap<D> {
         Ok(locks.summary.get_or_init(|| Summary::new(homes, live)))
     }
 
-    /// Recomputes the summary of the keys homed at `home` from media, after one of them left.
+    /// Recomputes the summary of the keys homed at `home` from media, after one of them left:
+    /// from the slots' hints (or their records' stored hashes), hashing only keys written
+    /// without a hint.
     pub(super) fn resummarise(&self, held: &Held, home: u64) {
         let reach = reach(held.view.meta(home));
         let mut bits = 0;
         for bucket in (0..=reach).map(|i| (home + i) % BUCKETS) {
-            self.for_owned(&held.view, &held.segment, bucket, |_, hash| {
-                if hash.home() == home {
-                    bits |= hash.summary_bit();
+            for slot in occupied(held.view.meta(bucket)) {
+                match self.summary_of(&held.view, &held.segment, bucket, slot) {
+                    Some((key_home, bit)) if key_home == home => bits |= bit,
+                    _ => {}
                 }
-            });
+            }
         }
         held.summary.homes[home as usize].store(bits, Ordering::Release);
+    }
+
+    /// The home bucket and summary bit of the key in an occupied slot: from its hint, or its
+    /// record's stored hash, or else by hashing it; `None` for a copy the segment no longer
+    /// owns, when that is known (a hinted stale copy counts, which only costs a probe).
+    fn summary_of(&self, view: &SegView, segment: &Segment, bucket: u64, slot: u64) -> Option<(u64, u64)> {
+        let words = view.slot(bucket, slot);
+        if let Some(hinted) = hint(words[3]) {
+            return Some(hinted);
+        }
+        let hash = match info_kind(words[3]) {
+            KIND_RECORD => Hash(words[0]),
+            _ => self.slot_hash(view, bucket, slot),
+        };
+        segment.owns(hash).then(|| (hash.home(), hash.summary_bit()))
     }
 
     /// The segment that owns `hash`, locked (found again if a split moved the hash meanwhile).

@@ -15,22 +15,27 @@ pub(super) struct Found {
 /// Longest value a lookup copies out on the stack rather than into an allocation.
 pub(super) const SHORT_VALUE: usize = 128;
 
-/// Where a lookup copies the value it finds (before validating it): short values stay in this
-/// buffer, which the caller owns and nothing moves, so a lookup allocates nothing for them.
-pub(super) struct ValueBuf {
-    pub(super) short: [u8; SHORT_VALUE],
-    pub(super) len: usize,
-    pub(super) long: Vec<u8>,
+/// Where a lookup copies the value it finds (before validating it): inline and short values stay
+/// in this buffer, which the caller owns and nothing moves, so a lookup allocates nothing for
+/// them (and an inline value's lookup writes only its one word).
+pub(super) enum ValueBuf {
+    /// Nothing copied yet.
+    Empty,
+    /// An inline value: its word and length (at most 8).
+    Inline([u8; INLINE_VALUE], usize),
+    /// A record's value of at most [`SHORT_VALUE`] bytes.
+    Short([u8; SHORT_VALUE], usize),
+    /// A longer record's value.
+    Long(Vec<u8>),
 }
 
 impl ValueBuf {
     pub(super) fn new() -> ValueBuf {
-        ValueBuf { short: [0; SHORT_VALUE], len: 0, long: Vec::new() }
+        ValueBuf::Empty
     }
 
     pub(super) fn set_inline(&mut self, word: u64, len: usize) {
-        self.short[..8].copy_from_slice(&word.to_le_bytes());
-        self.len = len.min(INLINE_VALUE);
+        *self = ValueBuf::Inline(word.to_le_bytes(), len.min(INLINE_VALUE));
     }
 
     /// Copies the `len` bytes at `offset`.
@@ -38,21 +43,28 @@ impl ValueBuf {
         if len > MAX_VALUE || !pool.contains(offset, len as u64) {
             return Err(MapError::Corrupt(format!("a record at {offset:#x} claims a {len}-byte value")));
         }
-        self.len = len;
         if len <= SHORT_VALUE {
-            pool.read_into(offset, &mut self.short[..len])?;
+            let mut short = [0; SHORT_VALUE];
+            pool.read_into(offset, &mut short[..len])?;
+            *self = ValueBuf::Short(short, len);
         } else {
-            self.long.resize(len, 0);
-            pool.read_into(offset, &mut self.long)?;
+            let mut long = match std::mem::replace(self, ValueBuf::Empty) {
+                ValueBuf::Long(long) => long,
+                _ => Vec::new(),
+            };
+            long.resize(len, 0);
+            pool.read_into(offset, &mut long)?;
+            *self = ValueBuf::Long(long);
         }
         Ok(())
     }
 
     pub(super) fn as_slice(&self) -> &[u8] {
-        if self.len <= SHORT_VALUE {
-            &self.short[..self.len]
-        } else {
-            &self.long
+        match self {
+            ValueBuf::Empty => &[],
+            ValueBuf::Inline(word, len) => &word[..*len],
+            ValueBuf::Short(short, len) => &short[..*len],
+            ValueBuf::Long(long) => long,
         }
     }
 }

@@ -28,8 +28,9 @@ impl<D: Domain> StrictMap<D> {
         let (depth, pattern) = (segment.depth, segment.pattern);
         // The live entries that move (their next hash bit is 1), where they were, and the
         // summaries of both halves.
-        let mut moving: Vec<(Hash, (u64, u64))> = Vec::new();
-        let mut moving_words: Vec<[u64; 4]> = Vec::new();
+        let capacity = (BUCKETS * SLOTS) as usize;
+        let mut moving: Vec<(Hash, (u64, u64))> = Vec::with_capacity(capacity);
+        let mut moving_words: Vec<[u64; 4]> = Vec::with_capacity(capacity);
         let mut moved = vec![0u8; BUCKETS as usize];
         let mut staying_homes = vec![0u64; BUCKETS as usize];
         let mut live = 0u64;

@@ -270,7 +270,12 @@ impl<D: Domain> StrictMap<D> {
                 let mut value8 = [0u8; 8];
                 value8[..value.len()].copy_from_slice(value);
                 let [k0, k1]: [u64; 2] = bytemuck::cast(key16);
-                [k0, k1, u64::from_le_bytes(value8), info(KIND_INLINE, key.len(), value.len())]
+                [
+                    k0,
+                    k1,
+                    u64::from_le_bytes(value8),
+                    with_hint(info(KIND_INLINE, key.len(), value.len()), hash),
+                ]
             }
             Some(r) => [hash.0, r.offset(), 0, info(KIND_RECORD, 0, 0)],
         };
