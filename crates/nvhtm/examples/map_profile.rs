@@ -48,10 +48,12 @@ fn run<D: Domain>(heap: Heap<D>, op: &str, n: u64) {
         }
     }
     let keys: Vec<u64> = (0..n).map(|i| if op == "miss" { key(i + n) } else { key(i) }).collect();
+    let start = std::time::Instant::now();
     let done = measured(&map, op, &keys);
+    let ns = start.elapsed().as_nanos() as f64 / n as f64;
     let expected = if op == "miss" { 0 } else { n };
     assert_eq!(done, expected, "{op}");
-    println!("{op}: {n} operations");
+    println!("{op}: {n} operations, {ns:.0} ns each (wall clock: noisy, unlike instruction counts)");
 }
 
 fn main() {

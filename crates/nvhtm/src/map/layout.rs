@@ -61,6 +61,7 @@ pub struct Hash(pub u64);
 impl Hash {
     /// The keyed hash of `key` under the map's secret `seed` (xxh3-64 with a seed; seed 0 is
     /// the unkeyed xxh3-64).
+    #[inline]
     pub fn of(seed: u64, key: &[u8]) -> Hash {
         Hash(xxhash_rust::xxh3::xxh3_64_with_seed(key, seed))
     }

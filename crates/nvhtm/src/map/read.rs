@@ -132,6 +132,13 @@ impl<D: Domain> StrictMap<D> {
         stable: &dyn Fn() -> bool,
         value: Option<&mut ValueBuf>,
     ) -> Result<Option<Found>> {
+        // An inline key as a slot stores it: zero padded to two words (longer keys never match
+        // an inline slot).
+        let inline_key = (key.len() <= INLINE_KEY).then(|| {
+            let mut padded = [0u8; INLINE_KEY];
+            padded[..key.len()].copy_from_slice(key);
+            bytemuck::cast::<[u8; INLINE_KEY], [u64; 2]>(padded)
+        });
         let home_meta = view.meta(hash.home());
         for i in 0..=reach(home_meta) {
             let bucket = hash.bucket(i);
@@ -144,17 +151,13 @@ impl<D: Domain> StrictMap<D> {
                 let words = view.slot(bucket, slot);
                 let info = words[3];
                 match info_kind(info) {
-                    KIND_INLINE => {
-                        let stored: [u8; 16] = bytemuck::cast([words[0], words[1]]);
-                        if info_key_len(info) == key.len()
-                            && key.len() <= INLINE_KEY
-                            && &stored[..key.len()] == key
-                        {
-                            if let Some(value) = value {
-                                value.set_inline(words[2], info_value_len(info));
-                            }
-                            return Ok(Some(Found { bucket, slot, info, record: 0 }));
+                    KIND_INLINE
+                        if info_key_len(info) == key.len() && inline_key == Some([words[0], words[1]]) =>
+                    {
+                        if let Some(value) = value {
+                            value.set_inline(words[2], info_value_len(info));
                         }
+                        return Ok(Some(Found { bucket, slot, info, record: 0 }));
                     }
                     KIND_RECORD if words[0] == hash.0 => {
                         let pool = self.heap.raw_pool();

@@ -22,12 +22,14 @@ impl<'a> SegView<'a> {
     /// The segment at `at`. Fails if the segment does not lie in the pool, is misaligned, or the
     /// pool is poisoned: a lock-free reader makes its view after reading the segment's version,
     /// so it sees the poison of a writer that failed before releasing it.
+    #[inline]
     pub(super) fn new<D: Domain>(pool: &'a Pool<D>, at: u64) -> Result<SegView<'a>> {
         let words = pool.checked_words(at, SEGMENT_SIZE)?;
         Ok(SegView { words, at, _pool: PhantomData })
     }
 
     /// Word `index` of the segment.
+    #[inline]
     fn word(&self, index: usize, order: Ordering) -> u64 {
         assert!(index < SEGMENT_WORDS, "word {index} outside a segment");
         // SAFETY: `new` checked that the SEGMENT_SIZE bytes at `at` lie in the pool's mapping
@@ -38,16 +40,19 @@ impl<'a> SegView<'a> {
     }
 
     /// The meta word of `bucket` (occupancy and reach), with acquire ordering.
+    #[inline]
     pub(super) fn meta(&self, bucket: u64) -> u64 {
         self.word(((bucket_offset(0, bucket)) / 8) as usize, Ordering::Acquire)
     }
 
     /// The fingerprints of `bucket`, one byte per slot.
+    #[inline]
     pub(super) fn fingerprints(&self, bucket: u64) -> [u8; 8] {
         self.word((bucket_offset(0, bucket) / 8 + 1) as usize, Ordering::Acquire).to_le_bytes()
     }
 
     /// The four words of a slot.
+    #[inline]
     pub(super) fn slot(&self, bucket: u64, slot: u64) -> [u64; 4] {
         let first = (slot_offset(0, bucket, slot) / 8) as usize;
         // A slot past a bucket's seven would read the next bucket: refuse it like a word past
@@ -57,6 +62,7 @@ impl<'a> SegView<'a> {
     }
 
     /// Hints that `bucket`'s four lines will be read soon, so that their misses overlap.
+    #[inline]
     pub(super) fn prefetch_bucket(&self, bucket: u64) {
         #[cfg(target_arch = "x86_64")]
         {
