@@ -186,6 +186,44 @@ fn a_segment_deeper_than_its_directory_is_an_error() {
     assert!(corrupt(map.remove(key)).contains("deeper than the directory"));
 }
 
+/// The directory mirror checks what it reads from media when it is filled: a directory entry
+/// past the pool or misaligned, and a segment whose id is past the table or is another
+/// segment's, are errors on the first operation after opening, never a panic or a read outside
+/// the pool.
+#[test]
+fn the_mirror_refuses_bad_directory_entries_and_segment_ids() {
+    type VMap = StrictMap<crate::Volatile>;
+    // `change(map, directory, low segment, high segment)` corrupts the media.
+    let corrupted = |change: &dyn Fn(&VMap, u64, u64, u64)| {
+        let (map, keys) = split_map();
+        let dir = map.load(map.root + ROOT_DIR).unwrap();
+        let (low, high) = (map.load(dir + DIR_HEADER).unwrap(), map.load(dir + DIR_HEADER + 8).unwrap());
+        change(&map, dir, low, high);
+        let map = reopened(map);
+        let key = keys.iter().find(|k| map.hash(k).prefix(1) == 1).unwrap().clone();
+        (map, key)
+    };
+    let pool_size = |map: &VMap| map.heap().raw_pool().size();
+    let store = |map: &VMap, at: u64, value: u64| {
+        map.heap().raw_pool().store_u64(at, value, Ordering::Release).unwrap();
+    };
+    // An entry past the pool.
+    let (map, key) = corrupted(&|map, dir, _, _| store(map, dir + DIR_HEADER + 8, pool_size(map) + 4096));
+    assert!(map.get(&key).is_err());
+    assert!(map.upsert(&key, b"w").is_err());
+    // An entry that is not aligned (one byte into the segment).
+    let (map, key) = corrupted(&|map, dir, _, high| store(map, dir + DIR_HEADER + 8, high + 1));
+    assert!(map.get(&key).is_err());
+    // A segment id past the table.
+    let (map, key) = corrupted(&|map, _, _, high| store(map, high + 24, 4096 * LOCK_PAGE));
+    assert!(corrupt(map.get(&key)).contains("past the table"));
+    // Two segments with the same id.
+    let (map, key) = corrupted(&|map, _, low, high| store(map, high + 24, map.load(low + 24).unwrap()));
+    let other = (0u64..).map(prefill_key).find(|k| map.hash(k).prefix(1) == 0).unwrap();
+    map.get(&other).unwrap(); // the low half first: its segment takes the id
+    assert!(corrupt(map.get(&key)).contains("have the same id"));
+}
+
 #[test]
 fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     let map = StrictMap::open(Heap::create_in_memory(&opts(), crate::Volatile).unwrap()).unwrap();
