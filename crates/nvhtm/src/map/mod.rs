@@ -17,6 +17,11 @@
 //! - **DRAM summary**: per segment, per home bucket, 64 bits summarising the keys homed there,
 //!   built lazily from media and kept exact by writers: most misses never touch persistent
 //!   memory, and inserts of new keys skip their probe.
+//! - **Directory mirror** (`dram.rs`, `view.rs`): the directory and the segment headers are
+//!   mirrored in DRAM, filled lazily from media (each entry checked when read) and kept by
+//!   splits; a lookup goes hash → mirror entry → segment version → home bucket → slot →
+//!   version, reading the segment's words through a view whose bounds were checked once. The
+//!   persistent directory stays the truth; opening builds nothing.
 //! - **Concurrency**: a writer locks its segment (a DRAM mutex) and bumps the segment's version
 //!   to odd for the duration, *until its commit is persistent*; readers take no lock, read
 //!   optimistically and retry if the version changed — so a reader never returns data that is
