@@ -12,7 +12,9 @@
 //!   +32  slot 0 │ +64 slots 1,2 │ +128 slots 3,4 │ +192 slots 5,6
 //! slot (32 B):
 //!   inline record (key ≤ 16 B, value ≤ 8 B): +0 key (16 B, zero padded), +16 value (8 B),
-//!                                            +24 info: kind 1, key length, value length
+//!                                            +24 info: kind 1, key length, value length,
+//!                                                bit 24: a hint follows: bits 32..39 the key's
+//!                                                home bucket, bits 40..45 its low 6 hash bits
 //!   out-of-place record:                     +0 key hash, +8 record offset, +24 info: kind 2
 //! record (heap block): key length u32, value length u32, key, value
 //! ```
@@ -59,6 +61,7 @@ pub struct Hash(pub u64);
 impl Hash {
     /// The keyed hash of `key` under the map's secret `seed` (xxh3-64 with a seed; seed 0 is
     /// the unkeyed xxh3-64).
+    #[inline]
     pub fn of(seed: u64, key: &[u8]) -> Hash {
         Hash(xxhash_rust::xxh3::xxh3_64_with_seed(key, seed))
     }
@@ -75,7 +78,15 @@ impl Hash {
 
     /// The `i`-th bucket of the key's window.
     pub fn bucket(self, i: u64) -> u64 {
-        (self.home() + i) % BUCKETS
+        let bucket = self.home() + i;
+        // One subtraction for the window's buckets (i < WINDOW), not a division.
+        if bucket < BUCKETS {
+            bucket
+        } else if bucket < 2 * BUCKETS {
+            bucket - BUCKETS
+        } else {
+            bucket % BUCKETS
+        }
     }
 
     pub fn fingerprint(self) -> u8 {
@@ -128,6 +139,22 @@ pub fn with_reach(meta: u64, distance: u64) -> u64 {
 /// Slot info word.
 pub fn info(kind: u8, key_len: usize, value_len: usize) -> u64 {
     u64::from(kind) | (key_len as u64) << 8 | (value_len as u64) << 16
+}
+
+/// Bit 24 of an inline slot's info word: the word also holds the key's home bucket (bits
+/// 32..39) and its low 6 hash bits (40..45), so that a removal can recompute its home's summary
+/// without hashing the keys around it. Slots written before hints have it clear (their keys
+/// are hashed); readers of the kind and lengths ignore these bits.
+pub const INFO_HINT: u64 = 1 << 24;
+
+/// `info` with the hint of the key whose hash is `hash`.
+pub fn with_hint(info: u64, hash: Hash) -> u64 {
+    info | INFO_HINT | hash.home() << 32 | (hash.0 & 63) << 40
+}
+
+/// The home bucket and summary bit (see [`Hash::summary_bit`]) a hinted info word holds.
+pub fn hint(info: u64) -> Option<(u64, u64)> {
+    (info & INFO_HINT != 0).then(|| ((info >> 32) & 0xff, 1 << ((info >> 40) & 63)))
 }
 
 pub fn info_kind(info: u64) -> u8 {
@@ -186,6 +213,21 @@ mod tests {
                 "{bucket}/{slot} outside the window"
             );
             assert!(seen.insert((bucket, slot)), "{bucket}/{slot} used twice");
+        }
+    }
+
+    #[test]
+    fn a_hint_holds_the_home_and_summary_bit_and_leaves_kind_and_lengths() {
+        for seed in 0..1000u64 {
+            let hash = Hash(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let plain = info(KIND_INLINE, 16, 8);
+            assert_eq!(hint(plain), None);
+            let hinted = with_hint(plain, hash);
+            assert_eq!(hint(hinted), Some((hash.home(), hash.summary_bit())));
+            assert_eq!(
+                (info_kind(hinted), info_key_len(hinted), info_value_len(hinted)),
+                (KIND_INLINE, 16, 8)
+            );
         }
     }
 

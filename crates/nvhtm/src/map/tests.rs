@@ -24,15 +24,16 @@ fn map_with_stale_copies(sim: &Sim) -> (StrictMap<Sim>, u64, Segment) {
         map.upsert(&prefill_key(keys), &keys.to_le_bytes()).unwrap();
         keys += 1;
     }
-    let old = map.locate(Hash(0)).unwrap().unwrap();
+    let old = map.locate(Hash(0)).unwrap();
     let pool = map.heap().raw_pool();
+    let view = SegView::new(pool, old.at).unwrap();
     let mut restored = 0;
     for bucket in 0..BUCKETS {
         let at = bucket_offset(old.at, bucket);
         let meta = map.load(at).unwrap();
         for slot in (0..SLOTS).filter(|s| meta & (1 << s) == 0) {
             let info = map.load(slot_offset(old.at, bucket, slot) + 24).unwrap();
-            if info_kind(info) != 0 && !old.owns(map.slot_hash(old.at, bucket, slot).unwrap()) {
+            if info_kind(info) != 0 && !old.owns(map.slot_hash(&view, bucket, slot)) {
                 pool.store_u64(at, map.load(at).unwrap() | 1 << slot, Ordering::Release).unwrap();
                 restored += 1;
             }
@@ -63,10 +64,11 @@ fn stale_copies_left_by_a_crash_are_cleared_durably_before_their_slots_are_reuse
     // A window whose first stale copy is not in its bucket's first line (a slot sharing the
     // meta word's line is ordered with it anyway): insert keys homed there until its free
     // slots are used up, and more, which only fit once its stale copies are cleared.
+    let view = SegView::new(map.heap().raw_pool(), old.at).unwrap();
     let stale_in = |bucket: u64| -> u64 {
         let meta = map.load(bucket_offset(old.at, bucket)).unwrap();
         occupied(meta)
-            .filter(|&s| !old.owns(map.slot_hash(old.at, bucket, s).unwrap()))
+            .filter(|&s| !old.owns(map.slot_hash(&view, bucket, s)))
             .fold(0, |mask, s| mask | 1 << s)
     };
     let home = (0..BUCKETS)
@@ -143,6 +145,13 @@ fn split_map() -> (StrictMap<crate::Volatile>, Vec<Vec<u8>>) {
     (map, keys)
 }
 
+/// The map opened again over its heap: DRAM state (the directory mirror, the segment headers)
+/// is rebuilt from media.
+fn reopened(map: StrictMap<crate::Volatile>) -> StrictMap<crate::Volatile> {
+    let StrictMap { heap, .. } = map;
+    StrictMap::open(heap).unwrap()
+}
+
 fn corrupt<T>(result: Result<T>) -> String {
     match result {
         Err(MapError::Corrupt(why)) => why,
@@ -158,6 +167,7 @@ fn a_directory_naming_the_wrong_segment_is_an_error_not_a_hang() {
     let low = map.load(dir + DIR_HEADER).unwrap();
     // Both entries name the segment of the hashes starting with bit 0.
     map.heap().raw_pool().store_u64(dir + DIR_HEADER + 8, low, Ordering::Release).unwrap();
+    let map = reopened(map);
     let stray = keys.iter().find(|k| map.hash(k).prefix(1) == 1).unwrap();
     assert!(corrupt(map.get(stray)).contains("no segment owning"));
     assert!(corrupt(map.upsert(stray, b"w")).contains("no segment owning"));
@@ -170,9 +180,48 @@ fn a_segment_deeper_than_its_directory_is_an_error() {
     let dir = map.load(map.root + ROOT_DIR).unwrap();
     let low = map.load(dir + DIR_HEADER).unwrap();
     map.heap().raw_pool().store_u64(low + SEG_DEPTH, 5, Ordering::Release).unwrap();
+    let map = reopened(map);
     let key = keys.iter().find(|k| map.hash(k).prefix(1) == 0).unwrap();
     assert!(corrupt(map.get(key)).contains("deeper than the directory"));
     assert!(corrupt(map.remove(key)).contains("deeper than the directory"));
+}
+
+/// The directory mirror checks what it reads from media when it is filled: a directory entry
+/// past the pool or misaligned, and a segment whose id is past the table or is another
+/// segment's, are errors on the first operation after opening, never a panic or a read outside
+/// the pool.
+#[test]
+fn the_mirror_refuses_bad_directory_entries_and_segment_ids() {
+    type VMap = StrictMap<crate::Volatile>;
+    // `change(map, directory, low segment, high segment)` corrupts the media.
+    let corrupted = |change: &dyn Fn(&VMap, u64, u64, u64)| {
+        let (map, keys) = split_map();
+        let dir = map.load(map.root + ROOT_DIR).unwrap();
+        let (low, high) = (map.load(dir + DIR_HEADER).unwrap(), map.load(dir + DIR_HEADER + 8).unwrap());
+        change(&map, dir, low, high);
+        let map = reopened(map);
+        let key = keys.iter().find(|k| map.hash(k).prefix(1) == 1).unwrap().clone();
+        (map, key)
+    };
+    let pool_size = |map: &VMap| map.heap().raw_pool().size();
+    let store = |map: &VMap, at: u64, value: u64| {
+        map.heap().raw_pool().store_u64(at, value, Ordering::Release).unwrap();
+    };
+    // An entry past the pool.
+    let (map, key) = corrupted(&|map, dir, _, _| store(map, dir + DIR_HEADER + 8, pool_size(map) + 4096));
+    assert!(map.get(&key).is_err());
+    assert!(map.upsert(&key, b"w").is_err());
+    // An entry that is not aligned (one byte into the segment).
+    let (map, key) = corrupted(&|map, dir, _, high| store(map, dir + DIR_HEADER + 8, high + 1));
+    assert!(map.get(&key).is_err());
+    // A segment id past the table.
+    let (map, key) = corrupted(&|map, _, _, high| store(map, high + 24, 4096 * LOCK_PAGE));
+    assert!(corrupt(map.get(&key)).contains("past the table"));
+    // Two segments with the same id.
+    let (map, key) = corrupted(&|map, _, low, high| store(map, high + 24, map.load(low + 24).unwrap()));
+    let other = (0u64..).map(prefill_key).find(|k| map.hash(k).prefix(1) == 0).unwrap();
+    map.get(&other).unwrap(); // the low half first: its segment takes the id
+    assert!(corrupt(map.get(&key)).contains("have the same id"));
 }
 
 #[test]
@@ -181,8 +230,9 @@ fn a_record_claiming_a_huge_key_is_an_error_not_an_allocation() {
     let key = b"a key long enough to be stored out of place";
     map.upsert(key, b"value").unwrap();
     let hash = map.hash(key);
-    let segment = map.locate(hash).unwrap().unwrap();
-    let found = map.find(segment.at, hash, key, &|| true, None).unwrap().unwrap();
+    let segment = map.locate(hash).unwrap();
+    let view = SegView::new(map.heap().raw_pool(), segment.at).unwrap();
+    let found = map.find(&view, hash, key, &|| true, None).unwrap().unwrap();
     let pool = map.heap().raw_pool();
     pool.write(found.record, &[u32::MAX, 5]).unwrap();
     assert!(corrupt(map.entries()).contains("claims a 4294967295-byte key"));

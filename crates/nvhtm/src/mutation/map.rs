@@ -280,14 +280,14 @@ pub(super) fn single_suite() -> MutationReport {
     test.mutation_run(&recording, check(1, &histories))
 }
 
-/// The annotation naming the split's clearing fence in `map/mod.rs`.
+/// The annotation naming the split's clearing fence in `map/split.rs`.
 const SPLIT_CLEARING: &str = "// site: split-clearing";
 
-/// The line of `map/mod.rs` annotated `tag` (the source is embedded at build time).
+/// The line of `map/split.rs` annotated `tag` (the source is embedded at build time).
 fn annotated_line(tag: &str) -> u32 {
-    let source = include_str!("../map/mod.rs");
+    let source = include_str!("../map/split.rs");
     let line =
-        source.lines().position(|l| l.contains(tag)).unwrap_or_else(|| panic!("no `{tag}` in map/mod.rs"));
+        source.lines().position(|l| l.contains(tag)).unwrap_or_else(|| panic!("no `{tag}` in map/split.rs"));
     line as u32 + 1
 }
 
@@ -336,7 +336,7 @@ pub fn record_split_two_threads() -> (Recording, Vec<Vec<Model>>) {
             }
             let mut at = stage.lock().unwrap_or_else(|e| e.into_inner());
             match *at {
-                0 if site.file.ends_with("map/mod.rs") && site.line == clearing => *at = 1,
+                0 if site.file.ends_with("map/split.rs") && site.line == clearing => *at = 1,
                 1 => {
                     *at = 2;
                     drop(at);

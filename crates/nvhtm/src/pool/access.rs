@@ -85,6 +85,18 @@ impl<D: Domain> Pool<D> {
         Ok(std::array::from_fn(|i| unsafe { (*first.add(i)).load(Ordering::Relaxed) }))
     }
 
+    /// A pointer to the aligned words of `offset..offset + len`, checked once: inside the pool,
+    /// 8-byte aligned, the pool not poisoned. For a structure that reads many words of one block
+    /// (the map's segments) without a check per word. The mapping neither moves nor shrinks
+    /// while the pool lives, so the words may be read through the pointer (atomically) for as
+    /// long as the pool is borrowed; stores must still go through the pool's domain.
+    pub(crate) fn checked_words(&self, offset: u64, len: u64) -> Result<*const AtomicU64> {
+        self.check_poison()?;
+        let first = self.word(offset, 0)?;
+        self.range(offset, len, 0)?;
+        Ok(first)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_poison()?;
