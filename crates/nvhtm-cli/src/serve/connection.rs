@@ -20,22 +20,25 @@ use super::{dispatch, int_arg, wrong_arity, Access, Client, CmdError, CmdResult,
 /// pipeline of reads does not pile up its replies in memory.
 const SEND_AT: usize = 64 * 1024;
 
-/// Serves one client until it leaves, breaks the protocol, or the server stops.
+/// Serves one client until it leaves, breaks the protocol, stays idle past `timeout`, or the
+/// server stops. The accept loop has counted it in [`Shared::clients`]; this uncounts it.
 pub async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: std::net::SocketAddr) {
     let _ = stream.set_nodelay(true);
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed) + 1;
-    shared.clients.fetch_add(1, Ordering::Relaxed);
-    let mut client = Client { id, touched: false, name: None, addr };
+    // As in Redis: a client that connects while no password is set needs none later.
+    let authenticated = !shared.live.password_set();
+    let mut client = Client { id, touched: false, name: None, addr, authenticated };
     if let Err(e) = run(&shared, &mut stream, &mut client).await {
         tracing::debug!(client = id, %addr, error = %e, "connection ended");
     }
-    shared.clients.fetch_sub(1, Ordering::Relaxed);
+    shared.clients.fetch_sub(1, Ordering::SeqCst);
 }
 
 async fn run(shared: &Shared, stream: &mut TcpStream, client: &mut Client) -> std::io::Result<()> {
     let mut input: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut out = Out::new();
-    let limit = usize::try_from(shared.options.client_query_buffer_limit).unwrap_or(usize::MAX);
+    let limit = usize::try_from(shared.config.client_query_buffer_limit).unwrap_or(usize::MAX);
+    let mut idle = shared.live.timeout.subscribe();
     loop {
         let mut used = 0;
         let mut flow = Flow::Continue;
@@ -87,8 +90,43 @@ async fn run(shared: &Shared, stream: &mut TcpStream, client: &mut Client) -> st
         } else if input.capacity() - input.len() < 4096 {
             input.reserve(16 * 1024);
         }
-        if stream.read_buf(&mut input).await? == 0 {
-            return Ok(());
+        match read_or_idle(stream, &mut input, &mut idle).await? {
+            Some(0) => return Ok(()),
+            Some(_) => {}
+            None => {
+                tracing::debug!(client = client.id, addr = %client.addr, "idle past the timeout: closing the connection");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads more input; `None` when the client stayed idle past the `timeout` setting (watched:
+/// CONFIG SET timeout applies to a wait already begun, counted from its start).
+async fn read_or_idle(
+    stream: &mut TcpStream,
+    input: &mut Vec<u8>,
+    idle: &mut tokio::sync::watch::Receiver<u64>,
+) -> std::io::Result<Option<usize>> {
+    let since = tokio::time::Instant::now();
+    loop {
+        let secs = *idle.borrow_and_update();
+        let expiry = async {
+            if secs == 0 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep_until(since + std::time::Duration::from_secs(secs)).await;
+        };
+        tokio::select! {
+            // Cancel-safe: a read that loses the race has read nothing.
+            read = stream.read_buf(input) => return read.map(Some),
+            () = expiry => return Ok(None),
+            changed = idle.changed() => {
+                if changed.is_err() {
+                    // The setting is gone with the server: wait for input alone.
+                    return stream.read_buf(input).await.map(Some);
+                }
+            }
         }
     }
 }
@@ -147,10 +185,11 @@ fn echo(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     Ok(Flow::Continue)
 }
 
-/// The password check of AUTH and HELLO's AUTH: the server has no password, so the `default`
-/// user (Redis's `nopass` user) logs in with any password, and no other user exists.
-fn check_user(user: &[u8]) -> Result<(), CmdError> {
-    if user == b"default" {
+/// The check of AUTH and HELLO's AUTH: only the `default` user exists; with no password set
+/// it logs in with any password (Redis's `nopass` user), else with the password alone.
+fn check_password(shared: &Shared, user: &[u8], password: &[u8]) -> Result<(), CmdError> {
+    let live = &shared.live;
+    if user == b"default" && (!live.password_set() || live.password_matches(password)) {
         Ok(())
     } else {
         Err("WRONGPASS invalid username-password pair or user is disabled.".into())
@@ -178,7 +217,8 @@ fn hello(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         while i < args.len() {
             let more = args.len() - i - 1;
             if args[i].eq_ignore_ascii_case(b"auth") && more >= 2 {
-                check_user(&args[i + 1])?;
+                check_password(ctx.shared, &args[i + 1], &args[i + 2])?;
+                ctx.client.authenticated = true;
                 i += 3;
             } else if args[i].eq_ignore_ascii_case(b"setname") && more >= 1 {
                 if !valid_name(&args[i + 1]) {
@@ -193,6 +233,12 @@ fn hello(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
                 )));
             }
         }
+    }
+    if !ctx.client.authenticated && ctx.shared.live.password_set() {
+        return Err("NOAUTH HELLO must be called with the client already authenticated, otherwise the \
+                    HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
+                    select the RESP protocol version at the same time"
+            .into());
     }
     if let Some(name) = name {
         ctx.client.name = Some(name);
@@ -218,19 +264,22 @@ fn hello(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
 }
 
 fn auth(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
-    match args {
-        [_, _password] => Err(CmdError(
-            "ERR AUTH <password> called without any password configured for the default user. \
-             Are you sure your configuration is correct?"
-                .into(),
-        )),
-        [_, user, _password] => {
-            check_user(user)?;
-            ctx.out.ok();
-            Ok(Flow::Continue)
+    let (user, password): (&[u8], &[u8]) = match args {
+        [_, _] if !ctx.shared.live.password_set() => {
+            return Err(CmdError(
+                "ERR AUTH <password> called without any password configured for the default user. \
+                 Are you sure your configuration is correct?"
+                    .into(),
+            ));
         }
-        _ => Err(CmdError::syntax()),
-    }
+        [_, password] => (b"default", password),
+        [_, user, password] => (user, password),
+        _ => return Err(CmdError::syntax()),
+    };
+    check_password(ctx.shared, user, password)?;
+    ctx.client.authenticated = true;
+    ctx.out.ok();
+    Ok(Flow::Continue)
 }
 
 fn select(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
@@ -249,10 +298,12 @@ fn quit(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     Ok(Flow::Close)
 }
 
-/// RESET: the connection as it was when it opened (RESP2, no name, database 0).
+/// RESET: the connection as a new one would be (RESP2, no name, database 0, and
+/// authenticated only if no password is set).
 fn reset(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     ctx.out.set_resp3(false);
     ctx.client.name = None;
+    ctx.client.authenticated = !ctx.shared.live.password_set();
     ctx.out.simple("RESET");
     Ok(Flow::Continue)
 }

@@ -9,6 +9,7 @@
 //! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`server`]
 //! (INFO, CONFIG, SAVE, SHUTDOWN...), and [`resp`] (the protocol).
 
+pub mod config;
 pub mod connection;
 pub mod keys;
 pub mod resp;
@@ -26,6 +27,7 @@ use nvhtm::{AutoDomain, Heap, MapError, StrictMap};
 use tokio::sync::Notify;
 
 use crate::commands::CommandResult;
+use config::{Config, Live};
 use resp::{Arg, Limits, Out};
 
 /// How writes become durable.
@@ -50,38 +52,59 @@ impl Mode {
     }
 }
 
-/// `nvhtm serve`'s options.
-#[derive(Debug, Clone, clap::Args)]
+/// `nvhtm serve`'s options. Each overrides the same setting in the `--config` file; the
+/// defaults apply to what neither sets.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
-    /// The pool file, created on first start.
-    #[arg(long, default_value = "nvhtm-serve.pool")]
-    pub pool: PathBuf,
+    /// A config file in redis.conf syntax (`port 6379`, `requirepass "pw"`, `# comments`):
+    /// port, bind, requirepass, maxclients, timeout, protected-mode, proto-max-bulk-len,
+    /// client-query-buffer-limit, and nvhtm's pool, mode, sync-ms, size, threads.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The pool file, created on first start [default: nvhtm-serve.pool].
+    #[arg(long)]
+    pub pool: Option<PathBuf>,
     /// Durability mode (default: fams for a FAMS pool, else strict; a new pool is a FAMS pool
     /// with --mode fams, a mapped one otherwise).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub bind: String,
-    /// Port to listen on (0: any free port; the log line names it).
-    #[arg(long, default_value_t = 6379)]
-    pub port: u16,
-    /// FAMS mode: milliseconds between syncs.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub sync_ms: u64,
-    /// Size of a new pool (it grows on demand), e.g. 64MiB.
-    #[arg(long, default_value = "64MiB", value_parser = crate::format::parse_size)]
-    pub size: u64,
-    /// The longest bulk string a request may hold (Redis's proto-max-bulk-len).
-    #[arg(long, default_value = "512MiB", value_parser = crate::format::parse_size)]
-    pub proto_max_bulk_len: u64,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Port to listen on (0: any free port; the log line names it) [default: 6379].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// FAMS mode: milliseconds between syncs [default: 1000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sync_ms: Option<u64>,
+    /// Size of a new pool (it grows on demand), e.g. 64MiB [default: 64MiB].
+    #[arg(long, value_parser = crate::format::parse_size)]
+    pub size: Option<u64>,
+    /// The longest bulk string a request may hold (Redis's proto-max-bulk-len)
+    /// [default: 512MiB].
+    #[arg(long, value_parser = crate::format::parse_size)]
+    pub proto_max_bulk_len: Option<u64>,
     /// The most unparsed bytes one client may have buffered (Redis's
-    /// client-query-buffer-limit); a client past it is disconnected.
-    #[arg(long, default_value = "1GiB", value_parser = crate::format::parse_size)]
-    pub client_query_buffer_limit: u64,
+    /// client-query-buffer-limit); a client past it is disconnected [default: 1GiB].
+    #[arg(long, value_parser = crate::format::parse_size)]
+    pub client_query_buffer_limit: Option<u64>,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The password clients must give (AUTH, HELLO ... AUTH); empty: none [default: none].
+    #[arg(long)]
+    pub requirepass: Option<String>,
+    /// The most clients connected at once; one more is answered
+    /// `-ERR max number of clients reached` and closed [default: 10000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub maxclients: Option<u64>,
+    /// Seconds after which an idle client is disconnected (0: never) [default: 0].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// yes: while no password is set, clients from addresses other than loopback are
+    /// refused (Redis's protected mode) [default: yes].
+    #[arg(long, value_parser = ["yes", "no"])]
+    pub protected_mode: Option<String>,
 }
 
 /// What a command handler returns when it succeeds: what the connection does next.
@@ -153,6 +176,13 @@ pub struct Spec {
     pub run: fn(&mut Ctx<'_>, &[Arg<'_>]) -> CmdResult,
 }
 
+impl Spec {
+    /// Whether a client that has not authenticated may run it (Redis's `no-auth` flag).
+    pub fn no_auth(&self) -> bool {
+        matches!(self.name, "auth" | "hello" | "quit" | "reset")
+    }
+}
+
 /// What a handler works with.
 #[derive(Debug)]
 pub struct Ctx<'a> {
@@ -176,6 +206,9 @@ pub struct Client {
     pub name: Option<Vec<u8>>,
     /// The peer address.
     pub addr: SocketAddr,
+    /// Whether it may run commands: it connected while no password was set, or has given it
+    /// (AUTH, HELLO ... AUTH) since.
+    pub authenticated: bool,
 }
 
 /// The server's state, shared by every connection.
@@ -188,8 +221,10 @@ pub struct Shared {
     /// FAMS mode the exclusive holders also hold the pool's writer gate, so no sync commits
     /// half of one either.
     keyspace: RwLock<()>,
-    /// How it was started.
-    pub options: Options,
+    /// Its settings, as started.
+    pub config: Config,
+    /// The settings CONFIG SET changes.
+    pub live: Live,
     /// The mode in effect.
     pub mode: Mode,
     /// The pool's persistence domain, in words.
@@ -210,6 +245,8 @@ pub struct Shared {
     pub clients: AtomicU64,
     /// Connections accepted since start.
     pub connections_received: AtomicU64,
+    /// Connections refused since start (maxclients).
+    pub rejected_connections: AtomicU64,
     /// Commands processed since start.
     pub commands_processed: AtomicU64,
     /// Unix time of the last successful sync (SAVE, FAMS timer) or of the start.
@@ -288,7 +325,7 @@ impl Shared {
     /// A server over `map` (recovered in `recovery`, holding `keys_recovered` keys).
     pub fn new(
         map: StrictMap<AutoDomain>,
-        options: Options,
+        config: Config,
         mode: Mode,
         recovery: Duration,
     ) -> Result<Shared, MapError> {
@@ -297,11 +334,12 @@ impl Shared {
         let fams = info.fams;
         // A FAMS pool's stores go to private memory (a volatile domain); its commits are syncs.
         let domain = if fams { "fams".to_string() } else { info.domain.to_string() };
-        let limits = Limits { max_bulk: options.proto_max_bulk_len, ..Limits::default() };
+        let limits = Limits { max_bulk: config.proto_max_bulk_len, ..Limits::default() };
         Ok(Shared {
             map,
             keyspace: RwLock::new(()),
-            options,
+            live: Live::new(&config),
+            config,
             mode,
             domain,
             addr: OnceLock::new(),
@@ -312,6 +350,7 @@ impl Shared {
             next_client_id: AtomicU64::new(0),
             clients: AtomicU64::new(0),
             connections_received: AtomicU64::new(0),
+            rejected_connections: AtomicU64::new(0),
             commands_processed: AtomicU64::new(0),
             last_save: AtomicU64::new(unix_now()),
             syncs: AtomicU64::new(0),
@@ -425,6 +464,10 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     if (arity >= 0 && n != arity) || (arity < 0 && n < -arity) {
         return Err(wrong_arity(spec.name));
     }
+    // As in Redis: unknown commands and wrong arity are answered first, then authentication.
+    if !ctx.client.authenticated && !spec.no_auth() && ctx.shared.live.password_set() {
+        return Err("NOAUTH Authentication required.".into());
+    }
     if spec.write {
         if let Some(why) = ctx.shared.poisoned.get() {
             return Err(CmdError(format!(
@@ -498,6 +541,7 @@ pub fn open_map(
 
 /// `nvhtm serve`.
 pub fn serve(options: Options) -> CommandResult {
+    let options = Config::resolve(&options)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Fails only if a subscriber is already installed, which then logs for us.
@@ -544,13 +588,19 @@ mod tests {
     fn server() -> Shared {
         let opts = PoolOptions::layout("serve-test").with_size(8 << 20);
         let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
-        let options = Args::parse_from(["test"]).options;
-        Shared::new(StrictMap::open(heap).unwrap(), options, Mode::Strict, Duration::ZERO).unwrap()
+        let config = Config::resolve(&Args::parse_from(["test"]).options).unwrap();
+        Shared::new(StrictMap::open(heap).unwrap(), config, Mode::Strict, Duration::ZERO).unwrap()
     }
 
     /// Runs one command; its reply's bytes.
     fn exec(shared: &Shared, args: &[&str]) -> String {
-        let mut client = Client { id: 1, touched: false, name: None, addr: "127.0.0.1:1".parse().unwrap() };
+        let mut client = Client {
+            id: 1,
+            touched: false,
+            name: None,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            authenticated: true,
+        };
         let mut out = Out::new();
         let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Borrowed(a.as_bytes())).collect();
         let flow = dispatch(&mut Ctx { shared, client: &mut client, out: &mut out }, &args);

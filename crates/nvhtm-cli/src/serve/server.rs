@@ -11,14 +11,14 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::keys::glob_match;
 use super::resp::Arg;
-use super::{connection, Access, CmdError, CmdResult, Ctx, Flow, Mode, Shared, Spec};
+use super::{config, connection, Access, CmdError, CmdResult, Ctx, Flow, Mode, Shared, Spec};
 
 /// The Redis version the server reports to clients (the command set and replies it follows).
 pub const REDIS_VERSION: &str = "7.2.0";
 
 /// Listens until SHUTDOWN, SIGTERM or SIGINT; the caller then closes the pool.
 pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
-    let options = &shared.options;
+    let options = &shared.config;
     let listener = TcpListener::bind((options.bind.as_str(), options.port)).await?;
     let addr = listener.local_addr()?;
     let _ = shared.addr.set(addr);
@@ -44,7 +44,20 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     shared.connections_received.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(connection::serve_client(Arc::clone(&shared), stream, peer));
+                    // Counted here, before the next accept, so a burst cannot overshoot.
+                    let connected = shared.clients.fetch_add(1, Ordering::SeqCst) + 1;
+                    if connected > shared.live.maxclients.load(Ordering::Relaxed) {
+                        shared.clients.fetch_sub(1, Ordering::SeqCst);
+                        shared.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "maxclients reached: refusing a client");
+                        tokio::spawn(refuse(stream, config::MAX_CLIENTS));
+                    } else if shared.live.denies(peer.ip()) {
+                        shared.clients.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(%peer, "protected mode: refusing a client that is not on loopback (set a password or protected-mode no)");
+                        tokio::spawn(refuse(stream, config::DENIED));
+                    } else {
+                        tokio::spawn(connection::serve_client(Arc::clone(&shared), stream, peer));
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: the listener recovers once some
@@ -71,10 +84,17 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sends a refused client its error and closes the connection.
+async fn refuse(mut stream: tokio::net::TcpStream, reply: &'static str) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
 /// FAMS mode: commits the pool every `--sync-ms` (off the async workers; the pool's writer
 /// gate makes each commit a state between operations). Stops once a sync has failed.
 async fn sync_timer(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(shared.options.sync_ms));
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.sync_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate
     loop {
@@ -165,7 +185,7 @@ fn info(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
 }
 
 fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(), CmdError> {
-    let options = &shared.options;
+    let options = &shared.config;
     let mut title = section.to_string();
     title[..1].make_ascii_uppercase();
     let _ = write!(text, "# {title}\r\n");
@@ -186,6 +206,7 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
         }
         "clients" => {
             line("connected_clients", &shared.clients.load(Ordering::Relaxed));
+            line("maxclients", &shared.live.maxclients.load(Ordering::Relaxed));
         }
         "persistence" => {
             line("loading", &0);
@@ -207,6 +228,7 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
         "stats" => {
             line("total_connections_received", &shared.connections_received.load(Ordering::Relaxed));
             line("total_commands_processed", &shared.commands_processed.load(Ordering::Relaxed));
+            line("rejected_connections", &shared.rejected_connections.load(Ordering::Relaxed));
         }
         "keyspace" => {
             let keys = shared.map.len()?;
@@ -219,6 +241,49 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
     Ok(())
 }
 
+/// The parameters CONFIG GET reports, with their values now.
+fn parameters(shared: &Shared) -> Vec<(&'static str, Vec<u8>)> {
+    let config = &shared.config;
+    let live = &shared.live;
+    let text = |s: String| s.into_bytes();
+    let yes_no = |b: bool| if b { b"yes".to_vec() } else { b"no".to_vec() };
+    vec![
+        // No snapshots and no append-only file: the pool is the data.
+        ("save", Vec::new()),
+        ("appendonly", b"no".to_vec()),
+        ("appendfsync", if shared.mode == Mode::Strict { b"always".to_vec() } else { b"no".to_vec() }),
+        ("databases", b"1".to_vec()),
+        ("bind", text(config.bind.clone())),
+        ("port", text(shared.addr.get().map_or(config.port, |a| a.port()).to_string())),
+        ("proto-max-bulk-len", text(config.proto_max_bulk_len.to_string())),
+        ("client-query-buffer-limit", text(config.client_query_buffer_limit.to_string())),
+        ("requirepass", live.requirepass().unwrap_or_default()),
+        ("maxclients", text(live.maxclients.load(Ordering::Relaxed).to_string())),
+        ("timeout", text(live.timeout.borrow().to_string())),
+        ("protected-mode", yes_no(live.protected_mode.load(Ordering::Relaxed))),
+        ("pool", text(config.pool.display().to_string())),
+        ("mode", text(shared.mode.name().to_string())),
+        ("sync-ms", text(config.sync_ms.to_string())),
+    ]
+}
+
+/// A new value for a parameter CONFIG SET may change.
+enum NewValue {
+    Requirepass(Option<Vec<u8>>),
+    Maxclients(u64),
+    Timeout(u64),
+    ProtectedMode(bool),
+}
+
+/// Redis's numeric CONFIG SET checks: an integer within `min..=max`.
+fn bounded(value: &[u8], min: u64, max: u64) -> Result<u64, String> {
+    let n = super::resp::parse_i64(value).ok_or("argument couldn't be parsed into an integer")?;
+    u64::try_from(n)
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("argument must be between {min} and {max} inclusive"))
+}
+
 fn config(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let sub = args[1].to_ascii_lowercase();
     match sub.as_slice() {
@@ -226,32 +291,71 @@ fn config(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
             if args.len() < 3 {
                 return Err(super::wrong_arity("config|get"));
             }
-            let shared = ctx.shared;
-            let options = &shared.options;
-            let params: [(&str, String); 8] = [
-                // No snapshots and no append-only file: the pool is the data.
-                ("save", String::new()),
-                ("appendonly", "no".into()),
-                ("appendfsync", if shared.mode == Mode::Strict { "always" } else { "no" }.into()),
-                ("databases", "1".into()),
-                ("bind", options.bind.clone()),
-                ("port", shared.addr.get().map_or(options.port, |a| a.port()).to_string()),
-                ("proto-max-bulk-len", options.proto_max_bulk_len.to_string()),
-                ("client-query-buffer-limit", options.client_query_buffer_limit.to_string()),
-            ];
-            let found: Vec<&(&str, String)> = params
-                .iter()
+            let found: Vec<(&str, Vec<u8>)> = parameters(ctx.shared)
+                .into_iter()
                 .filter(|(name, _)| args[2..].iter().any(|p| glob_match(p, name.as_bytes(), true)))
                 .collect();
             ctx.out.map(found.len());
             for (name, value) in found {
                 ctx.out.bulk(name.as_bytes());
-                ctx.out.bulk(value.as_bytes());
+                ctx.out.bulk(&value);
             }
             Ok(Flow::Continue)
         }
-        b"set" | b"resetstat" | b"rewrite" => Err(CmdError(format!(
-            "ERR CONFIG {} is not supported yet by nvhtm serve: use its command-line options",
+        b"set" => {
+            if args.len() < 4 || args.len() % 2 != 0 {
+                return Err(super::wrong_arity("config|set"));
+            }
+            let known = parameters(ctx.shared);
+            // Every pair is checked before any is applied: all or nothing, as in Redis.
+            let mut changes = Vec::new();
+            for pair in args[2..].chunks(2) {
+                let name = String::from_utf8_lossy(&pair[0]).to_ascii_lowercase();
+                let failed = |why: &str| {
+                    CmdError(format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"))
+                };
+                if !known.iter().any(|(known, _)| *known == name) {
+                    return Err(CmdError(format!(
+                        "ERR Unknown option or number of arguments for CONFIG SET - '{}'",
+                        String::from_utf8_lossy(&pair[0])
+                    )));
+                }
+                if changes.iter().any(|(seen, _)| *seen == name) {
+                    return Err(failed("duplicate parameter"));
+                }
+                let value = &pair[1];
+                let change = match name.as_str() {
+                    "requirepass" => NewValue::Requirepass((!value.is_empty()).then(|| value.to_vec())),
+                    "maxclients" => {
+                        NewValue::Maxclients(bounded(value, 1, u64::from(u32::MAX)).map_err(|e| failed(&e))?)
+                    }
+                    "timeout" => {
+                        NewValue::Timeout(bounded(value, 0, i32::MAX as u64).map_err(|e| failed(&e))?)
+                    }
+                    "protected-mode" => NewValue::ProtectedMode(
+                        config::parse_bool(&String::from_utf8_lossy(value)).map_err(|e| failed(&e))?,
+                    ),
+                    _ => return Err(failed("can't set immutable config")),
+                };
+                changes.push((name, change));
+            }
+            let live = &ctx.shared.live;
+            for (name, change) in changes {
+                match change {
+                    NewValue::Requirepass(password) => live.set_requirepass(password),
+                    NewValue::Maxclients(n) => live.maxclients.store(n, Ordering::Relaxed),
+                    NewValue::Timeout(secs) => {
+                        live.timeout.send_replace(secs);
+                    }
+                    NewValue::ProtectedMode(on) => live.protected_mode.store(on, Ordering::Relaxed),
+                }
+                tracing::info!(client = ctx.client.id, parameter = %name, "CONFIG SET");
+            }
+            ctx.out.ok();
+            Ok(Flow::Continue)
+        }
+        b"resetstat" | b"rewrite" => Err(CmdError(format!(
+            "ERR CONFIG {} is not supported yet by nvhtm serve",
             String::from_utf8_lossy(&sub).to_ascii_uppercase()
         ))),
         _ => Err(CmdError(format!(
