@@ -1145,9 +1145,9 @@ fn config_set_changes_only_what_redis_lets_it_all_or_nothing() {
 #[test]
 fn an_idle_client_is_closed_after_timeout_and_an_active_one_is_not() {
     let dir = scratch();
-    let server = Server::start(&dir.path().join("serve.pool"), &["--timeout", "1"]);
+    let server = Server::start(&dir.path().join("serve.pool"), &["--timeout", "3"]);
     let mut active = server.conn();
-    assert_eq!(active.cmd(&["CONFIG", "GET", "timeout"]), V::Array(vec![bulk("timeout"), bulk("1")]));
+    assert_eq!(active.cmd(&["CONFIG", "GET", "timeout"]), V::Array(vec![bulk("timeout"), bulk("3")]));
     // The idle client waits for its close (bounded); the active one keeps talking meanwhile.
     let closes_while_active = |active: &mut Conn, mut idle: Conn| {
         let waiter = std::thread::spawn(move || closed_within(&mut idle, Duration::from_secs(60)));
@@ -1163,11 +1163,12 @@ fn an_idle_client_is_closed_after_timeout_and_an_active_one_is_not() {
     let mut idle = server.conn();
     assert_eq!(idle.cmd(&["PING"]), V::Simple("PONG".into()));
     assert!(closes_while_active(&mut active, idle) > 0);
-    // CONFIG SET timeout reaches a client already waiting: none, then 1 second.
+    // CONFIG SET timeout reaches a client already waiting: none, then 3 seconds (long enough that the
+    // active client's pings, back to back, never leave a gap that long on a loaded machine).
     assert_eq!(active.cmd(&["CONFIG", "SET", "timeout", "0"]), ok());
     let mut waiting = server.conn();
     assert_eq!(waiting.cmd(&["PING"]), V::Simple("PONG".into()));
-    assert_eq!(active.cmd(&["CONFIG", "SET", "timeout", "1"]), ok());
+    assert_eq!(active.cmd(&["CONFIG", "SET", "timeout", "3"]), ok());
     closes_while_active(&mut active, waiting);
 }
 
