@@ -178,6 +178,17 @@ fn a_journal_whose_offsets_or_lengths_overflow_is_an_error_and_applies_nothing()
     }
 }
 
+/// A FAMS pool's creation crashed at every storage call: no pool or the one `init` laid out,
+/// and every sync of the creation is needed (the `fams-create` mutation suite).
+#[test]
+fn creating_a_fams_pool_survives_a_crash_at_every_call_and_needs_each_sync() {
+    let report = nvhtm::mutation::suite("fams-create").unwrap().run();
+    println!("{report}");
+    report.baseline.assert_passed();
+    assert!(report.baseline.images_checked > 10, "{report}");
+    assert!(report.sites.len() >= 3 && report.missed().is_empty(), "{report}");
+}
+
 mod pools {
     use nvhtm::fams::journal_path;
     use nvhtm::persist::thread_stats;

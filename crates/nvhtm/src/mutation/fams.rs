@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use crate::fams::{digest, FamsFile, FileCrashReport, Role, SimStorage, Storage};
 use crate::persist::Site;
 use crate::sim::{CrashFailure, CrashPointKind, CrashReport, ImageId, MutationReport, SiteOutcome};
+use crate::{Pool, PoolOptions, Volatile};
 
 /// The page size the workload assumes (the tracker's granularity on x86-64 Linux).
 pub const PAGE: u64 = 4096;
@@ -124,6 +125,69 @@ fn two_runs(disabled: Option<Site>) -> (FileCrashReport, u64, BTreeSet<Site>) {
         result
     });
     (report, nested, sites.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The options of the `fams-create` suite's pool.
+fn create_opts() -> PoolOptions {
+    PoolOptions::layout("fams-create").with_size(64 * PAGE).with_max_size(128 * PAGE)
+}
+
+/// What `init` lays out in the `fams-create` suite's pool.
+const LAID_OUT: &[u8] = b"laid out by init";
+
+/// Creates a FAMS pool over empty simulated files (`init` writing [`LAID_OUT`]), marks its
+/// return, and crashes the creation at every storage call: before the mark, the files may hold
+/// no pool yet (it refuses to open) or the new one; after it, the new one. Returns the report
+/// and the sync sites seen.
+fn create_run(disabled: Option<Site>) -> (FileCrashReport, BTreeSet<Site>) {
+    let storage = SimStorage::new();
+    if let Some(site) = disabled {
+        storage.disable_sync(site);
+    }
+    storage.restart_trace();
+    let pool = Pool::create_fams_on(storage.clone(), &create_opts(), Volatile, |pool| {
+        pool.write_bytes(8192, LAID_OUT)
+    })
+    .expect("create_fams_on");
+    storage.mark(0);
+    let report = storage.crash_test(16, SEED, |data, journal, marks| {
+        let crashed = SimStorage::from_image(data.to_vec(), journal.to_vec());
+        match Pool::open_fams_on(crashed, &create_opts(), Volatile) {
+            Ok(pool) => {
+                let mut bytes = [0u8; LAID_OUT.len()];
+                pool.read_into(8192, &mut bytes).map_err(|e| e.to_string())?;
+                if bytes != LAID_OUT {
+                    return Err("the pool opens without what init laid out".into());
+                }
+                Ok(())
+            }
+            Err(_) if marks.is_empty() => Ok(()),
+            Err(e) => Err(format!("the creation returned, but the pool does not open: {e}")),
+        }
+    });
+    drop(pool);
+    (report, storage.sync_sites())
+}
+
+/// The mutation suite `fams-create`: [`Pool::create_fams_on`] crashed at every storage call,
+/// the baseline then one run per sync site switched off.
+pub fn create_suite() -> MutationReport {
+    let (report, sites) = create_run(None);
+    let baseline = as_crash_report(&report, 0, sites);
+    let outcomes = baseline
+        .sites
+        .iter()
+        .map(|&site| {
+            let (mutant, _) = create_run(Some(site));
+            SiteOutcome {
+                site,
+                caught: !mutant.failures.is_empty(),
+                images_checked: mutant.images_checked,
+                failure: mutant.failures.first().cloned(),
+            }
+        })
+        .collect();
+    MutationReport { baseline, sites: outcomes }
 }
 
 /// A storage crash's report in the simulator's terms (the crash point and the call it came

@@ -106,6 +106,11 @@ pub const SUITES: &[Suite] = &[
         run: pool::header_suite,
     },
     Suite {
+        name: "fams-create",
+        about: "a FAMS pool created over simulated files, crashed at every storage call",
+        run: fams::create_suite,
+    },
+    Suite {
         name: "fams-file-two-runs",
         about:
             "FAMS commits and recovery on the file model, crashed at every storage call, two runs in a row",

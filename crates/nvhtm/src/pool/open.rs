@@ -381,8 +381,11 @@ impl<D: Domain> Pool<D> {
         init: impl FnOnce(&Pool<D>) -> std::result::Result<(), E>,
     ) -> std::result::Result<Pool<D>, E> {
         let size = validate_options(opts)?;
+        // No sync of the new length: until the first commit below is durable the files hold no
+        // pool either way (open refuses them), and that commit's journal names the length and
+        // its application syncs the data file (the `fams-create` mutation suite found the sync
+        // that stood here needed by no crash state).
         storage.set_len(Role::Data, size).map_err(|e| PoolError::io(path, "extend", e))?;
-        storage.sync(Role::Data).map_err(|e| PoolError::io(path, "fsync", e))?;
         let (mut region, committer) =
             Committer::open(storage, page_round(opts.max_size.max(size))).map_err(PoolError::from)?;
         region.mark_fams();
