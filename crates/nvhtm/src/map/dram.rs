@@ -159,10 +159,9 @@ impl Mirror {
 
     pub(super) fn current(&self) -> Option<&DirMirror> {
         let current = self.current.load(Ordering::Acquire);
-        // SAFETY: a non-null `current` points into a `by_depth` OnceLock that was set before
-        // the pointer was published (release/acquire); `by_depth` is a boxed slice that is never
-        // reallocated, and a set OnceLock is never taken, so the DirMirror lives, unmoved, as
-        // long as `self`, which the returned reference borrows.
+        // SAFETY: non-null `current` points into a `by_depth` OnceLock set before it was published
+        // (release/acquire); that boxed slice never moves and a set OnceLock is never taken, so the
+        // DirMirror lives, unmoved, as long as `self`, which the returned reference borrows.
         unsafe { current.as_ref() }
     }
 
@@ -267,10 +266,9 @@ impl<D: Domain> StrictMap<D> {
     pub(super) fn owner(&self, hash: Hash) -> Result<&SegLocks> {
         if let Some(mirror) = self.mirror.current() {
             let named = mirror.segments[hash.prefix(mirror.depth) as usize].load(Ordering::Acquire);
-            // SAFETY: a non-null entry points to a SegLocks of `self.segments` (see DirMirror),
-            // published after its header was set (release/acquire); the table's pages are boxed
-            // slices in OnceLocks, never moved, replaced or freed before `self`, which the
-            // returned reference borrows.
+            // SAFETY: a non-null entry points to a SegLocks of `self.segments` published after its
+            // header was set (release/acquire); the table's pages (boxed slices in OnceLocks) never
+            // move or go before `self`, which the returned reference borrows.
             if let Some(locks) = unsafe { named.as_ref() } {
                 return Ok(locks);
             }

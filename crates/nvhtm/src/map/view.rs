@@ -32,10 +32,9 @@ impl<'a> SegView<'a> {
     #[inline]
     fn word(&self, index: usize, order: Ordering) -> u64 {
         assert!(index < SEGMENT_WORDS, "word {index} outside a segment");
-        // SAFETY: `new` checked that the SEGMENT_SIZE bytes at `at` lie in the pool's mapping
-        // and are 8-byte aligned, and index < SEGMENT_WORDS keeps the word inside them; the
-        // mapping neither moves nor shrinks while the pool lives, which the lifetime 'a of its
-        // borrow covers. Every access to pool words is atomic.
+        // SAFETY: `new` checked the SEGMENT_SIZE bytes at `at` are in the mapping and 8-aligned,
+        // index < SEGMENT_WORDS stays inside them, and the mapping stays put while the pool lives
+        // (the borrow 'a). Every access to pool words is atomic.
         unsafe { (*self.words.add(index)).load(order) }
     }
 
