@@ -393,7 +393,7 @@ fn save(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     }
 }
 
-/// BGSAVE [SCHEDULE]: a sync in the background; LASTSAVE tells when it is done.
+/// `BGSAVE [SCHEDULE]`: a sync in the background; LASTSAVE tells when it is done.
 fn bgsave(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     match &args[1..] {
         [] => {}
@@ -413,7 +413,7 @@ fn lastsave(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     Ok(Flow::Continue)
 }
 
-/// SHUTDOWN [NOSAVE|SAVE] [NOW] [FORCE]: the pool is closed cleanly in every case (closing
+/// `SHUTDOWN [NOSAVE|SAVE] [NOW] [FORCE]`: the pool is closed cleanly in every case (closing
 /// syncs it), then the server exits. As in Redis, a successful SHUTDOWN sends no reply: the
 /// connection closes.
 fn shutdown(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {

@@ -16,10 +16,9 @@
 use std::ops::Range;
 use std::sync::{Barrier, Mutex};
 
-use super::with_heap;
-use crate::heap::HeapOptions;
-use crate::heap::{CheckReport, HeapError, Tx};
-use crate::pool::ImageSlot;
+use super::{with_heap, with_pool};
+
+use crate::heap::{CheckReport, HeapError, HeapOptions, Tx};
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{Domain, Heap, Pool, PoolOptions};
 
@@ -637,21 +636,17 @@ pub fn record_format() -> Recording {
 /// nvhtm::CrashTest::default().run(&record_format(), check_format).assert_passed();
 /// ```
 pub fn check_format(sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
-    ImageSlot::with_local(&ctx.delta, |slot| {
-        Pool::open_image_in(slot, image, &opts(), sim.clone(), |pool| {
-            if pool.info().root_offset == 0 {
-                return Ok(());
-            }
-            let heap =
-                Heap::load(pool).map_err(|e| format!("the root names a heap that does not load: {e}"))?;
-            let report = heap.check(&mut |_, _| {});
-            if !report.is_consistent() || report.small_blocks + report.large_blocks != 0 {
-                return Err(format!("a new heap is not empty and consistent: {report:?}"));
-            }
-            Ok(())
-        })
+    with_pool(sim, image, ctx, &opts(), |pool| {
+        if pool.info().root_offset == 0 {
+            return Ok(());
+        }
+        let heap = Heap::load(pool).map_err(|e| format!("the root names a heap that does not load: {e}"))?;
+        let report = heap.check(&mut |_, _| {});
+        if !report.is_consistent() || report.small_blocks + report.large_blocks != 0 {
+            return Err(format!("a new heap is not empty and consistent: {report:?}"));
+        }
+        Ok(())
     })
-    .map_err(|e| e.to_string())?
 }
 
 /// The `heap-format` suite: [`record_format`] crashed everywhere.

@@ -431,7 +431,7 @@ pub fn multi_run_check<'a>(
 pub type MultiRunCheck<'a> =
     Box<dyn Fn(&Sim, &[u8], &CrashContext, Option<&Vec<Model>>) -> Result<Vec<Model>, String> + 'a>;
 
-/// Records the insert that splits a full segment (one mark), for [`two_runs_suite`]; returns the
+/// Records the insert that splits a full segment (one mark), for the `map-two-runs` suite; returns the
 /// recording, the models before and after, and the keys of the second run.
 ///
 /// ```

@@ -1,8 +1,8 @@
 //! One persistence mutation score for the whole project: every flush and fence site switched
 //! off in turn, under the crash suites that exercise it.
 //!
-//! A [`Suite`] is a workload recorded with the [`Sim`](crate::Sim) domain, an oracle, and the
-//! [`CrashTest`](crate::CrashTest) settings it is crashed with. Its
+//! A [`Suite`] is a workload recorded with the [`Sim`] domain, an oracle, and the
+//! [`CrashTest`] settings it is crashed with. Its
 //! [`CrashTest::mutation_run`](crate::CrashTest::mutation_run) replays the recording once with
 //! every site, then once per flush/fence site with that site's effect removed: the site is
 //! *caught* when some crash image then fails the oracle. [`run_suites`] runs suites and merges
@@ -32,7 +32,7 @@ use crate::persist::Site;
 use crate::pool::{ImageSlot, PoolOptions};
 use crate::sim::litmus::Protocol;
 use crate::sim::{CrashContext, CrashTest, MutationReport, Sim};
-use crate::Heap;
+use crate::{Heap, Pool};
 
 /// Opens a crash image's heap in this thread's reusable [`ImageSlot`] (restoring only the lines
 /// that differ from the previous image) and runs `f` on it: the first step of every heap and
@@ -59,6 +59,26 @@ pub fn with_heap<R>(
     f: impl FnOnce(Heap<Sim>) -> Result<R, String>,
 ) -> Result<R, String> {
     ImageSlot::with_local(&ctx.delta, |slot| Heap::open_image_in(slot, image, opts, sim.clone(), f))
+        .map_err(|e| e.to_string())?
+}
+
+/// [`with_heap`] for checks of the pool itself: opens the crash image as a pool in this thread's
+/// reusable [`ImageSlot`] and runs `f` on it.
+///
+/// ```
+/// use nvhtm::mutation::{pool::{opts, record_header_updates}, with_pool};
+/// nvhtm::CrashTest::default()
+///     .run(&record_header_updates(), |sim, image, ctx| with_pool(sim, image, ctx, &opts(), |_| Ok(())))
+///     .assert_passed();
+/// ```
+pub fn with_pool<R>(
+    sim: &Sim,
+    image: &[u8],
+    ctx: &CrashContext,
+    opts: &PoolOptions,
+    f: impl FnOnce(Pool<Sim>) -> Result<R, String>,
+) -> Result<R, String> {
+    ImageSlot::with_local(&ctx.delta, |slot| Pool::open_image_in(slot, image, opts, sim.clone(), f))
         .map_err(|e| e.to_string())?
 }
 

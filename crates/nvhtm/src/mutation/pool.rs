@@ -1,6 +1,7 @@
 //! The pool header's crash workload and oracle: root, size and clean-flag updates.
 
-use crate::pool::{ImageSlot, MIN_POOL_SIZE};
+use super::with_pool;
+use crate::pool::MIN_POOL_SIZE;
 use crate::sim::{CrashContext, CrashTest, MutationReport, Recording, Sim};
 use crate::{PPtr, Pool, PoolOptions};
 
@@ -42,13 +43,10 @@ pub fn record_header_updates() -> Recording {
 /// CrashTest::default().run(&record_header_updates(), check_header).assert_passed();
 /// ```
 ///
-/// Each image opens in this thread's [`ImageSlot`], which restores only the lines that differ
+/// Each image opens in this thread's [`ImageSlot`](crate::pool::ImageSlot), which restores only the lines that differ
 /// from the previous image (the header lines, mostly) instead of mapping and copying a new pool.
 pub fn check_header(sim: &Sim, image: &[u8], ctx: &CrashContext) -> Result<(), String> {
-    ImageSlot::with_local(&ctx.delta, |slot| {
-        Pool::open_image_in(slot, image, &opts(), sim.clone(), |pool| judge_header(&pool, ctx))
-    })
-    .map_err(|e| e.to_string())?
+    with_pool(sim, image, ctx, &opts(), |pool| judge_header(&pool, ctx))
 }
 
 fn judge_header(pool: &Pool<Sim>, ctx: &CrashContext) -> Result<(), String> {

@@ -324,7 +324,7 @@ fn fams_header(head: &[u8], len: u64, opts: &PoolOptions, path: &Path) -> Result
 impl<D: Domain> Pool<D> {
     /// Creates a FAMS pool on any [`Storage`] — files that must be empty — with `domain`
     /// (FAMS pools need no flushes: [`Volatile`]), `init` run before the first sync. With
-    /// [`SimStorage`](crate::fams::SimStorage) this is how crash suites run over FAMS pools.
+    /// [`SimStorage`] this is how crash suites run over FAMS pools.
     ///
     /// ```
     /// use nvhtm::fams::SimStorage;
