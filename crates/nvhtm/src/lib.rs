@@ -12,6 +12,7 @@ pub mod fams;
 pub mod heap;
 pub mod map;
 pub mod mutation;
+pub mod periodic;
 pub mod persist;
 pub mod pool;
 mod region;
@@ -19,6 +20,7 @@ pub mod sim;
 
 pub use heap::{Heap, HeapError, Tx};
 pub use map::{MapError, StrictMap, TypedMap};
+pub use periodic::{PeriodicMap, PeriodicOptions};
 pub use persist::{AutoDomain, Cpu, Domain, Msync, Volatile};
 pub use pool::{PPtr, Pool, PoolError, PoolOptions};
 pub use sim::{CrashTest, Sim};

@@ -25,6 +25,7 @@
 //! reach. A segment at depth L owns exactly the hashes whose top L
 //! bits equal its pattern; slots holding other hashes are stale copies left by a split.
 
+/// The root's magic: a strict map.
 pub const MAP_MAGIC: u64 = u64::from_le_bytes(*b"NVMAP001");
 pub const DIR_MAGIC: u64 = u64::from_le_bytes(*b"NVDIR001");
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"NVSEG001");

@@ -49,7 +49,7 @@ mod view;
 mod write;
 
 pub use iter::MapStats;
-pub use layout::{INLINE_KEY, INLINE_VALUE};
+pub use layout::{INLINE_KEY, INLINE_VALUE, MAP_MAGIC};
 pub use typed::TypedMap;
 
 use dram::*;
@@ -67,7 +67,7 @@ use layout::*;
 
 /// A fresh secret hash seed from the OS's randomness (a clock-seeded generator if it has none),
 /// never 0 (the unkeyed hash).
-fn secret_seed() -> u64 {
+pub(crate) fn secret_seed() -> u64 {
     let mut bytes = [0u8; 8];
     if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
         bytes = fastrand::u64(..).to_le_bytes();
@@ -116,6 +116,11 @@ pub enum MapError {
     /// table is full.
     #[error("the map cannot grow further: {0}")]
     Limit(String),
+    /// A transaction read a bucket that another writer changed since its first read of it:
+    /// [`PeriodicMap::transaction`](crate::periodic::PeriodicMap::transaction) runs the body
+    /// again when the body returns it.
+    #[error("a transaction's read conflicted with another writer")]
+    Conflict,
     /// A [`TypedMap`] found a stored key or value whose length is not its type's size (the
     /// map was written with other types, or through the byte map).
     #[error("a stored {what} is {found} bytes, but the typed map reads {expected}-byte {what}s")]
