@@ -22,6 +22,7 @@
 pub mod fams;
 pub mod heap;
 pub mod map;
+pub mod periodic;
 pub mod pool;
 
 use std::collections::BTreeMap;
@@ -171,6 +172,16 @@ pub const SUITES: &[Suite] = &[
         about: "another thread reuses a slot a split cleared before the splitter fences again",
         run: map::split_two_threads_suite,
     },
+    Suite {
+        name: "periodic-single",
+        about: "random periodic-map operations and transactions across a split, with advances and syncs",
+        run: periodic::single_suite,
+    },
+    Suite {
+        name: "periodic-two-runs",
+        about: "crash, recover (failed epochs recorded), work on, crash again",
+        run: periodic::two_runs_suite,
+    },
 ];
 
 /// The suite called `name`.
@@ -197,7 +208,7 @@ fn litmus_suite() -> MutationReport {
 /// assert_eq!(structure_of("crates/nvhtm/src/sim/litmus.rs"), "litmus");
 /// ```
 pub fn structure_of(file: &str) -> &'static str {
-    const KNOWN: [&str; 6] = ["pool", "heap", "map", "fams", "persist", "sim"];
+    const KNOWN: [&str; 7] = ["pool", "heap", "map", "periodic", "fams", "persist", "sim"];
     if file.ends_with("sim/litmus.rs") {
         return "litmus";
     }

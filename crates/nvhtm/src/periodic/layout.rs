@@ -149,6 +149,18 @@ impl Status {
     /// the epochs before `now - 1` are settled (durable or failed) by the time `now` runs.
     pub fn next(self, now: u64, failed: impl Fn(u64) -> bool) -> Status {
         debug_assert!(now >= self.epoch && now > 0, "{self:?} updated in epoch {now}");
+        let next = self.rotate(now, &failed);
+        // The invariants the recovery argument rests on: a crash that fails `now` falls back
+        // to the same state as before the update, and one that fails `now - 1` too falls back
+        // to a state the update does not overwrite.
+        let fails_now = |e: u64| failed(e) || e == now;
+        debug_assert_eq!(next.valid(fails_now), self.valid(fails_now), "{self:?} -> {next:?}");
+        debug_assert_ne!(next.a, next.valid(fails_now), "{self:?} -> {next:?}");
+        debug_assert_ne!(next.a, self.valid(|e| failed(e) || e + 1 >= now), "{self:?} -> {next:?}");
+        next
+    }
+
+    fn rotate(self, now: u64, failed: impl Fn(u64) -> bool) -> Status {
         if self.epoch == now {
             return self;
         }

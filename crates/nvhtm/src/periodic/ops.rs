@@ -164,10 +164,6 @@ impl<D: Domain> Inner<D> {
         let pool = self.heap.raw_pool();
         let now = guard.epoch();
         let next = status.next(now, |e| self.is_failed(e));
-        debug_assert!(
-            status.epoch == now || status.valid(|e| self.is_failed(e)) == next.c || next.f.is_some(),
-            "the committed state survives the rotation"
-        );
         let mut log = guard.log();
         let block = if entries.is_empty() {
             0

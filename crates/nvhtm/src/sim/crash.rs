@@ -922,7 +922,23 @@ impl CrashTest {
             let sim = if context.followed { Sim::new() } else { Sim::passive() };
             path.push(ImageId { point, choice });
             context.delta = replay.take_delta();
-            let verdict = check(&sim, &image, &context, run.parent);
+            // A mutant's image may trip a debug assertion of the code under test (an invariant
+            // the proof rests on): that is the mutant caught, not the test crashed.
+            let verdict = if self.disabled_site.is_some() {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check(&sim, &image, &context, run.parent)
+                }))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    Err(format!("the check panicked: {why}"))
+                })
+            } else {
+                check(&sim, &image, &context, run.parent)
+            };
             replay.recycle(std::mem::take(&mut context.delta));
             flow = match verdict {
                 Err(message) => {
