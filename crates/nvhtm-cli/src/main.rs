@@ -34,6 +34,14 @@ enum Command {
         /// sync (every command syncs before it exits), on any file system.
         #[arg(long)]
         fams: bool,
+        /// Also create a map in it: `strict` (every write durable when it returns) or
+        /// `periodic` (Dalí: durable within two epochs or at a sync). Without it, the first map
+        /// command creates a strict one.
+        #[arg(long, value_enum)]
+        map: Option<MapArg>,
+        /// The periodic map's epoch length in milliseconds (fractions allowed).
+        #[arg(long, default_value_t = 10.0, requires = "map")]
+        epoch_ms: f64,
         /// Print the new pool's facts as JSON.
         #[arg(long)]
         json: bool,
@@ -142,9 +150,17 @@ enum Command {
         /// completed sync.
         #[arg(long)]
         fams: bool,
-        /// Inserts between syncs with --fams.
+        /// Inserts between syncs with --fams or --map periodic.
         #[arg(long, default_value_t = 1000)]
         sync_every: u64,
+        /// The map the writer uses: with `periodic`, it reports every completed upsert and
+        /// every completed sync, and each crash must keep a prefix of its upserts that includes
+        /// everything before the last sync.
+        #[arg(long, value_enum, default_value = "strict", conflicts_with = "fams")]
+        map: MapArg,
+        /// The periodic map's epoch length in milliseconds.
+        #[arg(long, default_value_t = 10.0)]
+        epoch_ms: f64,
     },
     /// The demo's writer process.
     #[command(hide = true)]
@@ -157,6 +173,9 @@ enum Command {
         count: u64,
         /// Sync (and acknowledge) every this many inserts; 0: acknowledge each insert.
         sync_every: u64,
+        /// A periodic map with this epoch length in ms (reports `op i` and `sync i` lines).
+        #[arg(long)]
+        periodic_epoch_ms: Option<f64>,
     },
     /// Grow a pool in place to a new size.
     Grow {
@@ -192,11 +211,29 @@ enum Command {
     },
 }
 
+/// A map kind on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MapArg {
+    /// The strict map.
+    Strict,
+    /// The periodic (Dalí) map.
+    Periodic,
+}
+
+impl MapArg {
+    fn kind(self) -> nvhtm::MapKind {
+        match self {
+            MapArg::Strict => nvhtm::MapKind::Strict,
+            MapArg::Periodic => nvhtm::MapKind::Periodic,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: commands::CommandResult = match cli.command {
-        Command::Create { pool, size, layout, fams, json } => {
-            commands::create(&pool, size, &layout, fams, json)
+        Command::Create { pool, size, layout, fams, map, epoch_ms, json } => {
+            commands::create(&pool, size, &layout, fams, map.map(MapArg::kind), epoch_ms, json)
         }
         Command::Info { pool, layout, json } => commands::info(&pool, layout.as_deref(), json),
         Command::Check { pool, repair, layout, json } => commands::check(&pool, repair, &layout, json),
@@ -207,10 +244,17 @@ fn main() -> ExitCode {
         Command::Load { pool, file, layout } => commands::map::load(&pool, &file, &layout),
         Command::Dump { pool, layout } => commands::map::dump(&pool, &layout),
         Command::Stats { pool, layout, json } => commands::map::stats(&pool, &layout, json),
-        Command::Demo { keys, rounds, pool, fams, sync_every } => {
+        Command::Demo { keys, rounds, pool, fams, sync_every, map: MapArg::Periodic, epoch_ms } => {
+            let _ = fams;
+            commands::demo::periodic::demo(keys, rounds, pool, sync_every.max(1), epoch_ms)
+        }
+        Command::Demo { keys, rounds, pool, fams, sync_every, .. } => {
             commands::demo::demo(keys, rounds, pool, fams.then_some(sync_every.max(1)))
         }
-        Command::DemoWriter { pool, start, count, sync_every } => {
+        Command::DemoWriter { pool, start, count, sync_every, periodic_epoch_ms: Some(epoch_ms) } => {
+            commands::demo::periodic::writer(&pool, start, count, sync_every, epoch_ms)
+        }
+        Command::DemoWriter { pool, start, count, sync_every, periodic_epoch_ms: None } => {
             commands::demo::writer(&pool, start, count, sync_every)
         }
         Command::Litmus => commands::litmus(),

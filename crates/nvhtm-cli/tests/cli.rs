@@ -299,7 +299,12 @@ fn set_get_del_load_dump_round_trip() {
 
     // Stats count what is there (after a reopen: from media).
     let stats = text(&nvhtm(&["stats", p]).stdout);
-    assert!(stats.starts_with("entries     4\nsegments    1\ndirectory   depth 0 (1 entries)\n"), "{stats}");
+    assert!(
+        stats.starts_with(
+            "map         strict\nentries     4\nsegments    1\ndirectory   depth 0 (1 entries)\n"
+        ),
+        "{stats}"
+    );
     let json: serde_json::Value = serde_json::from_slice(&nvhtm(&["stats", p, "--json"]).stdout).unwrap();
     assert_eq!(json["entries"], 4);
     assert_eq!(json["segments"], 1);
@@ -309,6 +314,52 @@ fn set_get_del_load_dump_round_trip() {
     std::fs::write(&input, "k\tbad \\q escape\n").unwrap();
     fails(&["load", p, input.to_str().unwrap()], "in.tsv:1: unknown escape \\q");
     assert!(nvhtm(&["check", p]).status.success());
+}
+
+/// A pool created with a periodic map: every map command works on it, the root says which map
+/// it holds, and the epoch length recorded at creation is reported.
+#[test]
+fn periodic_maps_work_through_the_cli() {
+    let dir = shm();
+    let pool = dir.path().join("periodic.pool");
+    let p = pool.to_str().unwrap();
+    let out = nvhtm(&["create", p, "--size", "8MiB", "--map", "periodic", "--epoch-ms", "2.5"]);
+    assert!(
+        text(&out.stdout).contains("with an empty periodic map, epochs of 2.5 ms"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&nvhtm(&["set", p, "k", "v"]).stdout), "OK\n");
+    let input = dir.path().join("in.tsv");
+    let lines: String = (0..500).map(|i| format!("key{i}\tvalue{i}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    assert_eq!(text(&nvhtm(&["load", p, input.to_str().unwrap()]).stdout), "loaded 500 keys\n");
+    assert_eq!(text(&nvhtm(&["get", p, "key321"]).stdout), "value321\n");
+    assert_eq!(text(&nvhtm(&["del", p, "k"]).stdout), "1\n");
+    fails(&["get", p, "k"], "\"k\": no such key");
+    assert_eq!(text(&nvhtm(&["dump", p]).stdout).lines().count(), 500);
+    let json: serde_json::Value = serde_json::from_slice(&nvhtm(&["stats", p, "--json"]).stdout).unwrap();
+    assert_eq!(json["kind"], "periodic");
+    assert_eq!(json["entries"], 500);
+    assert_eq!(json["epoch_ms"], 2.5);
+    assert!(json["segments"].as_u64().unwrap() > 1, "{json}");
+    assert!(json["longest_bucket"].as_u64().unwrap() <= 6, "{json}");
+    assert!(nvhtm(&["check", p]).status.success());
+}
+
+/// The periodic crash demo: every kill keeps a prefix of the upserts that includes everything
+/// before the last acknowledged sync (the demo fails otherwise).
+#[test]
+fn the_periodic_crash_demo_keeps_a_prefix_through_every_sync() {
+    let dir = shm();
+    let pool = dir.path().join("demo.pool");
+    let args = ["demo", "--map", "periodic", "--keys", "30000", "--rounds", "4", "--sync-every", "500"];
+    let out = nvhtm(&[&args[..], &["--epoch-ms", "1", "--pool", pool.to_str().unwrap()]].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let summary = stdout.lines().last().unwrap();
+    assert!(summary.starts_with("summary: 4 kills, epochs of 1 ms: "), "{summary}");
+    assert!(summary.contains("every crash kept a prefix"), "{summary}");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod any_map;
 mod choices;
 pub mod fams;
 pub mod heap;
@@ -18,6 +19,7 @@ pub mod pool;
 mod region;
 pub mod sim;
 
+pub use any_map::{AnyMap, MapKind};
 pub use heap::{Heap, HeapError, Tx};
 pub use map::{MapError, StrictMap, TypedMap};
 pub use periodic::{PeriodicMap, PeriodicOptions};

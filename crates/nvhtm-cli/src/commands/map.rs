@@ -3,17 +3,21 @@
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 
+use nvhtm::periodic::PeriodicOptions;
 use nvhtm::pool::PoolOptions;
-use nvhtm::{AutoDomain, Heap, StrictMap};
+use nvhtm::{AnyMap, AutoDomain, Heap, MapKind};
 
 use super::CommandResult;
 
-/// Opens the map in a pool (creating it in a pool that holds an empty heap), in the pool's
-/// mode. Closing it (which every command does) makes its changes durable: for a FAMS pool,
-/// that is the sync that commits them.
-pub fn open(path: &Path, layout: &str) -> Result<StrictMap<AutoDomain>, Box<dyn std::error::Error>> {
+/// Opens the map in a pool, whichever the pool's root says it holds (creating a strict one in
+/// a pool that holds an empty heap), in the pool's mode. Closing it (which every command does)
+/// makes its changes durable: a periodic map syncs, and for a FAMS pool that is the sync that
+/// commits them. A periodic map runs no persister thread here (each command is short and
+/// closes) and scans its arena in the background (a read-only command stops the scan).
+pub fn open(path: &Path, layout: &str) -> Result<AnyMap<AutoDomain>, Box<dyn std::error::Error>> {
     let heap = Heap::load(super::open_pool(path, &PoolOptions::layout(layout))?)?;
-    Ok(StrictMap::open(heap)?)
+    let periodic = PeriodicOptions { background_scan: true, ..PeriodicOptions::manual() };
+    Ok(AnyMap::open(heap, MapKind::Strict, periodic)?)
 }
 
 /// `\t`, `\n`, `\r` and `\\` escaped, so any bytes fit a tab-separated line.
@@ -160,10 +164,17 @@ pub fn stats(path: &Path, layout: &str, json: bool) -> CommandResult {
     if json {
         super::print_json(&stats);
     } else {
+        println!("map         {}", stats.kind);
         println!("entries     {}", stats.entries);
         println!("segments    {}", stats.segments);
         println!("directory   depth {} ({} entries)", stats.global_depth, 1u64 << stats.global_depth);
         println!("load factor {:.3}", stats.load_factor);
+        if let Some(longest) = stats.longest_bucket {
+            println!("longest     {longest} entries in one bucket");
+        }
+        if let (Some(ms), Some((current, durable))) = (stats.epoch_ms, stats.epochs) {
+            println!("epochs      {ms} ms long; current {current}, durable {durable}");
+        }
     }
     Ok(())
 }

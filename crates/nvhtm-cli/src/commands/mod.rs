@@ -7,8 +7,9 @@ pub mod mutation;
 use std::path::Path;
 
 use nvhtm::heap::{CheckReport, LaneRecovery};
+use nvhtm::periodic::PeriodicOptions;
 use nvhtm::pool::{PoolInfo, PoolOptions};
-use nvhtm::{AutoDomain, Heap, Pool, PoolError};
+use nvhtm::{AnyMap, AutoDomain, Heap, MapKind, Pool, PoolError};
 
 /// What a command returns: any error is printed as `nvhtm: error: …` with exit status 1.
 pub type CommandResult = Result<(), Box<dyn std::error::Error>>;
@@ -25,7 +26,15 @@ pub fn open_pool(path: &Path, opts: &PoolOptions) -> Result<Pool<AutoDomain>, Po
 }
 
 /// `nvhtm create`.
-pub fn create(path: &Path, size: u64, layout: &str, fams: bool, json: bool) -> CommandResult {
+pub fn create(
+    path: &Path,
+    size: u64,
+    layout: &str,
+    fams: bool,
+    map: Option<MapKind>,
+    epoch_ms: f64,
+    json: bool,
+) -> CommandResult {
     let opts = PoolOptions::layout(layout).with_size(size);
     let heap = if fams {
         Heap::<AutoDomain>::create_fams(path, &opts)?
@@ -33,7 +42,13 @@ pub fn create(path: &Path, size: u64, layout: &str, fams: bool, json: bool) -> C
         Heap::<AutoDomain>::create(path, &opts)?
     };
     let info = heap.pool().info();
-    heap.close()?;
+    match map {
+        Some(kind) => {
+            let periodic = PeriodicOptions::manual().every(nvhtm::any_map::epoch_from_ms(epoch_ms));
+            AnyMap::open(heap, kind, periodic)?.close()?
+        }
+        None => heap.close()?,
+    }
     if json {
         print_json(&info);
     } else {
@@ -46,6 +61,11 @@ pub fn create(path: &Path, size: u64, layout: &str, fams: bool, json: bool) -> C
             info.filesystem,
             info.domain
         );
+        if let Some(kind) = map {
+            let epoch =
+                if kind == MapKind::Periodic { format!(", epochs of {epoch_ms} ms") } else { String::new() };
+            println!("with an empty {kind} map{epoch}");
+        }
     }
     Ok(())
 }

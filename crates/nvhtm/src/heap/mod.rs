@@ -453,6 +453,25 @@ impl<D: Domain> Heap<D> {
         })
     }
 
+    /// The root object's offset and size, if the heap has one yet (unlike [`root`](Heap::root),
+    /// creates nothing).
+    ///
+    /// ```
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(4 << 20), Volatile)?;
+    /// assert_eq!(heap.existing_root()?, None);
+    /// let root = heap.root::<[u64; 2]>()?;
+    /// assert_eq!(heap.existing_root()?, Some((root.offset(), 16)));
+    /// # Ok::<(), nvhtm::HeapError>(())
+    /// ```
+    pub fn existing_root(&self) -> Result<Option<(u64, u64)>> {
+        let root = self.pool.load_u64(layout::ROOT_WORD, Ordering::Acquire)?;
+        if root == 0 {
+            return Ok(None);
+        }
+        Ok(Some((root, self.pool.load_u64(layout::ROOT_SIZE_WORD, Ordering::Acquire)?)))
+    }
+
     /// Runs `body` as a failure-atomic transaction: everything it changed through the [`Tx`]
     /// becomes durable together when it returns `Ok`; on `Err`, a panic or a crash, none of it
     /// does.

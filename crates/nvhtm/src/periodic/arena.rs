@@ -11,6 +11,7 @@
 //! blocks come from new chunks in the meantime.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::layout::*;
@@ -45,8 +46,24 @@ struct Chunk {
     slots: u64,
     /// Slots in use (bit per slot).
     used: Vec<u64>,
-    /// While unscanned: slots freed before the scan ended (they win over its marks).
-    freed: Option<Vec<u64>>,
+    /// While unscanned: what happened to its slots before the scan ended.
+    unscanned: Option<Unscanned>,
+}
+
+/// An unscanned chunk's slots that the scan cannot judge by the buckets alone.
+#[derive(Debug)]
+struct Unscanned {
+    /// Freed (they win over the scan's marks).
+    freed: Vec<u64>,
+    /// Retired but not yet freed: no bucket names them any more, so the scan may miss them,
+    /// but they are not free until their epoch's successor is durable.
+    held: Vec<u64>,
+}
+
+impl Unscanned {
+    fn new(words: usize) -> Unscanned {
+        Unscanned { freed: vec![0; words], held: vec![0; words] }
+    }
 }
 
 impl Chunk {
@@ -80,6 +97,8 @@ pub struct ArenaStats {
 pub(super) struct Arena {
     /// Free slots per class (index `class - MIN_CLASS`).
     free: Vec<Mutex<Vec<u64>>>,
+    /// Whether some chunk is unscanned (retirements must then be [`hold`](Arena::hold)).
+    scanning: AtomicBool,
     chunks: Mutex<Chunks>,
 }
 
@@ -102,19 +121,21 @@ impl Arena {
         }
         let mut chunks = Chunks::default();
         for i in 0..count {
-            let word = pool.load_u64(table + TABLE_HEADER + i * 8, std::sync::atomic::Ordering::Acquire)?;
+            let word = pool.load_u64(table + TABLE_HEADER + i * 8, Ordering::Acquire)?;
             let (start, class) = (word & !63, (word & 63) as u32);
             let slots = if class <= SHARED_CLASS { CHUNK_BYTES >> class } else { 1 };
             if !(MIN_CLASS..=MAX_CLASS).contains(&class) || !pool.contains(start, slots << class) {
                 return Err(corrupt(format!("chunk table entry {i}: {word:#x}")));
             }
             let words = slots.div_ceil(64) as usize;
-            chunks
-                .list
-                .insert(start, Chunk { class, slots, used: vec![0; words], freed: Some(vec![0; words]) });
+            chunks.list.insert(
+                start,
+                Chunk { class, slots, used: vec![0; words], unscanned: Some(Unscanned::new(words)) },
+            );
         }
         Ok(Arena {
             free: (MIN_CLASS..=MAX_CLASS).map(|_| Mutex::default()).collect(),
+            scanning: AtomicBool::new(count > 0),
             chunks: Mutex::new(chunks),
         })
     }
@@ -130,7 +151,10 @@ impl Arena {
     pub fn alloc<D: Domain>(&self, heap: &Heap<D>, root: u64, len: u64) -> Result<u64> {
         let class = class_of(len)?;
         loop {
-            if let Some(slot) = lock(&self.free[(class - MIN_CLASS) as usize]).pop() {
+            // Never hold a free list while taking the chunks (`finish_scan` nests them the
+            // other way).
+            let popped = lock(&self.free[(class - MIN_CLASS) as usize]).pop();
+            if let Some(slot) = popped {
                 let mut chunks = lock(&self.chunks);
                 let (chunk, index) = locate(&mut chunks, slot)?;
                 let was = flip(&mut chunk.used, index, true);
@@ -146,8 +170,9 @@ impl Arena {
     pub fn free(&self, slot: u64) -> Result<()> {
         let mut chunks = lock(&self.chunks);
         let (chunk, index) = locate(&mut chunks, slot)?;
-        if let Some(freed) = chunk.freed.as_mut() {
-            flip(freed, index, true);
+        if let Some(unscanned) = chunk.unscanned.as_mut() {
+            flip(&mut unscanned.freed, index, true);
+            flip(&mut unscanned.held, index, false);
             flip(&mut chunk.used, index, false);
             return Ok(());
         }
@@ -160,26 +185,42 @@ impl Arena {
         Ok(())
     }
 
+    /// A block left its bucket (it is freed later): while its chunk is unscanned, the end of
+    /// the scan must not take it for free.
+    pub fn hold(&self, slot: u64) -> Result<()> {
+        if !self.scanning.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut chunks = lock(&self.chunks);
+        let (chunk, index) = locate(&mut chunks, slot)?;
+        if let Some(unscanned) = chunk.unscanned.as_mut() {
+            flip(&mut unscanned.held, index, true);
+        }
+        Ok(())
+    }
+
     /// The scan found `slot` named by a bucket. A slot named twice is an error (two buckets
     /// would share a block); slots in chunks made since opening are not the scan's business.
     pub fn mark_live(&self, slot: u64) -> Result<()> {
         let mut chunks = lock(&self.chunks);
         let (chunk, index) = locate(&mut chunks, slot)?;
-        if chunk.freed.is_some() && flip(&mut chunk.used, index, true) {
+        if chunk.unscanned.is_some() && flip(&mut chunk.used, index, true) {
             return Err(corrupt(format!("block {slot:#x} is named by two buckets")));
         }
         Ok(())
     }
 
-    /// Ends the scan: every slot of an unscanned chunk that no bucket names (or that was freed
-    /// meanwhile) becomes free.
+    /// Ends the scan: every slot of an unscanned chunk that no bucket names, that is not held
+    /// for a later free, or that was freed meanwhile, becomes free.
     pub fn finish_scan(&self) {
         let mut chunks = lock(&self.chunks);
         for (&start, chunk) in chunks.list.iter_mut() {
-            let Some(freed) = chunk.freed.take() else { continue };
+            let Some(Unscanned { freed, held }) = chunk.unscanned.take() else { continue };
             let mut free = lock(&self.free[(chunk.class - MIN_CLASS) as usize]);
             for i in 0..chunk.slots {
                 let (w, b) = ((i / 64) as usize, i % 64);
+                debug_assert!((freed[w] & held[w]) >> b & 1 == 0, "slot {i} both freed and held");
+                chunk.used[w] |= held[w] & 1 << b;
                 if freed[w] >> b & 1 == 1 {
                     chunk.used[w] &= !(1 << b);
                 }
@@ -188,6 +229,7 @@ impl Arena {
                 }
             }
         }
+        self.scanning.store(false, Ordering::Release);
     }
 
     /// Whether `slot` is in use (for checks).
@@ -206,7 +248,7 @@ impl Arena {
             stats.bytes += chunk.slots * chunk.slot_size();
             stats.used_slots += used;
             stats.used_bytes += used * chunk.slot_size();
-            stats.unscanned += u64::from(chunk.freed.is_some());
+            stats.unscanned += u64::from(chunk.unscanned.is_some());
         }
         stats
     }
@@ -240,7 +282,7 @@ impl Arena {
             return Err(corrupt(format!("chunk at {start:#x} is not line-aligned")));
         }
         let words = slots.div_ceil(64) as usize;
-        lock(&self.chunks).list.insert(start, Chunk { class, slots, used: vec![0; words], freed: None });
+        lock(&self.chunks).list.insert(start, Chunk { class, slots, used: vec![0; words], unscanned: None });
         let mut free = lock(&self.free[(class - MIN_CLASS) as usize]);
         free.extend((0..slots).rev().map(|i| start + (i << class)));
         Ok(())

@@ -2,9 +2,10 @@
 //! bucket's status word, and the immutable blocks that hold a bucket's entries.
 //!
 //! ```text
-//! root (the heap's root object, 64 bytes)
+//! root (the heap's root object, 128 bytes)
 //!   +0  magic "NVDALI01"     +8  directory        +16 arena chunk table   +24 hash seed
 //!   +32 durable epoch        +40 clean mark       +48 failed-epoch list   +56 base epoch
+//!   +64 epoch length (µs)    +72..+128 spare (zero)
 //!
 //! directory:  magic · global depth · 2^depth segment offsets
 //! segment:    magic · local depth · hash pattern · 5 spare words (64 bytes), then
@@ -39,6 +40,9 @@ pub(super) const ROOT_DURABLE: u64 = 32;
 pub(super) const ROOT_CLEAN: u64 = 40;
 pub(super) const ROOT_FAILED: u64 = 48;
 pub(super) const ROOT_BASE: u64 = 56;
+pub(super) const ROOT_EPOCH_US: u64 = 64;
+/// The root object.
+pub(super) type Root = [u64; 16];
 
 /// The clean mark's flag: `CLEAN | durable` says the map was closed after its last write
 /// became durable, so no epoch after `durable` holds a write.

@@ -55,13 +55,28 @@ use layout::*;
 /// Longest value of the periodic map (a bucket's block holds up to [`MAX_ENTRIES`] of them).
 pub const MAX_VALUE: usize = 1024 * 1024;
 
+/// The epoch length a map created with the default options records.
+pub const DEFAULT_EPOCH: Duration = Duration::from_millis(10);
+
+/// Who ends epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochPeriod {
+    /// No persister thread: the owner calls [`PeriodicMap::advance`] or
+    /// [`PeriodicMap::sync`] (deterministic, for tests and the crash simulator).
+    Manual,
+    /// A persister thread with the epoch length recorded in the map when it was created
+    /// ([`DEFAULT_EPOCH`] for a map created now).
+    Stored,
+    /// A persister thread with this epoch length (recorded if the map is created now).
+    Every(Duration),
+}
+
 /// How a periodic map runs.
 #[derive(Debug, Clone)]
 pub struct PeriodicOptions {
     /// The epoch length: a persister thread advances the epoch this often (when operations ran
-    /// in it). `None`: no thread; the owner calls [`PeriodicMap::advance`] or
-    /// [`PeriodicMap::sync`] (deterministic, for tests and the crash simulator).
-    pub epoch: Option<Duration>,
+    /// in it), or none.
+    pub epoch: EpochPeriod,
     /// The hash seed of a map created now (`None`: a secret one from the OS).
     pub seed: Option<u64>,
     /// Scan the buckets to find the arena's free blocks in a background thread after opening
@@ -71,7 +86,7 @@ pub struct PeriodicOptions {
 
 impl Default for PeriodicOptions {
     fn default() -> PeriodicOptions {
-        PeriodicOptions { epoch: Some(Duration::from_millis(10)), seed: None, background_scan: true }
+        PeriodicOptions { epoch: EpochPeriod::Stored, seed: None, background_scan: true }
     }
 }
 
@@ -79,11 +94,18 @@ impl PeriodicOptions {
     /// No persister thread and a synchronous scan: every epoch boundary is the caller's.
     ///
     /// ```
-    /// let opts = nvhtm::periodic::PeriodicOptions::manual();
-    /// assert!(opts.epoch.is_none() && !opts.background_scan);
+    /// use nvhtm::periodic::{EpochPeriod, PeriodicOptions};
+    /// let opts = PeriodicOptions::manual();
+    /// assert!(opts.epoch == EpochPeriod::Manual && !opts.background_scan);
     /// ```
     pub fn manual() -> PeriodicOptions {
-        PeriodicOptions { epoch: None, seed: None, background_scan: false }
+        PeriodicOptions { epoch: EpochPeriod::Manual, seed: None, background_scan: false }
+    }
+
+    /// With a persister thread ending an epoch every `period`.
+    pub fn every(mut self, period: Duration) -> PeriodicOptions {
+        self.epoch = EpochPeriod::Every(period);
+        self
     }
 
     /// With this hash seed for a map created now (0: unkeyed; for reproducible tests only).
@@ -135,6 +157,8 @@ pub(crate) struct Inner<D: Domain> {
     pending: Mutex<Vec<(u64, Vec<u64>)>>,
     /// Serialises epoch advances.
     advancing: Mutex<()>,
+    /// Asks the background scan to stop (the map is closing).
+    stop_scan: std::sync::atomic::AtomicBool,
     recovery: Recovery,
 }
 
@@ -187,7 +211,7 @@ impl<D: Domain> PeriodicMap<D> {
     /// failed (unless the map was closed cleanly). Starts the persister thread when
     /// `opts.epoch` is set.
     pub fn open(heap: Heap<D>, opts: PeriodicOptions) -> Result<PeriodicMap<D>> {
-        let root = heap.root::<[u64; 8]>().map_err(|e| match e {
+        let root = heap.root::<Root>().map_err(|e| match e {
             HeapError::RootSize { .. } => MapError::NotAMap(e.to_string()),
             e => MapError::Heap(e),
         })?;
@@ -195,13 +219,19 @@ impl<D: Domain> PeriodicMap<D> {
         let pool = heap.raw_pool();
         match pool.load_u64(root + ROOT_MAGIC, Ordering::Acquire)? {
             PERIODIC_MAGIC => {}
-            0 => format(&heap, root, opts.seed.unwrap_or_else(crate::map::secret_seed))?,
+            0 => {
+                let epoch = match opts.epoch {
+                    EpochPeriod::Every(period) => period,
+                    _ => DEFAULT_EPOCH,
+                };
+                format(&heap, root, opts.seed.unwrap_or_else(crate::map::secret_seed), epoch)?
+            }
             crate::map::MAP_MAGIC => {
                 return Err(MapError::NotAMap("the pool holds a strict map, not a periodic one".into()))
             }
             other => return Err(MapError::NotAMap(format!("root magic {other:#018x}"))),
         }
-        let words = pool.load_words::<8>(root)?;
+        let words = pool.load_words::<16>(root)?;
         let (failed, recovery) = recover(&heap, root, words)?;
         let arena = Arena::load(&heap, words[(ROOT_CHUNKS / 8) as usize])?;
         let dir = Directory::load(&heap, words[(ROOT_DIR / 8) as usize])?;
@@ -214,6 +244,7 @@ impl<D: Domain> PeriodicMap<D> {
             dir,
             pending: Mutex::default(),
             advancing: Mutex::default(),
+            stop_scan: Default::default(),
             recovery,
             heap,
             root,
@@ -225,8 +256,18 @@ impl<D: Domain> PeriodicMap<D> {
             inner.scan()?;
             None
         };
-        let persister = opts.epoch.map(|period| persist::Persister::start(inner.clone(), period));
+        let period = match opts.epoch {
+            EpochPeriod::Manual => None,
+            EpochPeriod::Stored => Some(inner.stored_epoch()?),
+            EpochPeriod::Every(period) => Some(period),
+        };
+        let persister = period.map(|period| persist::Persister::start(inner.clone(), period));
         Ok(PeriodicMap { inner, persister, scanner })
+    }
+
+    /// The epoch length recorded when the map was created.
+    pub fn stored_epoch(&self) -> Result<Duration> {
+        self.inner.stored_epoch()
     }
 
     /// What opening found: the durable epoch, the epochs recorded as failed, this run's first.
@@ -266,12 +307,15 @@ impl<D: Domain> PeriodicMap<D> {
         }
     }
 
-    /// Stops the persister (after a last advance) and waits for the scanner.
+    /// Stops the persister (after a last sync) and the scanner (chunks it did not reach
+    /// stay unscanned: nothing is allocated from them any more).
     fn stop(&mut self) -> Result<()> {
+        self.inner.stop_scan.store(true, Ordering::Relaxed);
+        let scanned = self.wait_for_scan();
         if let Some(p) = self.persister.take() {
             p.stop()?;
         }
-        self.wait_for_scan()
+        scanned
     }
 }
 
@@ -284,7 +328,7 @@ impl<D: Domain> Drop for PeriodicMap<D> {
 
 /// An empty map: a directory of depth 0, one segment of empty buckets, an empty chunk table,
 /// durable epoch 0, committed with the root in one heap transaction.
-fn format<D: Domain>(heap: &Heap<D>, root: u64, seed: u64) -> Result<()> {
+fn format<D: Domain>(heap: &Heap<D>, root: u64, seed: u64, epoch: Duration) -> Result<()> {
     heap.transaction(|tx| {
         let segment = tx.alloc_bytes(SEGMENT_SIZE)?;
         if segment % 64 != 0 {
@@ -294,7 +338,10 @@ fn format<D: Domain>(heap: &Heap<D>, root: u64, seed: u64) -> Result<()> {
         let dir = tx.alloc_bytes(DIR_HEADER + 8)?;
         tx.write(PPtr::<[u64; 3]>::new(dir), &[DIR_MAGIC, 0, segment])?;
         let chunks = Arena::format(tx)?;
-        tx.write(PPtr::<[u64; 8]>::new(root), &[PERIODIC_MAGIC, dir, chunks, seed, 0, 0, 0, 1])?;
+        let micros = u64::try_from(epoch.as_micros()).unwrap_or(u64::MAX).max(1);
+        let mut words: Root = [0; 16];
+        words[..9].copy_from_slice(&[PERIODIC_MAGIC, dir, chunks, seed, 0, 0, 0, 1, micros]);
+        tx.write(PPtr::<Root>::new(root), &words)?;
         Ok(())
     })
 }
@@ -308,7 +355,7 @@ const FAILED_HEADER: u64 = 24;
 /// `e` is durable — is appended to the failed list. The next run's base comes after all of
 /// them. Both are persisted before any operation runs; a crash in between repeats the same
 /// steps (appending a range already there is harmless).
-fn recover<D: Domain>(heap: &Heap<D>, root: u64, words: [u64; 8]) -> Result<(Failed, Recovery)> {
+fn recover<D: Domain>(heap: &Heap<D>, root: u64, words: Root) -> Result<(Failed, Recovery)> {
     let pool = heap.raw_pool();
     let durable = words[(ROOT_DURABLE / 8) as usize];
     let old_base = words[(ROOT_BASE / 8) as usize];
@@ -383,6 +430,11 @@ fn append_failed<D: Domain>(
 }
 
 impl<D: Domain> Inner<D> {
+    /// The epoch length recorded at creation.
+    fn stored_epoch(&self) -> Result<Duration> {
+        Ok(Duration::from_micros(self.load(self.root + ROOT_EPOCH_US)?.max(1)))
+    }
+
     fn is_failed(&self, epoch: u64) -> bool {
         self.failed.contains(epoch)
     }
@@ -392,20 +444,34 @@ impl<D: Domain> Inner<D> {
     }
 
     /// Marks every block a bucket names as in use, then frees the rest of the chunks that
-    /// existed at opening.
+    /// existed at opening (unless asked to stop first).
     fn scan(&self) -> Result<()> {
+        let mut stopped = false;
         self.dir.for_each_segment(&self.heap, |seg| {
+            if self.stop_scan.load(Ordering::Relaxed) {
+                stopped = true;
+                return Ok(false);
+            }
             for b in 0..BUCKETS {
-                let (status, heads) = self.read_bucket_locked(seg, b)?;
-                for i in status.in_use() {
-                    if heads[i] != 0 {
-                        self.arena.mark_live(heads[i])?;
-                    }
-                }
+                seg.lock(b);
+                let marked = self.read_bucket_locked(seg, b).and_then(|(status, heads)| {
+                    status.in_use().filter(|&i| heads[i] != 0).try_for_each(|i| {
+                        self.arena.mark_live(heads[i]).map_err(|e| {
+                            MapError::Corrupt(format!(
+                                "{e} (bucket {b} of the segment at {:#x}, head {i}, {status:?}, heads {heads:x?})",
+                                seg.offset
+                            ))
+                        })
+                    })
+                });
+                seg.unlock(b);
+                marked?;
             }
             Ok(true)
         })?;
-        self.arena.finish_scan();
+        if !stopped {
+            self.arena.finish_scan();
+        }
         Ok(())
     }
 }

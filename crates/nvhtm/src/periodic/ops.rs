@@ -178,6 +178,7 @@ impl<D: Domain> Inner<D> {
         // The blocks the old status used that the new one does not, or whose head is rewritten.
         for i in status.in_use() {
             if heads[i] != 0 && (i == next.a || !next.in_use().any(|j| j == i)) {
+                self.arena.hold(heads[i])?;
                 log.retire(heads[i]);
             }
         }

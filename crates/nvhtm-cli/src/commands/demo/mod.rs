@@ -10,15 +10,17 @@ use std::time::Instant;
 use nvhtm::pool::PoolOptions;
 use nvhtm::{AutoDomain, Heap, StrictMap};
 
+pub mod periodic;
+
 use super::map::open;
 use super::CommandResult;
 use crate::format::human_size;
 
-fn key(i: u64) -> Vec<u8> {
+pub(super) fn key(i: u64) -> Vec<u8> {
     format!("key:{i:010}").into_bytes()
 }
 
-fn value(i: u64) -> [u8; 8] {
+pub(super) fn value(i: u64) -> [u8; 8] {
     (i * 2_654_435_761).to_le_bytes()
 }
 

@@ -1,0 +1,208 @@
+//! Either map, as the pool's root says: the CLI's map commands and the server work on both.
+
+use std::time::Duration;
+
+use crate::heap::Heap;
+use crate::map::{MapError, Result, MAP_MAGIC};
+use crate::periodic::{PeriodicMap, PeriodicOptions, PERIODIC_MAGIC};
+use crate::{Domain, StrictMap};
+
+/// Which map a pool holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapKind {
+    /// [`StrictMap`]: every operation durable when it returns.
+    Strict,
+    /// [`PeriodicMap`]: durable within two epochs, or at `sync`.
+    Periodic,
+}
+
+impl std::fmt::Display for MapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MapKind::Strict => "strict",
+            MapKind::Periodic => "periodic",
+        })
+    }
+}
+
+impl MapKind {
+    /// The map the heap's root holds; `None` for a heap without a root yet.
+    ///
+    /// ```
+    /// use nvhtm::any_map::MapKind;
+    /// use nvhtm::{Heap, PoolOptions, StrictMap, Volatile};
+    /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(4 << 20), Volatile)?;
+    /// assert_eq!(MapKind::of(&heap)?, None);
+    /// let map = StrictMap::open(heap)?;
+    /// assert_eq!(MapKind::of(map.heap())?, Some(MapKind::Strict));
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn of<D: Domain>(heap: &Heap<D>) -> Result<Option<MapKind>> {
+        let Some((root, size)) = heap.existing_root()? else { return Ok(None) };
+        let magic = if size >= 8 { heap.get(crate::PPtr::<u64>::new(root))? } else { 0 };
+        match magic {
+            MAP_MAGIC => Ok(Some(MapKind::Strict)),
+            PERIODIC_MAGIC => Ok(Some(MapKind::Periodic)),
+            other => Err(MapError::NotAMap(format!("the root ({size} bytes) starts with {other:#018x}"))),
+        }
+    }
+}
+
+/// The map in a pool, whichever it is.
+#[derive(Debug)]
+pub enum AnyMap<D: Domain> {
+    /// A strict map (boxed: its DRAM mirror makes it much larger than the periodic handle).
+    Strict(Box<StrictMap<D>>),
+    /// A periodic map.
+    Periodic(PeriodicMap<D>),
+}
+
+/// The shape of either map, for `stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AnyStats {
+    /// Which map.
+    pub kind: MapKind,
+    /// Live entries.
+    pub entries: u64,
+    /// Segments.
+    pub segments: u64,
+    /// Directory depth.
+    pub global_depth: u64,
+    /// Entries over capacity.
+    pub load_factor: f64,
+    /// The most entries in one bucket (periodic).
+    pub longest_bucket: Option<u64>,
+    /// The epoch length recorded in the map (periodic).
+    pub epoch_ms: Option<f64>,
+    /// The current and the last durable epoch (periodic).
+    pub epochs: Option<(u64, u64)>,
+}
+
+impl<D: Domain> AnyMap<D> {
+    /// Opens the map the heap holds; in a heap without one, creates a `new` one (a periodic
+    /// one with `periodic`'s options, which also apply when opening one).
+    ///
+    /// ```
+    /// use nvhtm::any_map::{AnyMap, MapKind};
+    /// use nvhtm::periodic::PeriodicOptions;
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(8 << 20), Volatile)?;
+    /// let map = AnyMap::open(heap, MapKind::Periodic, PeriodicOptions::manual())?;
+    /// map.upsert(b"k", b"v")?;
+    /// assert_eq!((map.kind(), map.get(b"k")?), (MapKind::Periodic, Some(b"v".to_vec())));
+    /// map.close()?;
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn open(heap: Heap<D>, new: MapKind, periodic: PeriodicOptions) -> Result<AnyMap<D>> {
+        Ok(match MapKind::of(&heap)?.unwrap_or(new) {
+            MapKind::Strict => AnyMap::Strict(Box::new(StrictMap::open(heap)?)),
+            MapKind::Periodic => AnyMap::Periodic(PeriodicMap::open(heap, periodic)?),
+        })
+    }
+
+    /// Which map this is.
+    pub fn kind(&self) -> MapKind {
+        match self {
+            AnyMap::Strict(_) => MapKind::Strict,
+            AnyMap::Periodic(_) => MapKind::Periodic,
+        }
+    }
+
+    /// The heap the map lives in.
+    pub fn heap(&self) -> &Heap<D> {
+        match self {
+            AnyMap::Strict(m) => m.heap(),
+            AnyMap::Periodic(m) => m.heap(),
+        }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            AnyMap::Strict(m) => m.get(key),
+            AnyMap::Periodic(m) => m.get(key),
+        }
+    }
+
+    /// Inserts or replaces; `true` if the key was new.
+    pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        match self {
+            AnyMap::Strict(m) => m.upsert(key, value),
+            AnyMap::Periodic(m) => m.upsert(key, value),
+        }
+    }
+
+    /// Removes `key`; whether it was present.
+    pub fn remove(&self, key: &[u8]) -> Result<bool> {
+        match self {
+            AnyMap::Strict(m) => m.remove(key),
+            AnyMap::Periodic(m) => m.remove(key),
+        }
+    }
+
+    /// Calls `visit` for every entry until it returns `false`.
+    pub fn for_each(&self, visit: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+        match self {
+            AnyMap::Strict(m) => m.for_each(visit),
+            AnyMap::Periodic(m) => m.for_each(visit),
+        }
+    }
+
+    /// Makes every completed operation durable (a no-op for the strict map: they are).
+    pub fn sync(&self) -> Result<()> {
+        match self {
+            AnyMap::Strict(_) => Ok(()),
+            AnyMap::Periodic(m) => m.sync(),
+        }
+    }
+
+    /// The map's shape.
+    pub fn stats(&self) -> Result<AnyStats> {
+        Ok(match self {
+            AnyMap::Strict(m) => {
+                let s = m.stats()?;
+                AnyStats {
+                    kind: MapKind::Strict,
+                    entries: s.entries,
+                    segments: s.segments,
+                    global_depth: s.global_depth,
+                    load_factor: s.load_factor,
+                    longest_bucket: None,
+                    epoch_ms: None,
+                    epochs: None,
+                }
+            }
+            AnyMap::Periodic(m) => {
+                let s = m.stats()?;
+                AnyStats {
+                    kind: MapKind::Periodic,
+                    entries: s.entries,
+                    segments: s.segments,
+                    global_depth: s.global_depth,
+                    load_factor: s.load_factor,
+                    longest_bucket: Some(s.longest_bucket),
+                    epoch_ms: Some(m.stored_epoch()?.as_secs_f64() * 1000.0),
+                    epochs: Some((s.epoch, s.durable)),
+                }
+            }
+        })
+    }
+
+    /// Closes the map (the periodic one syncs first), its heap and pool.
+    pub fn close(self) -> Result<()> {
+        match self {
+            AnyMap::Strict(m) => m.close(),
+            AnyMap::Periodic(m) => m.close(),
+        }
+    }
+}
+
+/// How long a periodic map's epochs last, from milliseconds (at least 1 µs).
+///
+/// ```
+/// assert_eq!(nvhtm::any_map::epoch_from_ms(2.5).as_micros(), 2500);
+/// ```
+pub fn epoch_from_ms(ms: f64) -> Duration {
+    Duration::from_secs_f64((ms / 1000.0).max(1e-6))
+}
