@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Barrier;
 use std::time::Instant;
 
+use nvhtm::periodic::{PeriodicMap, PeriodicOptions};
 use nvhtm::persist::{global_stats, thread_stats, Domain, PersistStats};
 use nvhtm::pool::PoolOptions;
 use nvhtm::{Cpu, Heap, StrictMap, TypedMap, Volatile};
@@ -48,6 +49,7 @@ const THETA: f64 = 0.99;
 const HASHBROWN: &str = "hashbrown";
 const VOLATILE: &str = "nvhtm (volatile)";
 const CPU: &str = "nvhtm (cpu)";
+const PERIODIC: &str = "nvhtm periodic (cpu)";
 
 /// Key and value sizes measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -365,6 +367,37 @@ fn nvhtm_blob<D: Domain>(
     Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
 }
 
+/// The periodic map with its default 10 ms epochs (a persister thread writes back what each
+/// epoch dirtied: its flushes are counted), 8-byte keys and values as bytes.
+fn periodic_small(heap: Heap<Cpu>, w: &Workload<u64>, threads: usize) -> Result<EngineRun, String> {
+    let map = PeriodicMap::open(heap, PeriodicOptions::default()).map_err(|e| e.to_string())?;
+    let insert = writes(w, threads, &|&k: &u64| {
+        assert!(map.insert(&k.to_le_bytes(), &(k ^ V1).to_le_bytes()).expect("insert"))
+    });
+    let gets = lookups(w, threads, &|k: &u64| map.get_with(&k.to_le_bytes(), |v| u64::from(v[0])).expect("get"));
+    let update = writes(w, threads, &|&k: &u64| {
+        assert!(!map.upsert(&k.to_le_bytes(), &(k ^ V2).to_le_bytes()).expect("update"))
+    });
+    let delete = writes(w, threads, &|k: &u64| assert!(map.remove(&k.to_le_bytes()).expect("delete")));
+    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
+}
+
+/// The periodic map, 16-byte keys and 100-byte values.
+fn periodic_blob(
+    heap: Heap<Cpu>,
+    w: &Workload<[u8; 16]>,
+    threads: usize,
+    value: &[u8],
+    updated: &[u8],
+) -> Result<EngineRun, String> {
+    let map = PeriodicMap::open(heap, PeriodicOptions::default()).map_err(|e| e.to_string())?;
+    let insert = writes(w, threads, &|k: &[u8; 16]| assert!(map.insert(k, value).expect("insert")));
+    let gets = lookups(w, threads, &|k: &[u8; 16]| map.get_with(k, |v| u64::from(v[0])).expect("get"));
+    let update = writes(w, threads, &|k: &[u8; 16]| assert!(!map.upsert(k, updated).expect("update")));
+    let delete = writes(w, threads, &|k: &[u8; 16]| assert!(map.remove(k).expect("delete")));
+    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
+}
+
 /// One measured figure of `bench map` (the median of the rounds).
 #[derive(Debug, Serialize)]
 struct MapResult {
@@ -382,8 +415,10 @@ struct MapResult {
     ratio_to_hashbrown: f64,
     baseline_threads: usize,
     /// Over the same map on the `Volatile` domain (same keys, threads and operation); absent
-    /// for hashbrown.
+    /// for hashbrown and the periodic map.
     ratio_to_volatile: Option<f64>,
+    /// The periodic map over the strict map on the same domain (`cpu`).
+    ratio_to_strict: Option<f64>,
     lines_flushed_per_op: f64,
     fences_per_op: f64,
     /// Rust-heap allocations inside the timed loops, summed over the rounds (every loop runs
@@ -482,6 +517,14 @@ fn measure_shape(args: &MapArgs, shape: Shape, n: usize) -> Result<Runs, Box<dyn
                 }?;
                 runs.entry((engine, threads)).or_default().push(run);
             }
+            let scratch = Scratch::new(args.pmem_dir, "map");
+            let heap = Heap::<Cpu>::create(&scratch.0, &heap_options())?;
+            let run = match (&small, &blob) {
+                (Some(w), _) => periodic_small(heap, w, threads),
+                (_, Some(w)) => periodic_blob(heap, w, threads, &value, &updated),
+                _ => unreachable!(),
+            }?;
+            runs.entry((PERIODIC, threads)).or_default().push(run);
             eprintln!(
                 "  {n} keys, {:?}, round {}/{}, {threads} thread(s): {:.1} s",
                 shape.sizes(),
@@ -510,7 +553,7 @@ fn rows(shape: Shape, n: usize, runs: &Runs) -> Vec<MapResult> {
     };
     let (key_bytes, value_bytes) = shape.sizes();
     let mut out = Vec::new();
-    for engine in [HASHBROWN, VOLATILE, CPU] {
+    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC] {
         let thread_counts: Vec<usize> = runs.keys().filter(|k| k.0 == engine).map(|k| k.1).collect();
         for threads in thread_counts {
             for (op, name) in OPS.iter().enumerate() {
@@ -521,8 +564,10 @@ fn rows(shape: Shape, n: usize, runs: &Runs) -> Vec<MapResult> {
                     Some(b) => (b.0.mops(), threads),
                     None => (median(HASHBROWN, 1, op).map_or(f64::NAN, |b| b.0.mops()), 1),
                 };
-                let ratio_to_volatile = (engine != HASHBROWN)
+                let ratio_to_volatile = (engine == VOLATILE || engine == CPU)
                     .then(|| median(VOLATILE, threads, op).map_or(f64::NAN, |v| m.mops() / v.0.mops()));
+                let ratio_to_strict = (engine == PERIODIC)
+                    .then(|| median(CPU, threads, op).map_or(f64::NAN, |v| m.mops() / v.0.mops()));
                 out.push(MapResult {
                     keys: n as u64,
                     key_bytes,
@@ -535,6 +580,7 @@ fn rows(shape: Shape, n: usize, runs: &Runs) -> Vec<MapResult> {
                     ratio_to_hashbrown: m.mops() / base,
                     baseline_threads,
                     ratio_to_volatile,
+                    ratio_to_strict,
                     lines_flushed_per_op: m.stats.lines_flushed as f64 / m.ops as f64,
                     fences_per_op: m.stats.fences as f64 / m.ops as f64,
                     allocations_in_timed_loop: allocations,
@@ -557,6 +603,7 @@ fn print_rows(rows: &[MapResult]) {
             "x hashbrown",
             "(hb thr)",
             "x volatile",
+            "x strict",
             "lines/op",
             "fences/op",
             "allocs/op",
@@ -570,13 +617,14 @@ fn print_rows(rows: &[MapResult]) {
                 format!("{:.3}", r.ratio_to_hashbrown),
                 r.baseline_threads.to_string(),
                 r.ratio_to_volatile.map_or("-".to_string(), |x| format!("{x:.2}")),
+                r.ratio_to_strict.map_or("-".to_string(), |x| format!("{x:.2}")),
                 format!("{:.2}", r.lines_flushed_per_op),
                 format!("{:.2}", r.fences_per_op),
                 format!("{:.2}", r.allocations_in_timed_loop as f64 / (r.keys * r.rounds as u64) as f64),
             ]
         }),
     );
-    for engine in [HASHBROWN, VOLATILE, CPU] {
+    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC] {
         let allocations: u64 =
             rows.iter().filter(|r| r.engine == engine).map(|r| r.allocations_in_timed_loop).sum();
         println!("allocations in timed loops, {engine}: {allocations}");
