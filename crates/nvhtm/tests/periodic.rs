@@ -30,7 +30,8 @@ fn key(i: u64) -> Vec<u8> {
 #[test]
 fn compare_and_swap_is_linearizable_under_contention() {
     let dir = shm();
-    let map = PeriodicMap::open(Heap::<Cpu>::create(dir.path().join("p"), &opts()).unwrap(), threaded()).unwrap();
+    let map =
+        PeriodicMap::open(Heap::<Cpu>::create(dir.path().join("p"), &opts()).unwrap(), threaded()).unwrap();
     map.upsert(b"counter", &0u64.to_le_bytes()).unwrap();
     let per_thread = 2000u64;
     std::thread::scope(|s| {
@@ -117,7 +118,8 @@ fn writers_readers_and_the_background_scan_leave_a_consistent_map() {
         }
     });
     map.close().unwrap();
-    let mut map = PeriodicMap::open(Heap::<Cpu>::open(&path, &opts()).unwrap(), PeriodicOptions::manual()).unwrap();
+    let mut map =
+        PeriodicMap::open(Heap::<Cpu>::open(&path, &opts()).unwrap(), PeriodicOptions::manual()).unwrap();
     map.wait_for_scan().unwrap();
     let found: BTreeMap<_, _> = map.entries().unwrap().into_iter().collect();
     assert_eq!(found, model(9000));
@@ -144,7 +146,8 @@ fn a_crash_keeps_a_prefix_through_the_last_sync_and_the_map_works_on() {
     let crashed = dir.path().join("crashed");
     std::fs::copy(&path, &crashed).unwrap();
     drop(map);
-    let map = PeriodicMap::open(Heap::<Cpu>::open(&crashed, &opts()).unwrap(), PeriodicOptions::manual()).unwrap();
+    let map =
+        PeriodicMap::open(Heap::<Cpu>::open(&crashed, &opts()).unwrap(), PeriodicOptions::manual()).unwrap();
     let recovery = map.recovery();
     let (first, last) = recovery.failed.expect("an unclean open records failed epochs");
     assert!(first == recovery.durable + 1 && last < recovery.base, "{recovery:?}");
@@ -169,7 +172,8 @@ fn each_map_refuses_the_other_ones_pool() {
     let dir = shm();
     let strict = dir.path().join("strict");
     nvhtm::StrictMap::open(Heap::<Cpu>::create(&strict, &opts()).unwrap()).unwrap().close().unwrap();
-    let e = PeriodicMap::open(Heap::<Cpu>::open(&strict, &opts()).unwrap(), PeriodicOptions::manual()).unwrap_err();
+    let e = PeriodicMap::open(Heap::<Cpu>::open(&strict, &opts()).unwrap(), PeriodicOptions::manual())
+        .unwrap_err();
     assert!(e.to_string().contains("holds no nvhtm map"), "{e}");
     let periodic = dir.path().join("periodic");
     PeriodicMap::open(Heap::<Cpu>::create(&periodic, &opts()).unwrap(), PeriodicOptions::manual())

@@ -374,7 +374,8 @@ fn periodic_small(heap: Heap<Cpu>, w: &Workload<u64>, threads: usize) -> Result<
     let insert = writes(w, threads, &|&k: &u64| {
         assert!(map.insert(&k.to_le_bytes(), &(k ^ V1).to_le_bytes()).expect("insert"))
     });
-    let gets = lookups(w, threads, &|k: &u64| map.get_with(&k.to_le_bytes(), |v| u64::from(v[0])).expect("get"));
+    let gets =
+        lookups(w, threads, &|k: &u64| map.get_with(&k.to_le_bytes(), |v| u64::from(v[0])).expect("get"));
     let update = writes(w, threads, &|&k: &u64| {
         assert!(!map.upsert(&k.to_le_bytes(), &(k ^ V2).to_le_bytes()).expect("update"))
     });

@@ -117,9 +117,16 @@ impl<D: Domain> Inner<D> {
     ) -> Result<R> {
         let hash = self.hash(key);
         let b = hash.bucket();
-        let guard = self.epochs.enter();
         loop {
+            let guard = self.epochs.enter();
             let (seg, status, heads) = self.lock_owner(hash)?;
+            if status.epoch > guard.epoch() {
+                // A writer of the next epoch (the persister moved on while this one waited)
+                // got here first: writing in this epoch would order this write before it after
+                // a crash. Leave the epoch and run in the current one.
+                seg.unlock(b);
+                continue;
+            }
             let outcome: Result<Option<R>> = (|| {
                 let mut entries = self.bucket_entries(seg, status, heads)?;
                 let at = entries.iter().position(|(k, _)| k == key);

@@ -106,6 +106,10 @@ impl<'m, D: Domain> Transaction<'m, D> {
                     continue;
                 }
                 let (status, heads) = inner.read_bucket_locked(seg, b)?;
+                if status.epoch > guard.epoch() {
+                    // A writer of the next epoch got here first: commit in the current one.
+                    return Ok(Commit::Retry);
+                }
                 let mut entries: Entries = inner.bucket_entries(seg, status, heads)?;
                 for &(k, v) in writes {
                     let at = entries.iter().position(|(ek, _)| ek == k);
