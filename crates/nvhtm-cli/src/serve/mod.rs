@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod connection;
+pub mod db;
+pub mod expire;
 pub mod keys;
 pub mod resp;
 pub mod server;
@@ -214,8 +216,8 @@ pub struct Client {
 /// The server's state, shared by every connection.
 #[derive(Debug)]
 pub struct Shared {
-    /// The keyspace.
-    pub map: StrictMap<AutoDomain>,
+    /// The keyspace: the map, WATCH's versions, the expiry index.
+    pub db: db::Db,
     /// The keyspace gate: single-key commands share it, multi-key writes (MSET, MSETNX, DEL of
     /// several keys, FLUSHDB) hold it alone, so no client sees such a command half done. In
     /// FAMS mode the exclusive holders also hold the pool's writer gate, so no sync commits
@@ -336,7 +338,7 @@ impl Shared {
         let domain = if fams { "fams".to_string() } else { info.domain.to_string() };
         let limits = Limits { max_bulk: config.proto_max_bulk_len, ..Limits::default() };
         Ok(Shared {
-            map,
+            db: db::Db::new(map),
             keyspace: RwLock::new(()),
             live: Live::new(&config),
             config,
@@ -386,7 +388,7 @@ impl Shared {
         if let Some(why) = self.poisoned.get() {
             return Err(why.clone());
         }
-        match self.map.heap().pool().sync() {
+        match self.db.map.heap().pool().sync() {
             Ok(()) => {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
                 self.last_save.store(unix_now(), Ordering::Relaxed);
@@ -410,7 +412,7 @@ impl Shared {
 
 /// Every command, by group.
 fn lookup(name: &[u8]) -> Option<&'static Spec> {
-    [connection::COMMANDS, strings::COMMANDS, keys::COMMANDS, server::COMMANDS]
+    [connection::COMMANDS, strings::COMMANDS, keys::COMMANDS, expire::COMMANDS, server::COMMANDS]
         .into_iter()
         .flatten()
         .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
@@ -418,7 +420,11 @@ fn lookup(name: &[u8]) -> Option<&'static Spec> {
 
 /// How many commands the server knows (COMMAND COUNT).
 pub fn command_count() -> usize {
-    connection::COMMANDS.len() + strings::COMMANDS.len() + keys::COMMANDS.len() + server::COMMANDS.len()
+    connection::COMMANDS.len()
+        + strings::COMMANDS.len()
+        + keys::COMMANDS.len()
+        + expire::COMMANDS.len()
+        + server::COMMANDS.len()
 }
 
 /// Redis's text for an unknown command: the name and the start of its arguments, quoted.
@@ -479,7 +485,7 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         ctx.client.touched = true;
     }
     // Group commit: counted inside the writer gate, so a commit covers every write it counts.
-    let pool = ctx.shared.map.heap().pool();
+    let pool = ctx.shared.db.map.heap().pool();
     let _counted = match &ctx.shared.group {
         Some(group) if spec.write => {
             let writer = pool.enter_writer();
@@ -498,7 +504,7 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         let shared = ctx.shared;
         let _keyspace = shared.keyspace_alone();
         // FAMS: no sync between the keys of one command (re-entered by each map write).
-        let _writer = shared.map.heap().pool().enter_writer();
+        let _writer = shared.db.map.heap().pool().enter_writer();
         (spec.run)(ctx, args)
     } else {
         let _keyspace = ctx.shared.keyspace_shared();
@@ -562,7 +568,7 @@ pub fn serve(options: Options) -> CommandResult {
     // between awaits, so none is cut in the middle) and waits for blocking syncs.
     drop(runtime);
     let shared = Arc::into_inner(shared).ok_or("a connection outlived the server")?;
-    let closed = shared.map.close();
+    let closed = shared.db.map.close();
     served?;
     match closed {
         Ok(()) => {

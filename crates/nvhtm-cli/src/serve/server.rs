@@ -31,6 +31,7 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
         tokio::spawn(committer(Arc::clone(&shared)));
     }
     tokio::spawn(background_saver(Arc::clone(&shared)));
+    tokio::spawn(super::expire::sweeper(Arc::clone(&shared)));
     tracing::info!(
         mode = shared.mode.name(),
         pool = %options.pool.display(),
@@ -231,9 +232,10 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
             line("rejected_connections", &shared.rejected_connections.load(Ordering::Relaxed));
         }
         "keyspace" => {
-            let keys = shared.map.len()?;
+            let keys = shared.db.len()?;
             if keys > 0 {
-                line("db0", &format!("keys={keys},expires=0,avg_ttl=0"));
+                // `expires`: the keys in the expiry index, an upper bound (see `Db::timers`).
+                line("db0", &format!("keys={keys},expires={},avg_ttl=0", shared.db.timers()));
             }
         }
         _ => {}

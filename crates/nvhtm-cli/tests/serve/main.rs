@@ -1,5 +1,8 @@
 //! `nvhtm serve` end to end: the built binary is started on a free port in a temporary
-//! directory and spoken to in raw RESP over TCP.
+//! directory and spoken to in raw RESP over TCP. This file holds the harness and the tests of
+//! connections, strings, keys, the server commands, limits and crashes; the modules, the rest.
+
+mod expiry;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,372 @@
+//! The keyspace as the commands see it: the map's values decoded into a value and its time
+//! to live, expired keys treated as absent, a version per key stripe for WATCH, and the index
+//! of deadlines the active expiry sweep works from.
+//!
+//! # How a time to live is stored
+//!
+//! A key with a time to live is stored with a 16-byte header in front of its value, in the
+//! same map entry, so that the value and its deadline are written by one map operation
+//! (durable together in strict mode, never split by a FAMS sync):
+//!
+//! ```text
+//! +0  MAGIC        8 bytes: F5 'n' 'v' 'x' F6 E7 00 01 (the last byte is the header's version)
+//! +8  deadline     u64, little-endian: Unix time in milliseconds; 0: no deadline
+//! +16 the value
+//! ```
+//!
+//! A key without one is stored as its bare value, as every earlier version stored every key,
+//! so pools written before expiry read unchanged. A bare value that itself begins with MAGIC
+//! is stored with a header whose deadline is 0, so what this version writes always decodes
+//! to what was written. The one ambiguity left: a value written by an earlier version (or by
+//! `nvhtm load`) that begins with these 8 bytes, at least 16 long, is read as a header. The
+//! bytes are chosen to make that unlikely for text (F5, F6 and E7 00 never occur in UTF-8)
+//! and random binary data (2^-64), not impossible for data crafted to match.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nvhtm::{AutoDomain, MapError, StrictMap};
+
+use super::CmdError;
+
+/// The first bytes of a value stored with a header.
+pub const MAGIC: [u8; 8] = [0xF5, b'n', b'v', b'x', 0xF6, 0xE7, 0x00, 0x01];
+
+/// The header's length: MAGIC and the deadline.
+pub const HEADER: usize = 16;
+
+/// Stripes of WATCH versions (a power of two).
+const STRIPES: usize = 1 << 14;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stored value split into the value and its deadline (Unix ms), if any.
+pub fn decode(raw: &[u8]) -> (&[u8], Option<u64>) {
+    if raw.len() >= HEADER && raw[..8] == MAGIC {
+        let deadline = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+        (&raw[HEADER..], (deadline != 0).then_some(deadline))
+    } else {
+        (raw, None)
+    }
+}
+
+/// The stored form of `value` with `deadline`: the bare value when it has none and does not
+/// begin with MAGIC (no copy).
+pub fn encode(value: &[u8], deadline: Option<u64>) -> Cow<'_, [u8]> {
+    if deadline.is_none() && !value.starts_with(&MAGIC) {
+        return Cow::Borrowed(value);
+    }
+    let mut stored = Vec::with_capacity(HEADER + value.len());
+    stored.extend_from_slice(&MAGIC);
+    stored.extend_from_slice(&deadline.unwrap_or(0).to_le_bytes());
+    stored.extend_from_slice(value);
+    Cow::Owned(stored)
+}
+
+/// Whether a deadline has passed at `now`.
+pub fn expired(deadline: Option<u64>, now: u64) -> bool {
+    deadline.is_some_and(|at| at <= now)
+}
+
+/// A live key's value and deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// The value.
+    pub value: &'a [u8],
+    /// When it expires (Unix ms), if it does.
+    pub deadline: Option<u64>,
+}
+
+/// What a read-modify-write does to its key.
+#[derive(Debug)]
+pub enum Change {
+    /// Nothing.
+    Keep,
+    /// Removes it.
+    Delete,
+    /// Sets this value with this deadline (pass the entry's own to keep its time to live).
+    Set(Vec<u8>, Option<u64>),
+}
+
+/// Keys with a deadline, by deadline: what the active sweep deletes when it comes. A hint,
+/// never the truth: every deadline is checked against the stored value before a key is
+/// deleted, and an entry may outlive its key's deadline being removed or moved (it is then
+/// dropped or moved when it comes due). Rebuilt from the pool after a start.
+#[derive(Debug, Default)]
+struct Timers {
+    by_key: HashMap<Vec<u8>, u64>,
+    by_time: BTreeSet<(u64, Vec<u8>)>,
+}
+
+/// The keyspace: the map and what the server keeps beside it in memory.
+#[derive(Debug)]
+pub struct Db {
+    /// The map, with stored (encoded) values.
+    pub map: StrictMap<AutoDomain>,
+    /// A version per stripe of keys, bumped after every write to a key of the stripe.
+    versions: Box<[AtomicU64]>,
+    /// Bumped by FLUSHDB and FLUSHALL, which change every key.
+    flushes: AtomicU64,
+    timers: Mutex<Timers>,
+}
+
+/// What WATCH remembers of a key: the versions it must still have at EXEC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The key.
+    pub key: Vec<u8>,
+    stripe: u64,
+    flushes: u64,
+    /// The deadline the key had when watched: once it passes, the key has changed (expired).
+    deadline: Option<u64>,
+}
+
+impl Db {
+    /// The keyspace over `map`.
+    pub fn new(map: StrictMap<AutoDomain>) -> Db {
+        Db {
+            map,
+            versions: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            flushes: AtomicU64::new(0),
+            timers: Mutex::new(Timers::default()),
+        }
+    }
+
+    fn stripe(&self, key: &[u8]) -> &AtomicU64 {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        &self.versions[hash as usize & (STRIPES - 1)]
+    }
+
+    /// Marks `key` as changed (WATCH). Called after the write.
+    pub fn touch(&self, key: &[u8]) {
+        self.stripe(key).fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// What WATCH records of `key` now.
+    pub fn watch(&self, key: &[u8]) -> Result<Watched, CmdError> {
+        // Read the versions first: a write that lands after them changes them.
+        let stripe = self.stripe(key).load(Ordering::SeqCst);
+        let flushes = self.flushes.load(Ordering::SeqCst);
+        let deadline = self.get_with(key, |entry| entry.deadline)?.flatten();
+        Ok(Watched { key: key.to_vec(), stripe, flushes, deadline })
+    }
+
+    /// Whether `watched` changed since it was recorded: written (or a key sharing its stripe
+    /// was: a rare false alarm, which aborts a transaction Redis would run), flushed, or
+    /// expired.
+    pub fn changed(&self, watched: &Watched) -> bool {
+        self.stripe(&watched.key).load(Ordering::SeqCst) != watched.stripe
+            || self.flushes.load(Ordering::SeqCst) != watched.flushes
+            || expired(watched.deadline, now_ms())
+    }
+
+    /// Calls `read` with the live value of `key`; `None` when absent or expired.
+    pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(Entry<'_>) -> R) -> Result<Option<R>, CmdError> {
+        let now = now_ms();
+        let found = self.map.get_with(key, |raw| {
+            let (value, deadline) = decode(raw);
+            (!expired(deadline, now)).then(|| read(Entry { value, deadline }))
+        })?;
+        Ok(found.flatten())
+    }
+
+    /// The live value of `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CmdError> {
+        self.get_with(key, |entry| entry.value.to_vec())
+    }
+
+    /// Whether `key` is live.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, CmdError> {
+        Ok(self.get_with(key, |_| ())?.is_some())
+    }
+
+    /// Sets `key` to `value` with `deadline` (none: no time to live).
+    pub fn set(&self, key: &[u8], value: &[u8], deadline: Option<u64>) -> Result<(), CmdError> {
+        self.map.upsert(key, &encode(value, deadline))?;
+        self.touch(key);
+        self.schedule(key, deadline);
+        Ok(())
+    }
+
+    /// Atomically applies `f` to the live entry of `key` (`None`: absent or expired): `f` says
+    /// what to change and what to answer, and is called again with what another client wrote
+    /// meanwhile when the swap finds it. An error from `f` changes nothing.
+    ///
+    /// A compare-and-swap loop on the map rather than a lock of the server's: the swap holds
+    /// the key's segment lock, the very lock every other write to the key takes, so the update
+    /// is atomic against all of them; no lock is held while the new value is computed; and a
+    /// failed swap means another write succeeded, so the loop is lock-free. Each swap is one
+    /// map operation: durable when it returns in strict mode, never split by a FAMS sync.
+    pub fn update<R>(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(Option<Entry<'_>>) -> Result<(Change, R), CmdError>,
+    ) -> Result<R, CmdError> {
+        let mut raw = self.map.get(key)?;
+        loop {
+            let now = now_ms();
+            let entry = raw
+                .as_deref()
+                .map(decode)
+                .and_then(|(value, deadline)| (!expired(deadline, now)).then_some(Entry { value, deadline }));
+            let (change, answer) = f(entry)?;
+            let (stored, deadline) = match &change {
+                // An expired key is left to the sweep: it reads as absent already.
+                Change::Keep => return Ok(answer),
+                Change::Delete if entry.is_none() => return Ok(answer),
+                Change::Delete => (None, None),
+                Change::Set(value, deadline) => (Some(encode(value, *deadline)), *deadline),
+            };
+            match self.map.compare_and_swap(key, raw.as_deref(), stored.as_deref())? {
+                Ok(()) => {
+                    self.touch(key);
+                    self.schedule(key, deadline);
+                    return Ok(answer);
+                }
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    /// Removes `key`: whether it was live.
+    pub fn remove(&self, key: &[u8]) -> Result<bool, CmdError> {
+        self.update(key, |entry| Ok((Change::Delete, entry.is_some())))
+    }
+
+    /// Calls `visit(key, entry)` for every live key until it returns `false` (the map's
+    /// `for_each`: weakly consistent with concurrent writers).
+    pub fn for_each(&self, mut visit: impl FnMut(&[u8], Entry<'_>) -> bool) -> Result<(), CmdError> {
+        let now = now_ms();
+        self.map.for_each(|key, raw| {
+            let (value, deadline) = decode(raw);
+            expired(deadline, now) || visit(key, Entry { value, deadline })
+        })?;
+        Ok(())
+    }
+
+    /// Removes every key.
+    pub fn clear(&self) -> Result<(), CmdError> {
+        self.map.clear()?;
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        *self.timers.lock().unwrap_or_else(|e| e.into_inner()) = Timers::default();
+        Ok(())
+    }
+
+    /// Keys in the map, expired ones not yet swept included (as Redis's DBSIZE counts them).
+    pub fn len(&self) -> Result<u64, MapError> {
+        self.map.len()
+    }
+
+    /// Enters `key`'s deadline in the sweep's index (none: nothing to do; a stale entry is
+    /// checked when it comes due).
+    pub fn schedule(&self, key: &[u8], deadline: Option<u64>) {
+        let Some(at) = deadline else { return };
+        let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        let timers = &mut *timers;
+        if let Some(old) = timers.by_key.insert(key.to_vec(), at) {
+            timers.by_time.remove(&(old, key.to_vec()));
+        }
+        timers.by_time.insert((at, key.to_vec()));
+    }
+
+    /// Keys with a deadline in the index (an upper bound of the keys with a time to live: an
+    /// entry whose deadline was removed stays until it comes due).
+    pub fn timers(&self) -> usize {
+        self.timers.lock().unwrap_or_else(|e| e.into_inner()).by_key.len()
+    }
+
+    /// Takes up to `limit` index entries due at `now`, earliest first.
+    fn due(&self, now: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
+        let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            match timers.by_time.first() {
+                Some((at, _)) if *at <= now => {}
+                _ => break,
+            }
+            let (at, key) = timers.by_time.pop_first().expect("checked");
+            timers.by_key.remove(&key);
+            taken.push((at, key));
+        }
+        taken
+    }
+
+    /// One round of the active expiry sweep: deletes up to `limit` keys whose deadline has
+    /// passed; how many it deleted. Each deletion is a compare-and-swap of the expired value
+    /// it read, so a key written meanwhile is left alone (and a later deadline re-entered).
+    pub fn sweep(&self, limit: usize) -> Result<usize, CmdError> {
+        let now = now_ms();
+        let mut deleted = 0;
+        for (_, key) in self.due(now, limit) {
+            let Some(raw) = self.map.get(&key)? else { continue };
+            match decode(&raw).1 {
+                Some(at) if at <= now => {
+                    if self.map.compare_and_swap(&key, Some(&raw), None)?.is_ok() {
+                        // An expired watched key has changed, as in Redis.
+                        self.touch(&key);
+                        deleted += 1;
+                    } else {
+                        // Written meanwhile: its write entered any new deadline.
+                    }
+                }
+                later => self.schedule(&key, later),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Enters the deadline of every key in the pool in the sweep's index (after a start:
+    /// the index lives in memory); how many keys have one.
+    pub fn index_deadlines(&self) -> Result<usize, CmdError> {
+        let mut found = Vec::new();
+        self.map.for_each(|key, raw| {
+            if let (_, Some(at)) = decode(raw) {
+                found.push((key.to_vec(), at));
+            }
+            true
+        })?;
+        for (key, at) in &found {
+            self.schedule(key, Some(*at));
+        }
+        Ok(found.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_and_bare_values_read_as_before() {
+        for value in [&b""[..], b"plain", &MAGIC, &[&MAGIC[..], b"01234567rest"].concat()] {
+            for deadline in [None, Some(1), Some(u64::MAX)] {
+                let stored = encode(value, deadline);
+                assert_eq!(decode(&stored), (value, deadline), "{value:?} {deadline:?}");
+            }
+        }
+        // What an earlier version stored: the bare value, no copy.
+        assert!(matches!(encode(b"plain", None), Cow::Borrowed(_)));
+        assert_eq!(
+            decode(b"an old value, long enough to hold a header"),
+            (&b"an old value, long enough to hold a header"[..], None)
+        );
+        let mut stored = MAGIC.to_vec();
+        stored.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
+        stored.extend_from_slice(b"v");
+        assert_eq!(decode(&stored), (&b"v"[..], Some(1_700_000_000_000)), "the documented layout");
+    }
+
+    #[test]
+    fn a_deadline_at_now_has_passed() {
+        assert!(expired(Some(10), 10));
+        assert!(!expired(Some(11), 10));
+        assert!(!expired(None, u64::MAX));
+    }
+}
