@@ -160,7 +160,8 @@ impl Db {
 
     /// Whether `watched` changed since it was recorded: written (or a key sharing its stripe
     /// was: a rare false alarm, which aborts a transaction Redis would run), flushed, or
-    /// expired.
+    /// expired (its deadline, when it was live at WATCH, has passed; a key already expired
+    /// then reads as absent throughout, and its deletion by the sweep is no change).
     pub fn changed(&self, watched: &Watched) -> bool {
         self.stripe(&watched.key).load(Ordering::SeqCst) != watched.stripe
             || self.flushes.load(Ordering::SeqCst) != watched.flushes
@@ -308,12 +309,11 @@ impl Db {
             let Some(raw) = self.map.get(&key)? else { continue };
             match decode(&raw).1 {
                 Some(at) if at <= now => {
+                    // Not a change for WATCH: the key read as absent from its deadline on, and a
+                    // watcher that saw it live notices the deadline pass (`changed`). A key
+                    // written meanwhile fails the swap; its write entered any new deadline.
                     if self.map.compare_and_swap(&key, Some(&raw), None)?.is_ok() {
-                        // An expired watched key has changed, as in Redis.
-                        self.touch(&key);
                         deleted += 1;
-                    } else {
-                        // Written meanwhile: its write entered any new deadline.
                     }
                 }
                 later => self.schedule(&key, later),

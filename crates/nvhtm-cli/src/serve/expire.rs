@@ -204,12 +204,10 @@ pub async fn sweeper(shared: Arc<Shared>) {
         }
         let sweeping = Arc::clone(&shared);
         // Deletions may sync (strict mode on an ordinary file): off the async workers.
-        let swept = tokio::task::spawn_blocking(move || {
-            // Shared with single-key commands, never inside a multi-key command or an EXEC.
-            let _keyspace = sweeping.keyspace_shared();
-            sweeping.db.sweep(SWEEP_BATCH)
-        })
-        .await;
+        // No keyspace gate: a deletion changes nothing any command can see (the key already
+        // reads as absent), so it may fall inside a multi-key command or an EXEC; each is one
+        // map operation, which enters the pool's writer gate by itself.
+        let swept = tokio::task::spawn_blocking(move || sweeping.db.sweep(SWEEP_BATCH)).await;
         match swept {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => {

@@ -6,8 +6,10 @@
 //! `fams` mode once it is in the private state that the next sync commits.
 //!
 //! Modules, one per command group: [`connection`] (the per-client task and PING, HELLO,
-//! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`server`]
-//! (INFO, CONFIG, SAVE, SHUTDOWN...), and [`resp`] (the protocol).
+//! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`expire`]
+//! (EXPIRE, TTL... and the expiry sweep), [`transactions`] (MULTI, EXEC, WATCH...),
+//! [`server`] (INFO, CONFIG, SAVE, SHUTDOWN...); [`db`] (the keyspace over the map: stored
+//! values with their time to live, WATCH's versions) and [`resp`] (the protocol).
 
 pub mod config;
 pub mod connection;
@@ -17,6 +19,7 @@ pub mod keys;
 pub mod resp;
 pub mod server;
 pub mod strings;
+pub mod transactions;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -211,6 +214,37 @@ pub struct Client {
     /// Whether it may run commands: it connected while no password was set, or has given it
     /// (AUTH, HELLO ... AUTH) since.
     pub authenticated: bool,
+    /// The transaction it is queueing, after MULTI.
+    pub multi: Option<transactions::Multi>,
+    /// The keys it WATCHes, with their versions then.
+    pub watched: Vec<db::Watched>,
+    /// The command it ran last (CLIENT LIST's `cmd`).
+    pub last_cmd: &'static str,
+    /// What CLIENT LIST shows of it.
+    pub entry: Arc<connection::ClientEntry>,
+}
+
+impl Client {
+    /// A newly connected client.
+    pub fn new(id: u64, addr: SocketAddr, authenticated: bool) -> Client {
+        Client {
+            id,
+            touched: false,
+            name: None,
+            addr,
+            authenticated,
+            multi: None,
+            watched: Vec::new(),
+            last_cmd: "NULL",
+            entry: Arc::new(connection::ClientEntry::new(id, addr)),
+        }
+    }
+
+    /// Names it (`None`: no name), for CLIENT GETNAME and CLIENT LIST.
+    pub fn set_name(&mut self, name: Option<Vec<u8>>) {
+        self.entry.details().name.clone_from(&name);
+        self.name = name;
+    }
 }
 
 /// The server's state, shared by every connection.
@@ -243,6 +277,8 @@ pub struct Shared {
     pub recovery: Duration,
     /// The last client id handed out.
     pub next_client_id: AtomicU64,
+    /// The clients connected now, by id (CLIENT LIST).
+    pub registry: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<connection::ClientEntry>>>,
     /// Clients connected now.
     pub clients: AtomicU64,
     /// Connections accepted since start.
@@ -350,6 +386,7 @@ impl Shared {
             keys_recovered,
             recovery,
             next_client_id: AtomicU64::new(0),
+            registry: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             clients: AtomicU64::new(0),
             connections_received: AtomicU64::new(0),
             rejected_connections: AtomicU64::new(0),
@@ -411,11 +448,18 @@ impl Shared {
 }
 
 /// Every command, by group.
-fn lookup(name: &[u8]) -> Option<&'static Spec> {
-    [connection::COMMANDS, strings::COMMANDS, keys::COMMANDS, expire::COMMANDS, server::COMMANDS]
-        .into_iter()
-        .flatten()
-        .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
+pub fn lookup(name: &[u8]) -> Option<&'static Spec> {
+    [
+        connection::COMMANDS,
+        strings::COMMANDS,
+        keys::COMMANDS,
+        expire::COMMANDS,
+        transactions::COMMANDS,
+        server::COMMANDS,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// How many commands the server knows (COMMAND COUNT).
@@ -424,6 +468,7 @@ pub fn command_count() -> usize {
         + strings::COMMANDS.len()
         + keys::COMMANDS.len()
         + expire::COMMANDS.len()
+        + transactions::COMMANDS.len()
         + server::COMMANDS.len()
 }
 
@@ -452,19 +497,37 @@ pub fn wrong_arity(name: &str) -> CmdError {
 /// Runs one request (non-empty `args`), writing its reply.
 pub fn dispatch(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Flow {
     ctx.shared.commands_processed.fetch_add(1, Ordering::Relaxed);
-    match run(ctx, args) {
+    let flow = match run(ctx, args) {
         Ok(flow) => flow,
         Err(CmdError(text)) => {
             ctx.out.error(&text);
             Flow::Continue
         }
-    }
+    };
+    let client = &*ctx.client;
+    let mut details = client.entry.details();
+    details.last_cmd = client.last_cmd;
+    details.last_active = Instant::now();
+    details.multi = client.multi.as_ref().map_or(-1, |m| m.queued.len() as i64);
+    details.watching = client.watched.len();
+    details.resp3 = ctx.out.resp3();
+    flow
 }
 
-fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+/// The `-MISCONF` error of a write refused because the pool is poisoned.
+pub fn misconf(why: &str) -> CmdError {
+    CmdError(format!(
+        "MISCONF the pool could not be made durable ({why}); writes are refused until the server restarts"
+    ))
+}
+
+/// The checks before a command runs or is queued, in Redis's order: known, arity,
+/// authenticated, allowed in a transaction, not a write to a poisoned pool.
+fn check(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Result<&'static Spec, CmdError> {
     let Some(spec) = lookup(&args[0]) else {
         return Err(unknown_command(args));
     };
+    ctx.client.last_cmd = spec.name;
     let n = args.len() as i64;
     let arity = i64::from(spec.arity);
     if (arity >= 0 && n != arity) || (arity < 0 && n < -arity) {
@@ -474,11 +537,33 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     if !ctx.client.authenticated && !spec.no_auth() && ctx.shared.live.password_set() {
         return Err("NOAUTH Authentication required.".into());
     }
+    if ctx.client.multi.is_some() && transactions::refused_inside_multi(spec) {
+        return Err("ERR Command not allowed inside a transaction".into());
+    }
     if spec.write {
         if let Some(why) = ctx.shared.poisoned.get() {
-            return Err(CmdError(format!(
-                "MISCONF the pool could not be made durable ({why}); writes are refused until the server restarts"
-            )));
+            return Err(misconf(why));
+        }
+    }
+    Ok(spec)
+}
+
+fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let spec = match check(ctx, args) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // A command refused while a transaction is queued dooms it.
+            if let Some(multi) = &mut ctx.client.multi {
+                multi.failed = true;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(multi) = &mut ctx.client.multi {
+        if !transactions::runs_inside_multi(spec) {
+            multi.queued.push(args.iter().map(|a| a.to_vec()).collect());
+            ctx.out.simple("QUEUED");
+            return Ok(Flow::Continue);
         }
     }
     if spec.access != Access::None {
@@ -600,13 +685,7 @@ mod tests {
 
     /// Runs one command; its reply's bytes.
     fn exec(shared: &Shared, args: &[&str]) -> String {
-        let mut client = Client {
-            id: 1,
-            touched: false,
-            name: None,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            authenticated: true,
-        };
+        let mut client = Client::new(1, "127.0.0.1:1".parse().unwrap(), true);
         let mut out = Out::new();
         let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Borrowed(a.as_bytes())).collect();
         let flow = dispatch(&mut Ctx { shared, client: &mut client, out: &mut out }, &args);
