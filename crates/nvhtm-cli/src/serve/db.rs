@@ -342,6 +342,74 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nvhtm::pool::PoolOptions;
+    use nvhtm::{Heap, Volatile};
+
+    fn db() -> Db {
+        let opts = PoolOptions::layout("db-test").with_size(8 << 20);
+        let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
+        Db::new(StrictMap::open(heap).unwrap())
+    }
+
+    #[test]
+    fn the_sweep_deletes_due_keys_only_and_leaves_rewritten_ones() {
+        let db = db();
+        let past = now_ms() - 1;
+        db.set(b"due", b"v", Some(past)).unwrap();
+        db.set(b"later", b"v", Some(now_ms() + 3_600_000)).unwrap();
+        db.set(b"plain", b"v", None).unwrap();
+        // Given a deadline, then rewritten without one: its index entry is stale.
+        db.set(b"rewritten", b"v", Some(past)).unwrap();
+        db.map.upsert(b"rewritten", b"w").unwrap();
+        assert_eq!(db.len().unwrap(), 4, "an expired key stays in the map until swept");
+        assert_eq!(db.get(b"due").unwrap(), None, "but reads as absent at once");
+        assert_eq!(db.sweep(100).unwrap(), 1);
+        assert_eq!(db.len().unwrap(), 3);
+        assert_eq!(db.get(b"rewritten").unwrap(), Some(b"w".to_vec()));
+        assert_eq!(db.timers(), 1, "only `later` is still indexed");
+        assert_eq!(db.sweep(100).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_from_the_stored_deadlines() {
+        let db = db();
+        db.set(b"a", b"v", Some(now_ms() - 1)).unwrap();
+        db.set(b"b", b"v", Some(now_ms() + 3_600_000)).unwrap();
+        db.set(b"c", b"v", None).unwrap();
+        // A restart: the same map, an empty index.
+        let db = Db::new(db.map);
+        assert_eq!(db.sweep(100).unwrap(), 0, "nothing indexed yet");
+        assert_eq!(db.index_deadlines().unwrap(), 2);
+        assert_eq!(db.sweep(100).unwrap(), 1);
+        assert_eq!(db.get(b"b").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(db.len().unwrap(), 2);
+    }
+
+    #[test]
+    fn watch_sees_writes_flushes_and_deadlines_but_not_reads() {
+        let db = db();
+        db.set(b"k", b"v", None).unwrap();
+        let w = db.watch(b"k").unwrap();
+        assert!(!db.changed(&w));
+        db.get(b"k").unwrap();
+        assert!(!db.changed(&w), "a read is no change");
+        db.set(b"k", b"v", None).unwrap();
+        assert!(db.changed(&w), "the same value written is a change");
+        let w = db.watch(b"k").unwrap();
+        db.update(b"k", |_| Ok((Change::Keep, ()))).unwrap();
+        assert!(!db.changed(&w), "an update that changed nothing");
+        db.clear().unwrap();
+        assert!(db.changed(&w), "a flush");
+        db.set(b"k", b"v", Some(now_ms() - 1)).unwrap();
+        let w = db.watch(b"k").unwrap();
+        assert_eq!(db.sweep(10).unwrap(), 1);
+        assert!(!db.changed(&w), "a key already expired when watched, swept since");
+        db.set(b"k", b"v", Some(now_ms() + 3_600_000)).unwrap();
+        let mut w = db.watch(b"k").unwrap();
+        assert!(!db.changed(&w));
+        w.deadline = Some(now_ms() - 1);
+        assert!(db.changed(&w), "a live key whose deadline has passed");
+    }
 
     #[test]
     fn values_round_trip_and_bare_values_read_as_before() {
