@@ -253,7 +253,8 @@ pub struct Shared {
     /// The keyspace: the map, WATCH's versions, the expiry index.
     pub db: db::Db,
     /// The keyspace gate: single-key commands share it, multi-key writes (MSET, MSETNX, DEL of
-    /// several keys, FLUSHDB) hold it alone, so no client sees such a command half done. In
+    /// several keys, FLUSHDB) and EXEC hold it alone, so no client sees such a command half
+    /// done. In
     /// FAMS mode the exclusive holders also hold the pool's writer gate, so no sync commits
     /// half of one either.
     keyspace: RwLock<()>,
