@@ -295,3 +295,31 @@ fn values_that_look_like_a_header_round_trip() {
     assert_eq!(c.cmd(&["TTL", "t"]), V::Int(-1));
     assert_eq!(c.cmd(&["STRLEN", "t"]), V::Int(tricky.len() as i64));
 }
+
+#[test]
+fn values_stored_bare_by_other_writers_read_unchanged() {
+    // `nvhtm load` stores bare values, as every version before expiry stored every key: the
+    // server reads them as keys without a time to live, and can give them one.
+    let dir = scratch();
+    let pool = dir.path().join("loaded.pool");
+    let created = Command::new(env!("CARGO_BIN_EXE_nvhtm")).arg("create").arg(&pool).output().unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let input = dir.path().join("pairs.tsv");
+    std::fs::write(&input, "short\tv\nlonger\ta value well past sixteen bytes long\nempty\t\n").unwrap();
+    let loaded =
+        Command::new(env!("CARGO_BIN_EXE_nvhtm")).arg("load").arg(&pool).arg(&input).output().unwrap();
+    assert!(loaded.status.success(), "{loaded:?}");
+    let server = Server::start(&pool, &[]);
+    let mut c = server.conn();
+    assert_eq!(
+        c.cmd(&["MGET", "short", "longer", "empty"]),
+        V::Array(vec![bulk("v"), bulk("a value well past sixteen bytes long"), bulk("")])
+    );
+    for key in ["short", "longer", "empty"] {
+        assert_eq!(c.cmd(&["TTL", key]), V::Int(-1), "{key}");
+    }
+    assert_eq!(c.cmd(&["EXPIRE", "longer", "1000"]), V::Int(1));
+    assert_eq!(c.cmd(&["GET", "longer"]), bulk("a value well past sixteen bytes long"));
+    assert_eq!(c.cmd(&["PERSIST", "longer"]), V::Int(1));
+    assert_eq!(c.cmd(&["STRLEN", "longer"]), V::Int(36));
+}
