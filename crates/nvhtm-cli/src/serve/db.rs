@@ -42,6 +42,10 @@ pub const HEADER: usize = 16;
 /// Stripes of WATCH versions (a power of two).
 const STRIPES: usize = 1 << 14;
 
+/// Shards of the deadline index, each behind its own lock (a power of two), so that
+/// connections setting TTLs on different keys rarely wait for each other.
+const TIMER_SHARDS: usize = 16;
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -114,7 +118,8 @@ pub struct Db {
     versions: Box<[AtomicU64]>,
     /// Bumped by FLUSHDB and FLUSHALL, which change every key.
     flushes: AtomicU64,
-    timers: Mutex<Timers>,
+    /// The deadline index, sharded by the key's hash.
+    timers: Box<[Mutex<Timers>]>,
 }
 
 /// What WATCH remembers of a key: the versions it must still have at EXEC.
@@ -135,13 +140,24 @@ impl Db {
             map,
             versions: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             flushes: AtomicU64::new(0),
-            timers: Mutex::new(Timers::default()),
+            timers: (0..TIMER_SHARDS).map(|_| Mutex::new(Timers::default())).collect(),
         }
     }
 
+    /// The hash that picks a key's WATCH stripe and deadline-index shard (fixed keys: the
+    /// same in every run, so tests of stripes are reproducible).
+    fn hash(key: &[u8]) -> u64 {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
+    }
+
     fn stripe(&self, key: &[u8]) -> &AtomicU64 {
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        &self.versions[hash as usize & (STRIPES - 1)]
+        &self.versions[Self::hash(key) as usize & (STRIPES - 1)]
+    }
+
+    fn timer_shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, Timers> {
+        // The shard from the hash's high bits, independent of the stripe.
+        let shard = (Self::hash(key) >> 32) as usize & (TIMER_SHARDS - 1);
+        self.timers[shard].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks `key` as changed (WATCH). Called after the write.
@@ -256,7 +272,9 @@ impl Db {
     pub fn clear(&self) -> Result<(), CmdError> {
         self.map.clear()?;
         self.flushes.fetch_add(1, Ordering::SeqCst);
-        *self.timers.lock().unwrap_or_else(|e| e.into_inner()) = Timers::default();
+        for shard in &self.timers {
+            *shard.lock().unwrap_or_else(|e| e.into_inner()) = Timers::default();
+        }
         Ok(())
     }
 
@@ -269,7 +287,7 @@ impl Db {
     /// checked when it comes due).
     pub fn schedule(&self, key: &[u8], deadline: Option<u64>) {
         let Some(at) = deadline else { return };
-        let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut timers = self.timer_shard(key);
         let timers = &mut *timers;
         if let Some(old) = timers.by_key.insert(key.to_vec(), at) {
             timers.by_time.remove(&(old, key.to_vec()));
@@ -280,21 +298,23 @@ impl Db {
     /// Keys with a deadline in the index (an upper bound of the keys with a time to live: an
     /// entry whose deadline was removed stays until it comes due).
     pub fn timers(&self) -> usize {
-        self.timers.lock().unwrap_or_else(|e| e.into_inner()).by_key.len()
+        self.timers.iter().map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).by_key.len()).sum()
     }
 
-    /// Takes up to `limit` index entries due at `now`, earliest first.
+    /// Takes up to `limit` index entries due at `now` (earliest first within each shard).
     fn due(&self, now: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
-        let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken = Vec::new();
-        while taken.len() < limit {
-            match timers.by_time.first() {
-                Some((at, _)) if *at <= now => {}
-                _ => break,
+        for shard in &self.timers {
+            let mut timers = shard.lock().unwrap_or_else(|e| e.into_inner());
+            while taken.len() < limit {
+                match timers.by_time.first() {
+                    Some((at, _)) if *at <= now => {}
+                    _ => break,
+                }
+                let (at, key) = timers.by_time.pop_first().expect("checked");
+                timers.by_key.remove(&key);
+                taken.push((at, key));
             }
-            let (at, key) = timers.by_time.pop_first().expect("checked");
-            timers.by_key.remove(&key);
-            taken.push((at, key));
         }
         taken
     }
