@@ -46,9 +46,33 @@ const STRIPES: usize = 1 << 14;
 /// connections setting TTLs on different keys rarely wait for each other.
 const TIMER_SHARDS: usize = 16;
 
-/// Milliseconds since the Unix epoch.
+thread_local! {
+    /// The time this thread's EXEC runs at (see [`frozen`]).
+    static FROZEN: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Milliseconds since the Unix epoch: the clock's, or the instant an EXEC on this thread
+/// runs at.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    FROZEN
+        .with(std::cell::Cell::get)
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+/// Runs `f` with [`now_ms`] stopped at the current instant on this thread, as Redis stops the
+/// clock for a transaction: every command of an EXEC sees the same keys expired, and relative
+/// times (EXPIRE, SET EX) count from the same instant.
+pub fn frozen<R>(f: impl FnOnce() -> R) -> R {
+    struct Thaw;
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            FROZEN.with(|frozen| frozen.set(None));
+        }
+    }
+    let now = now_ms();
+    FROZEN.with(|frozen| frozen.set(Some(now)));
+    let _thaw = Thaw;
+    f()
 }
 
 /// A stored value split into the value and its deadline (Unix ms), if any.
@@ -321,11 +345,15 @@ impl Db {
 
     /// One round of the active expiry sweep: deletes up to `limit` keys whose deadline has
     /// passed; how many it deleted. Each deletion is a compare-and-swap of the expired value
-    /// it read, so a key written meanwhile is left alone (and a later deadline re-entered).
-    pub fn sweep(&self, limit: usize) -> Result<usize, CmdError> {
+    /// it read, so a key written meanwhile is left alone (and a later deadline re-entered),
+    /// made while holding what `enter` returns (the server's gates: no deletion inside a
+    /// multi-key command or a transaction, which runs at one instant and may still see the
+    /// key live).
+    pub fn sweep<G>(&self, limit: usize, enter: impl Fn() -> G) -> Result<usize, CmdError> {
         let now = now_ms();
         let mut deleted = 0;
         for (_, key) in self.due(now, limit) {
+            let _held = enter();
             let Some(raw) = self.map.get(&key)? else { continue };
             match decode(&raw).1 {
                 Some(at) if at <= now => {
@@ -383,11 +411,11 @@ mod tests {
         db.map.upsert(b"rewritten", b"w").unwrap();
         assert_eq!(db.len().unwrap(), 4, "an expired key stays in the map until swept");
         assert_eq!(db.get(b"due").unwrap(), None, "but reads as absent at once");
-        assert_eq!(db.sweep(100).unwrap(), 1);
+        assert_eq!(db.sweep(100, || ()).unwrap(), 1);
         assert_eq!(db.len().unwrap(), 3);
         assert_eq!(db.get(b"rewritten").unwrap(), Some(b"w".to_vec()));
         assert_eq!(db.timers(), 1, "only `later` is still indexed");
-        assert_eq!(db.sweep(100).unwrap(), 0);
+        assert_eq!(db.sweep(100, || ()).unwrap(), 0);
     }
 
     #[test]
@@ -398,9 +426,9 @@ mod tests {
         db.set(b"c", b"v", None).unwrap();
         // A restart: the same map, an empty index.
         let db = Db::new(db.map);
-        assert_eq!(db.sweep(100).unwrap(), 0, "nothing indexed yet");
+        assert_eq!(db.sweep(100, || ()).unwrap(), 0, "nothing indexed yet");
         assert_eq!(db.index_deadlines().unwrap(), 2);
-        assert_eq!(db.sweep(100).unwrap(), 1);
+        assert_eq!(db.sweep(100, || ()).unwrap(), 1);
         assert_eq!(db.get(b"b").unwrap(), Some(b"v".to_vec()));
         assert_eq!(db.len().unwrap(), 2);
     }
@@ -422,7 +450,7 @@ mod tests {
         assert!(db.changed(&w), "a flush");
         db.set(b"k", b"v", Some(now_ms() - 1)).unwrap();
         let w = db.watch(b"k").unwrap();
-        assert_eq!(db.sweep(10).unwrap(), 1);
+        assert_eq!(db.sweep(10, || ()).unwrap(), 1);
         assert!(!db.changed(&w), "a key already expired when watched, swept since");
         db.set(b"k", b"v", Some(now_ms() + 3_600_000)).unwrap();
         let mut w = db.watch(b"k").unwrap();

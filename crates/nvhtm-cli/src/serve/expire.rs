@@ -204,10 +204,13 @@ pub async fn sweeper(shared: Arc<Shared>) {
         }
         let sweeping = Arc::clone(&shared);
         // Deletions may sync (strict mode on an ordinary file): off the async workers.
-        // No keyspace gate: a deletion changes nothing any command can see (the key already
-        // reads as absent), so it may fall inside a multi-key command or an EXEC; each is one
-        // map operation, which enters the pool's writer gate by itself.
-        let swept = tokio::task::spawn_blocking(move || sweeping.db.sweep(SWEEP_BATCH)).await;
+        // Each deletion holds the keyspace gate shared (never inside a multi-key command or
+        // an EXEC) and the writer gate, in the server's order, key by key: a round of slow
+        // deletions (an msync each on an ordinary file) never holds off an EXEC for long.
+        let swept = tokio::task::spawn_blocking(move || {
+            sweeping.db.sweep(SWEEP_BATCH, || sweeping.enter_both(false))
+        })
+        .await;
         match swept {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => {

@@ -247,6 +247,21 @@ impl Client {
     }
 }
 
+/// A hold on the keyspace gate, shared or alone.
+#[derive(Debug)]
+enum KeyspaceGuard<'a> {
+    Shared { _held: RwLockReadGuard<'a, ()> },
+    Alone { _held: RwLockWriteGuard<'a, ()> },
+}
+
+/// Both gates, from [`Shared::enter_both`]; released together when dropped (the keyspace
+/// gate first: fields drop in declaration order).
+#[derive(Debug)]
+pub struct Gates<'a> {
+    _keyspace: KeyspaceGuard<'a>,
+    _writer: nvhtm::pool::WriterGuard<'a>,
+}
+
 /// The server's state, shared by every connection.
 #[derive(Debug)]
 pub struct Shared {
@@ -417,6 +432,30 @@ impl Shared {
     /// The keyspace gate, alone.
     pub fn keyspace_alone(&self) -> RwLockWriteGuard<'_, ()> {
         self.keyspace.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The keyspace gate (alone, or shared) and the pool's writer gate, taken in the order
+    /// every path takes them, which differs by mode: with group commit a write enters the
+    /// writer gate before the keyspace gate (it is counted inside it); without, map writes
+    /// enter the writer gate inside the keyspace gate. A path that took them the other way
+    /// could wait for a holder of one gate that waits, behind a pending FAMS sync, for the
+    /// other (std's `RwLock` queues new readers behind a waiting writer).
+    pub fn enter_both(&self, alone: bool) -> Gates<'_> {
+        let pool = self.db.map.heap().pool();
+        let keyspace = || {
+            if alone {
+                KeyspaceGuard::Alone { _held: self.keyspace_alone() }
+            } else {
+                KeyspaceGuard::Shared { _held: self.keyspace_shared() }
+            }
+        };
+        if self.group.is_some() {
+            let writer = pool.enter_writer();
+            Gates { _keyspace: keyspace(), _writer: writer }
+        } else {
+            let keyspace = keyspace();
+            Gates { _keyspace: keyspace, _writer: pool.enter_writer() }
+        }
     }
 
     /// Makes every write so far durable (a FAMS commit; an msync of the mapping in strict

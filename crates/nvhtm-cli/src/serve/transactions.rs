@@ -10,6 +10,9 @@
 //! On a mapped pool in `strict` mode each command persists itself as it runs, and a crash in
 //! the middle of an EXEC can leave the first commands' writes without the rest.
 //!
+//! A transaction runs at one instant ([`frozen`](super::db::frozen)), as in Redis: a key that
+//! is live for its first command is live for its last.
+//!
 //! WATCH records a version of each key (see [`Db::watch`](super::db::Db::watch)); EXEC
 //! answers a null array, running nothing, if any changed since: written by any client
 //! (this one included), flushed, or expired. Versions are kept per stripe of keys, so a write
@@ -96,22 +99,17 @@ fn exec(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     if multi.failed {
         return Err("EXECABORT Transaction discarded because of previous errors.".into());
     }
+    // The keyspace gate alone: no other client's command (nor the expiry sweep) until the
+    // transaction is done. The pool's writer gate: no FAMS sync until it is done either, so
+    // the commits before and after it are the only states a crash can leave.
+    let _gates = ctx.shared.enter_both(true);
+    // One instant for the whole transaction (as in Redis): no key expires in the middle.
+    super::db::frozen(|| run_queue(ctx, &multi, &watched))
+}
+
+/// EXEC's body, inside both gates and at one instant.
+fn run_queue(ctx: &mut Ctx<'_>, multi: &Multi, watched: &[super::db::Watched]) -> CmdResult {
     let shared = ctx.shared;
-    // The keyspace gate alone: no other client's command until the transaction is done. The
-    // pool's writer gate: no FAMS sync until it is done either, so the commits before and
-    // after it are the only states a crash can leave. Taken in the order every other path
-    // takes them, or two paths could each wait for the other behind a waiting sync: with
-    // group commit a write enters the writer gate before the keyspace gate (it is counted
-    // inside), without it a write enters the writer gate inside each map operation.
-    let pool = shared.db.map.heap().pool();
-    let (_writer, _keyspace);
-    if shared.group.is_some() {
-        _writer = pool.enter_writer();
-        _keyspace = shared.keyspace_alone();
-    } else {
-        _keyspace = shared.keyspace_alone();
-        _writer = pool.enter_writer();
-    }
     if watched.iter().any(|w| shared.db.changed(w)) {
         ctx.out.null_array();
         return Ok(Flow::Continue);

@@ -380,3 +380,27 @@ fn client_list_shows_every_client() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_transaction_runs_at_one_instant() {
+    // As in Redis, the clock stops for an EXEC: a key given a 1 ms time to live by a
+    // transaction's first command is live for all of its (many) later ones.
+    let (_dir, server) = fresh();
+    let mut c = server.conn();
+    const CHECKS: usize = 50_000;
+    let mut batch = encode(&[b"MULTI"]);
+    batch.extend(encode(&[b"SET", b"k", b"v", b"PX", b"1"]));
+    for _ in 0..CHECKS {
+        batch.extend(encode(&[b"EXISTS", b"k"]));
+    }
+    batch.extend(encode(&[b"EXEC"]));
+    c.send(&batch);
+    assert_eq!(c.read(), ok());
+    for _ in 0..=CHECKS {
+        assert_eq!(c.read(), V::Simple("QUEUED".into()));
+    }
+    let V::Array(replies) = c.read() else { panic!("EXEC") };
+    assert_eq!(replies.len(), CHECKS + 1);
+    let live = replies[1..].iter().filter(|r| **r == V::Int(1)).count();
+    assert_eq!(live, CHECKS, "the key expired inside the transaction");
+}
