@@ -142,6 +142,8 @@ pub struct Db {
     versions: Box<[AtomicU64]>,
     /// Bumped by FLUSHDB and FLUSHALL, which change every key.
     flushes: AtomicU64,
+    /// Keys the sweep deleted since start (INFO's `expired_keys`).
+    expired: AtomicU64,
     /// The deadline index, sharded by the key's hash.
     timers: Box<[Mutex<Timers>]>,
 }
@@ -164,6 +166,7 @@ impl Db {
             map,
             versions: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             flushes: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             timers: (0..TIMER_SHARDS).map(|_| Mutex::new(Timers::default())).collect(),
         }
     }
@@ -319,6 +322,11 @@ impl Db {
         timers.by_time.insert((at, key.to_vec()));
     }
 
+    /// Keys the sweep deleted since start.
+    pub fn expired_keys(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
+    }
+
     /// Keys with a deadline in the index (an upper bound of the keys with a time to live: an
     /// entry whose deadline was removed stays until it comes due).
     pub fn timers(&self) -> usize {
@@ -362,6 +370,7 @@ impl Db {
                     // written meanwhile fails the swap; its write entered any new deadline.
                     if self.map.compare_and_swap(&key, Some(&raw), None)?.is_ok() {
                         deleted += 1;
+                        self.expired.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 later => self.schedule(&key, later),

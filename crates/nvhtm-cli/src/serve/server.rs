@@ -230,6 +230,8 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
             line("total_connections_received", &shared.connections_received.load(Ordering::Relaxed));
             line("total_commands_processed", &shared.commands_processed.load(Ordering::Relaxed));
             line("rejected_connections", &shared.rejected_connections.load(Ordering::Relaxed));
+            // Deleted by the sweep (a key read as absent once expired is counted when swept).
+            line("expired_keys", &shared.db.expired_keys());
         }
         "keyspace" => {
             let keys = shared.db.len()?;

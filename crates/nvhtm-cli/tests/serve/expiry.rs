@@ -236,6 +236,8 @@ fn expired_keys_read_as_absent_at_once_and_the_sweep_deletes_them_unread() {
     eventually(Duration::from_secs(60), "the sweep deleted the expired keys", || dbsize(&mut c) == 1);
     let V::Bulk(info) = c.cmd(&["INFO", "keyspace"]) else { panic!("INFO") };
     assert!(String::from_utf8(info).unwrap().contains("db0:keys=1,expires=0,"));
+    let V::Bulk(info) = c.cmd(&["INFO", "stats"]) else { panic!("INFO") };
+    assert!(String::from_utf8(info).unwrap().contains("expired_keys:200\r\n"));
     assert_eq!(c.cmd(&["GET", "stays"]), bulk("v"));
     // A watched short deadline: GET turns nil the moment it passes, before any sweep.
     assert_eq!(c.cmd(&["SET", "k", "v", "PX", "50"]), ok());
