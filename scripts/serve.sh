@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: `nvhtm serve` on a pool in /dev/shm (emulated persistent memory, strict mode),
 # written through the Redis protocol, killed with kill -9 in the middle of the writes, restarted,
-# and checked: every write it acknowledged is there. Needs only the Rust toolchain and bash (it
+# and checked: every write it acknowledged is there; then a key's time to live and a MULTI/EXEC
+# transaction across one more kill -9. Needs only the Rust toolchain and bash (it
 # talks to the server through bash's /dev/tcp; redis-cli works the same way against it).
 #
 #   ./scripts/serve.sh [ROUNDS]        (default 5 kills)
@@ -82,6 +83,28 @@ start
 exec 3<>"/dev/tcp/127.0.0.1/$port"
 ask DBSIZE
 echo "== after the last kill: ${reply#:} keys, $acked acknowledged (the one in flight may or may not be there)"
+echo "== a time to live and a transaction, then kill -9"
+ask SET session token EX 3600
+echo "  SET session token EX 3600 -> $reply"
+ask MULTI
+ask INCRBY balance:a -10
+ask INCRBY balance:b 10
+ask EXEC
+IFS= read -r a <&3
+IFS= read -r b <&3
+echo "  MULTI; INCRBY balance:a -10; INCRBY balance:b 10; EXEC -> $reply ${a%$'\r'} ${b%$'\r'}"
+kill -9 "$server"
+wait "$server" 2>/dev/null || true
+exec 3>&-
+start
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+ask TTL session
+echo "  after the restart: TTL session -> $reply"
+ask INCRBY balance:a 0
+a=$reply
+ask INCRBY balance:b 0
+echo "  balance:a $a, balance:b $reply (EXEC was answered: both durable. A crash inside an EXEC could"
+echo "  leave a prefix of it on this mapped pool; on FAMS pools it is all or nothing, see the README)"
 echo "== SHUTDOWN closes the pool cleanly"
 ask SHUTDOWN || true
 wait "$server" 2>/dev/null || true

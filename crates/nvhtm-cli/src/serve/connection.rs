@@ -27,10 +27,13 @@ pub async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: std:
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed) + 1;
     // As in Redis: a client that connects while no password is set needs none later.
     let authenticated = !shared.live.password_set();
-    let mut client = Client { id, touched: false, name: None, addr, authenticated };
+    let mut client = Client::new(id, addr, authenticated);
+    client.entry.details().fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    shared.registry.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::clone(&client.entry));
     if let Err(e) = run(&shared, &mut stream, &mut client).await {
         tracing::debug!(client = id, %addr, error = %e, "connection ended");
     }
+    shared.registry.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     shared.clients.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -241,7 +244,7 @@ fn hello(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
             .into());
     }
     if let Some(name) = name {
-        ctx.client.name = Some(name);
+        ctx.client.set_name(Some(name));
     }
     ctx.out.set_resp3(resp3);
     let out = &mut *ctx.out;
@@ -302,8 +305,10 @@ fn quit(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
 /// authenticated only if no password is set).
 fn reset(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
     ctx.out.set_resp3(false);
-    ctx.client.name = None;
+    ctx.client.set_name(None);
     ctx.client.authenticated = !ctx.shared.live.password_set();
+    ctx.client.multi = None;
+    ctx.client.watched.clear();
     ctx.out.simple("RESET");
     Ok(Flow::Continue)
 }
@@ -339,11 +344,11 @@ fn client(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
                 return Err(BAD_NAME.into());
             }
             // An empty name removes it, as in Redis.
-            ctx.client.name = (!args[2].is_empty()).then(|| args[2].to_vec());
+            ctx.client.set_name((!args[2].is_empty()).then(|| args[2].to_vec()));
             ctx.out.ok();
         }
         b"setinfo" => {
-            // Client libraries announce themselves (redis-py, Jedis...): accepted, not kept yet.
+            // Client libraries announce themselves (redis-py, Jedis...): CLIENT LIST shows it.
             arity(4, "setinfo")?;
             let attribute = args[2].to_ascii_lowercase();
             if attribute != b"lib-name" && attribute != b"lib-ver" {
@@ -358,11 +363,161 @@ fn client(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
                     String::from_utf8_lossy(&attribute)
                 )));
             }
+            let mut details = ctx.client.entry.details();
+            let value = Some(args[3].to_vec());
+            if attribute == b"lib-name" {
+                details.lib_name = value;
+            } else {
+                details.lib_ver = value;
+            }
+            drop(details);
             ctx.out.ok();
+        }
+        b"list" => {
+            ctx.client.last_cmd = "client|list";
+            ctx.client.entry.details().last_cmd = "client|list";
+            client_list(ctx, args)?;
+        }
+        b"info" => {
+            arity(2, "info")?;
+            ctx.client.last_cmd = "client|info";
+            ctx.client.entry.details().last_cmd = "client|info";
+            let mut text = ctx.client.entry.line(ctx.shared);
+            text.push('\n');
+            ctx.out.verbatim(&text);
         }
         _ => return Err(unknown_subcommand(args, "CLIENT")),
     }
     Ok(Flow::Continue)
+}
+
+/// `CLIENT LIST [TYPE normal|master|replica|pubsub] [ID id...]`: a line per client.
+fn client_list(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Result<(), CmdError> {
+    let mut ids: Option<Vec<u64>> = None;
+    let mut normal = true;
+    match args.get(2).map(|a| a.to_ascii_lowercase()).as_deref() {
+        None => {}
+        Some(b"type") if args.len() == 4 => match args[3].to_ascii_lowercase().as_slice() {
+            b"normal" => {}
+            b"master" | b"replica" | b"slave" | b"pubsub" => normal = false,
+            _ => {
+                return Err(CmdError(format!(
+                    "ERR Unknown client type '{}'",
+                    String::from_utf8_lossy(&args[3])
+                )))
+            }
+        },
+        Some(b"id") if args.len() > 3 => {
+            let parsed = args[3..]
+                .iter()
+                .map(|a| int_arg(a).ok().and_then(|n| u64::try_from(n).ok()).filter(|&n| n > 0))
+                .collect::<Option<Vec<u64>>>()
+                .ok_or_else(|| CmdError::from("ERR Invalid client ID"))?;
+            ids = Some(parsed);
+        }
+        Some(_) => return Err(CmdError::syntax()),
+    }
+    let entries: Vec<Arc<ClientEntry>> = if normal {
+        ctx.shared.registry.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    let mut text = String::new();
+    for entry in entries.iter().filter(|e| ids.as_ref().is_none_or(|ids| ids.contains(&e.id))) {
+        text.push_str(&entry.line(ctx.shared));
+        text.push('\n');
+    }
+    ctx.out.verbatim(&text);
+    Ok(())
+}
+
+/// What CLIENT LIST shows of a connected client: the connection task updates it after each
+/// command, CLIENT LIST reads it from another.
+#[derive(Debug)]
+pub struct ClientEntry {
+    /// Its id.
+    pub id: u64,
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// When it connected.
+    pub connected: std::time::Instant,
+    details: std::sync::Mutex<ClientDetails>,
+}
+
+/// The parts of a [`ClientEntry`] that change.
+#[derive(Debug)]
+pub struct ClientDetails {
+    /// Its socket's file descriptor.
+    pub fd: i32,
+    /// Its name (CLIENT SETNAME, HELLO SETNAME).
+    pub name: Option<Vec<u8>>,
+    /// CLIENT SETINFO LIB-NAME.
+    pub lib_name: Option<Vec<u8>>,
+    /// CLIENT SETINFO LIB-VER.
+    pub lib_ver: Option<Vec<u8>>,
+    /// The command it ran last.
+    pub last_cmd: &'static str,
+    /// When it last ran a command.
+    pub last_active: std::time::Instant,
+    /// Commands queued in its transaction; -1 outside MULTI.
+    pub multi: i64,
+    /// Keys it watches.
+    pub watching: usize,
+    /// Whether it speaks RESP3.
+    pub resp3: bool,
+}
+
+impl ClientEntry {
+    /// A client connected now from `addr`.
+    pub fn new(id: u64, addr: std::net::SocketAddr) -> ClientEntry {
+        let now = std::time::Instant::now();
+        ClientEntry {
+            id,
+            addr,
+            connected: now,
+            details: std::sync::Mutex::new(ClientDetails {
+                fd: -1,
+                name: None,
+                lib_name: None,
+                lib_ver: None,
+                last_cmd: "NULL",
+                last_active: now,
+                multi: -1,
+                watching: 0,
+                resp3: false,
+            }),
+        }
+    }
+
+    /// Its changing parts, locked.
+    pub fn details(&self) -> std::sync::MutexGuard<'_, ClientDetails> {
+        self.details.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its CLIENT LIST line, without the newline: Redis's fields that nvhtm tracks, in
+    /// Redis's order (no buffer or memory sizes).
+    pub fn line(&self, shared: &Shared) -> String {
+        let d = self.details();
+        let text =
+            |b: &Option<Vec<u8>>| String::from_utf8_lossy(b.as_deref().unwrap_or_default()).into_owned();
+        let laddr = shared.addr.get().map_or_else(String::new, ToString::to_string);
+        format!(
+            "id={} addr={} laddr={laddr} fd={} name={} age={} idle={} flags={} db=0 sub=0 psub=0 ssub=0 multi={} watch={} cmd={} user=default redir=-1 resp={} lib-name={} lib-ver={}",
+            self.id,
+            self.addr,
+            d.fd,
+            text(&d.name),
+            self.connected.elapsed().as_secs(),
+            d.last_active.elapsed().as_secs(),
+            if d.multi >= 0 { "x" } else { "N" },
+            d.multi,
+            d.watching,
+            d.last_cmd,
+            if d.resp3 { 3 } else { 2 },
+            text(&d.lib_name),
+            text(&d.lib_ver),
+        )
+    }
 }
 
 /// COMMAND: enough for clients that ask (redis-cli asks COMMAND DOCS for its hints) to

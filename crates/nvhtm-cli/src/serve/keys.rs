@@ -1,5 +1,5 @@
 //! The keyspace commands: DEL, UNLINK, EXISTS, TYPE, RENAME, RENAMENX, DBSIZE, KEYS, SCAN,
-//! FLUSHDB, FLUSHALL.
+//! RANDOMKEY, FLUSHDB, FLUSHALL. (The expiry commands are in [`super::expire`].)
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -18,6 +18,7 @@ pub const COMMANDS: &[Spec] = &[
     Spec { name: "dbsize", arity: 1, write: false, access: Access::Shared, run: dbsize },
     Spec { name: "keys", arity: 2, write: false, access: Access::Shared, run: keys },
     Spec { name: "scan", arity: -2, write: false, access: Access::Shared, run: scan },
+    Spec { name: "randomkey", arity: 1, write: false, access: Access::Shared, run: randomkey },
     Spec { name: "flushdb", arity: -1, write: true, access: Access::Exclusive, run: flush },
     Spec { name: "flushall", arity: -1, write: true, access: Access::Exclusive, run: flush },
 ];
@@ -25,7 +26,7 @@ pub const COMMANDS: &[Spec] = &[
 fn del(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let mut removed = 0;
     for key in &args[1..] {
-        removed += i64::from(ctx.shared.map.remove(key)?);
+        removed += i64::from(ctx.shared.db.remove(key)?);
     }
     ctx.out.int(removed);
     Ok(Flow::Continue)
@@ -34,35 +35,35 @@ fn del(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
 fn exists(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let mut found = 0;
     for key in &args[1..] {
-        found += i64::from(ctx.shared.map.contains(key)?);
+        found += i64::from(ctx.shared.db.contains(key)?);
     }
     ctx.out.int(found);
     Ok(Flow::Continue)
 }
 
 fn key_type(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
-    let present = ctx.shared.map.contains(&args[1])?;
+    let present = ctx.shared.db.contains(&args[1])?;
     ctx.out.simple(if present { "string" } else { "none" });
     Ok(Flow::Continue)
 }
 
-/// Moves the value of `from` to `to` (replacing it unless `keep`): whether it moved. The
-/// keyspace is held alone, so no client sees both keys or neither; in a FAMS pool no sync
-/// splits the move, in a mapped pool a crash between its two writes leaves both keys.
+/// Moves the value of `from`, with its time to live, to `to` (replacing it unless `keep`):
+/// whether it moved. The keyspace is held alone, so no client sees both keys or neither; in a
+/// FAMS pool no sync splits the move, in a mapped pool a crash between its two writes leaves
+/// both keys.
 fn rename_key(ctx: &mut Ctx<'_>, from: &[u8], to: &[u8], keep: bool) -> Result<bool, CmdError> {
-    let map = &ctx.shared.map;
-    let value = map.get(from)?.ok_or_else(|| CmdError::from("ERR no such key"))?;
+    let db = &ctx.shared.db;
+    let (value, deadline) = db
+        .get_with(from, |entry| (entry.value.to_vec(), entry.deadline))?
+        .ok_or_else(|| CmdError::from("ERR no such key"))?;
     if from == to {
         return Ok(!keep);
     }
-    if keep {
-        if !map.insert(to, &value)? {
-            return Ok(false);
-        }
-    } else {
-        map.upsert(to, &value)?;
+    if keep && db.contains(to)? {
+        return Ok(false);
     }
-    map.remove(from)?;
+    db.set(to, &value, deadline)?;
+    db.remove(from)?;
     Ok(true)
 }
 
@@ -79,7 +80,7 @@ fn renamenx(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
 }
 
 fn dbsize(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
-    let len = ctx.shared.map.len()?;
+    let len = ctx.shared.db.len()?;
     ctx.out.int(i64::try_from(len).unwrap_or(i64::MAX));
     Ok(Flow::Continue)
 }
@@ -87,7 +88,7 @@ fn dbsize(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
 fn keys(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let pattern = &args[1];
     let mut found = Vec::new();
-    ctx.shared.map.for_each(|key, _| {
+    ctx.shared.db.for_each(|key, _| {
         if glob_match(pattern, key, false) {
             found.push(key.to_vec());
         }
@@ -137,7 +138,7 @@ fn scan(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     let mut batch: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut more = false;
     if strings {
-        ctx.shared.map.for_each(|key, _| {
+        ctx.shared.db.for_each(|key, _| {
             let hash = hasher.hash_one(key);
             if hash < cursor || pattern.is_some_and(|p| !glob_match(p, key, false)) {
                 return true;
@@ -167,13 +168,29 @@ fn scan(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     Ok(Flow::Continue)
 }
 
+/// RANDOMKEY: a live key chosen uniformly at random, or nil. The map offers no random access,
+/// so this walks it: O(keys) per call (reservoir sampling, one pass).
+fn randomkey(ctx: &mut Ctx<'_>, _args: &[Arg<'_>]) -> CmdResult {
+    let mut chosen: Option<Vec<u8>> = None;
+    let mut seen = 0u64;
+    ctx.shared.db.for_each(|key, _| {
+        seen += 1;
+        if fastrand::u64(..seen) == 0 {
+            chosen = Some(key.to_vec());
+        }
+        true
+    })?;
+    ctx.out.bulk_or_null(chosen.as_deref());
+    Ok(Flow::Continue)
+}
+
 fn flush(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     match &args[1..] {
         [] => {}
         [mode] if mode.eq_ignore_ascii_case(b"sync") || mode.eq_ignore_ascii_case(b"async") => {}
         _ => return Err(CmdError::syntax()),
     }
-    ctx.shared.map.clear()?;
+    ctx.shared.db.clear()?;
     ctx.out.ok();
     Ok(Flow::Continue)
 }

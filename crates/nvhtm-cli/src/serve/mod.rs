@@ -6,15 +6,20 @@
 //! `fams` mode once it is in the private state that the next sync commits.
 //!
 //! Modules, one per command group: [`connection`] (the per-client task and PING, HELLO,
-//! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`server`]
-//! (INFO, CONFIG, SAVE, SHUTDOWN...), and [`resp`] (the protocol).
+//! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`expire`]
+//! (EXPIRE, TTL... and the expiry sweep), [`transactions`] (MULTI, EXEC, WATCH...),
+//! [`server`] (INFO, CONFIG, SAVE, SHUTDOWN...); [`db`] (the keyspace over the map: stored
+//! values with their time to live, WATCH's versions) and [`resp`] (the protocol).
 
 pub mod config;
 pub mod connection;
+pub mod db;
+pub mod expire;
 pub mod keys;
 pub mod resp;
 pub mod server;
 pub mod strings;
+pub mod transactions;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -209,15 +214,62 @@ pub struct Client {
     /// Whether it may run commands: it connected while no password was set, or has given it
     /// (AUTH, HELLO ... AUTH) since.
     pub authenticated: bool,
+    /// The transaction it is queueing, after MULTI.
+    pub multi: Option<transactions::Multi>,
+    /// The keys it WATCHes, with their versions then.
+    pub watched: Vec<db::Watched>,
+    /// The command it ran last (CLIENT LIST's `cmd`).
+    pub last_cmd: &'static str,
+    /// What CLIENT LIST shows of it.
+    pub entry: Arc<connection::ClientEntry>,
+}
+
+impl Client {
+    /// A newly connected client.
+    pub fn new(id: u64, addr: SocketAddr, authenticated: bool) -> Client {
+        Client {
+            id,
+            touched: false,
+            name: None,
+            addr,
+            authenticated,
+            multi: None,
+            watched: Vec::new(),
+            last_cmd: "NULL",
+            entry: Arc::new(connection::ClientEntry::new(id, addr)),
+        }
+    }
+
+    /// Names it (`None`: no name), for CLIENT GETNAME and CLIENT LIST.
+    pub fn set_name(&mut self, name: Option<Vec<u8>>) {
+        self.entry.details().name.clone_from(&name);
+        self.name = name;
+    }
+}
+
+/// A hold on the keyspace gate, shared or alone.
+#[derive(Debug)]
+enum KeyspaceGuard<'a> {
+    Shared { _held: RwLockReadGuard<'a, ()> },
+    Alone { _held: RwLockWriteGuard<'a, ()> },
+}
+
+/// Both gates, from [`Shared::enter_both`]; released together when dropped (the keyspace
+/// gate first: fields drop in declaration order).
+#[derive(Debug)]
+pub struct Gates<'a> {
+    _keyspace: KeyspaceGuard<'a>,
+    _writer: nvhtm::pool::WriterGuard<'a>,
 }
 
 /// The server's state, shared by every connection.
 #[derive(Debug)]
 pub struct Shared {
-    /// The keyspace.
-    pub map: StrictMap<AutoDomain>,
+    /// The keyspace: the map, WATCH's versions, the expiry index.
+    pub db: db::Db,
     /// The keyspace gate: single-key commands share it, multi-key writes (MSET, MSETNX, DEL of
-    /// several keys, FLUSHDB) hold it alone, so no client sees such a command half done. In
+    /// several keys, FLUSHDB) and EXEC hold it alone, so no client sees such a command half
+    /// done. In
     /// FAMS mode the exclusive holders also hold the pool's writer gate, so no sync commits
     /// half of one either.
     keyspace: RwLock<()>,
@@ -241,6 +293,8 @@ pub struct Shared {
     pub recovery: Duration,
     /// The last client id handed out.
     pub next_client_id: AtomicU64,
+    /// The clients connected now, by id (CLIENT LIST).
+    pub registry: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<connection::ClientEntry>>>,
     /// Clients connected now.
     pub clients: AtomicU64,
     /// Connections accepted since start.
@@ -336,7 +390,7 @@ impl Shared {
         let domain = if fams { "fams".to_string() } else { info.domain.to_string() };
         let limits = Limits { max_bulk: config.proto_max_bulk_len, ..Limits::default() };
         Ok(Shared {
-            map,
+            db: db::Db::new(map),
             keyspace: RwLock::new(()),
             live: Live::new(&config),
             config,
@@ -348,6 +402,7 @@ impl Shared {
             keys_recovered,
             recovery,
             next_client_id: AtomicU64::new(0),
+            registry: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             clients: AtomicU64::new(0),
             connections_received: AtomicU64::new(0),
             rejected_connections: AtomicU64::new(0),
@@ -379,6 +434,30 @@ impl Shared {
         self.keyspace.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The keyspace gate (alone, or shared) and the pool's writer gate, taken in the order
+    /// every path takes them, which differs by mode: with group commit a write enters the
+    /// writer gate before the keyspace gate (it is counted inside it); without, map writes
+    /// enter the writer gate inside the keyspace gate. A path that took them the other way
+    /// could wait for a holder of one gate that waits, behind a pending FAMS sync, for the
+    /// other (std's `RwLock` queues new readers behind a waiting writer).
+    pub fn enter_both(&self, alone: bool) -> Gates<'_> {
+        let pool = self.db.map.heap().pool();
+        let keyspace = || {
+            if alone {
+                KeyspaceGuard::Alone { _held: self.keyspace_alone() }
+            } else {
+                KeyspaceGuard::Shared { _held: self.keyspace_shared() }
+            }
+        };
+        if self.group.is_some() {
+            let writer = pool.enter_writer();
+            Gates { _keyspace: keyspace(), _writer: writer }
+        } else {
+            let keyspace = keyspace();
+            Gates { _keyspace: keyspace, _writer: pool.enter_writer() }
+        }
+    }
+
     /// Makes every write so far durable (a FAMS commit; an msync of the mapping in strict
     /// mode). A failure poisons the server: writes are refused from then on. Blocking: call
     /// it off the async workers.
@@ -386,7 +465,7 @@ impl Shared {
         if let Some(why) = self.poisoned.get() {
             return Err(why.clone());
         }
-        match self.map.heap().pool().sync() {
+        match self.db.map.heap().pool().sync() {
             Ok(()) => {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
                 self.last_save.store(unix_now(), Ordering::Relaxed);
@@ -409,16 +488,28 @@ impl Shared {
 }
 
 /// Every command, by group.
-fn lookup(name: &[u8]) -> Option<&'static Spec> {
-    [connection::COMMANDS, strings::COMMANDS, keys::COMMANDS, server::COMMANDS]
-        .into_iter()
-        .flatten()
-        .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
+pub fn lookup(name: &[u8]) -> Option<&'static Spec> {
+    [
+        connection::COMMANDS,
+        strings::COMMANDS,
+        keys::COMMANDS,
+        expire::COMMANDS,
+        transactions::COMMANDS,
+        server::COMMANDS,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// How many commands the server knows (COMMAND COUNT).
 pub fn command_count() -> usize {
-    connection::COMMANDS.len() + strings::COMMANDS.len() + keys::COMMANDS.len() + server::COMMANDS.len()
+    connection::COMMANDS.len()
+        + strings::COMMANDS.len()
+        + keys::COMMANDS.len()
+        + expire::COMMANDS.len()
+        + transactions::COMMANDS.len()
+        + server::COMMANDS.len()
 }
 
 /// Redis's text for an unknown command: the name and the start of its arguments, quoted.
@@ -446,19 +537,37 @@ pub fn wrong_arity(name: &str) -> CmdError {
 /// Runs one request (non-empty `args`), writing its reply.
 pub fn dispatch(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Flow {
     ctx.shared.commands_processed.fetch_add(1, Ordering::Relaxed);
-    match run(ctx, args) {
+    let flow = match run(ctx, args) {
         Ok(flow) => flow,
         Err(CmdError(text)) => {
             ctx.out.error(&text);
             Flow::Continue
         }
-    }
+    };
+    let client = &*ctx.client;
+    let mut details = client.entry.details();
+    details.last_cmd = client.last_cmd;
+    details.last_active = Instant::now();
+    details.multi = client.multi.as_ref().map_or(-1, |m| m.queued.len() as i64);
+    details.watching = client.watched.len();
+    details.resp3 = ctx.out.resp3();
+    flow
 }
 
-fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+/// The `-MISCONF` error of a write refused because the pool is poisoned.
+pub fn misconf(why: &str) -> CmdError {
+    CmdError(format!(
+        "MISCONF the pool could not be made durable ({why}); writes are refused until the server restarts"
+    ))
+}
+
+/// The checks before a command runs or is queued, in Redis's order: known, arity,
+/// authenticated, allowed in a transaction, not a write to a poisoned pool.
+fn check(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> Result<&'static Spec, CmdError> {
     let Some(spec) = lookup(&args[0]) else {
         return Err(unknown_command(args));
     };
+    ctx.client.last_cmd = spec.name;
     let n = args.len() as i64;
     let arity = i64::from(spec.arity);
     if (arity >= 0 && n != arity) || (arity < 0 && n < -arity) {
@@ -468,18 +577,40 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
     if !ctx.client.authenticated && !spec.no_auth() && ctx.shared.live.password_set() {
         return Err("NOAUTH Authentication required.".into());
     }
+    if ctx.client.multi.is_some() && transactions::refused_inside_multi(spec) {
+        return Err("ERR Command not allowed inside a transaction".into());
+    }
     if spec.write {
         if let Some(why) = ctx.shared.poisoned.get() {
-            return Err(CmdError(format!(
-                "MISCONF the pool could not be made durable ({why}); writes are refused until the server restarts"
-            )));
+            return Err(misconf(why));
+        }
+    }
+    Ok(spec)
+}
+
+fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
+    let spec = match check(ctx, args) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // A command refused while a transaction is queued dooms it.
+            if let Some(multi) = &mut ctx.client.multi {
+                multi.failed = true;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(multi) = &mut ctx.client.multi {
+        if !transactions::runs_inside_multi(spec) {
+            multi.queued.push(args.iter().map(|a| a.to_vec()).collect());
+            ctx.out.simple("QUEUED");
+            return Ok(Flow::Continue);
         }
     }
     if spec.access != Access::None {
         ctx.client.touched = true;
     }
     // Group commit: counted inside the writer gate, so a commit covers every write it counts.
-    let pool = ctx.shared.map.heap().pool();
+    let pool = ctx.shared.db.map.heap().pool();
     let _counted = match &ctx.shared.group {
         Some(group) if spec.write => {
             let writer = pool.enter_writer();
@@ -498,7 +629,7 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         let shared = ctx.shared;
         let _keyspace = shared.keyspace_alone();
         // FAMS: no sync between the keys of one command (re-entered by each map write).
-        let _writer = shared.map.heap().pool().enter_writer();
+        let _writer = shared.db.map.heap().pool().enter_writer();
         (spec.run)(ctx, args)
     } else {
         let _keyspace = ctx.shared.keyspace_shared();
@@ -562,7 +693,7 @@ pub fn serve(options: Options) -> CommandResult {
     // between awaits, so none is cut in the middle) and waits for blocking syncs.
     drop(runtime);
     let shared = Arc::into_inner(shared).ok_or("a connection outlived the server")?;
-    let closed = shared.map.close();
+    let closed = shared.db.map.close();
     served?;
     match closed {
         Ok(()) => {
@@ -594,13 +725,7 @@ mod tests {
 
     /// Runs one command; its reply's bytes.
     fn exec(shared: &Shared, args: &[&str]) -> String {
-        let mut client = Client {
-            id: 1,
-            touched: false,
-            name: None,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            authenticated: true,
-        };
+        let mut client = Client::new(1, "127.0.0.1:1".parse().unwrap(), true);
         let mut out = Out::new();
         let args: Vec<Arg<'_>> = args.iter().map(|a| Arg::Borrowed(a.as_bytes())).collect();
         let flow = dispatch(&mut Ctx { shared, client: &mut client, out: &mut out }, &args);

@@ -31,6 +31,7 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
         tokio::spawn(committer(Arc::clone(&shared)));
     }
     tokio::spawn(background_saver(Arc::clone(&shared)));
+    tokio::spawn(super::expire::sweeper(Arc::clone(&shared)));
     tracing::info!(
         mode = shared.mode.name(),
         pool = %options.pool.display(),
@@ -229,11 +230,14 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
             line("total_connections_received", &shared.connections_received.load(Ordering::Relaxed));
             line("total_commands_processed", &shared.commands_processed.load(Ordering::Relaxed));
             line("rejected_connections", &shared.rejected_connections.load(Ordering::Relaxed));
+            // Deleted by the sweep (a key read as absent once expired is counted when swept).
+            line("expired_keys", &shared.db.expired_keys());
         }
         "keyspace" => {
-            let keys = shared.map.len()?;
+            let keys = shared.db.len()?;
             if keys > 0 {
-                line("db0", &format!("keys={keys},expires=0,avg_ttl=0"));
+                // `expires`: the keys in the expiry index, an upper bound (see `Db::timers`).
+                line("db0", &format!("keys={keys},expires={},avg_ttl=0", shared.db.timers()));
             }
         }
         _ => {}
