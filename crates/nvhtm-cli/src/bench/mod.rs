@@ -51,7 +51,8 @@ pub enum Which {
     },
     /// The strict map against hashbrown (`HashMap<u64, u64>` for 8-byte keys and values,
     /// `HashMap<[u8; 16], Box<[u8]>>` for 16-byte keys and 100-byte values) and against itself
-    /// on the Volatile domain: insert, get hit and miss (uniform and zipfian), update, delete,
+    /// on the Volatile domain, and the periodic map beside it (its ratio to the strict map):
+    /// insert, get hit and miss (uniform and zipfian), update, delete,
     /// on 1 and 2 threads, with every key and lookup sequence built before timing and the
     /// Rust-heap allocations inside the timed loops counted; and open time as the key count
     /// grows.

@@ -21,7 +21,8 @@ pub(super) struct Seg {
     pub offset: u64,
     /// `depth << 56 | pattern`.
     shape: AtomicU64,
-    locks: Box<[AtomicU64]>,
+    /// Inline, not a separate allocation: a lookup misses one cache line less.
+    locks: [AtomicU64; BUCKETS as usize],
 }
 
 impl Seg {
@@ -29,7 +30,7 @@ impl Seg {
         Seg {
             offset,
             shape: AtomicU64::new(u64::from(depth) << 56 | pattern),
-            locks: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            locks: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 

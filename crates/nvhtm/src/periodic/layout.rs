@@ -181,60 +181,119 @@ impl Status {
     }
 }
 
-/// Bytes of a block holding entries of these lengths.
-pub(super) fn block_len<'a>(entries: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> u64 {
-    8 + entries.map(|(k, v)| entry_len(k.len(), v.len())).sum::<u64>()
-}
-
 pub(super) fn entry_len(key: usize, value: usize) -> u64 {
     (8 + key as u64 + value as u64).next_multiple_of(8)
-}
-
-/// Encodes entries as a block.
-pub(super) fn encode_block<'a>(
-    entries: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
-    out: &mut Vec<u8>,
-) {
-    out.clear();
-    let count = entries.clone().count() as u32;
-    let total = block_len(entries.clone()) as u32;
-    out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&total.to_le_bytes());
-    for (k, v) in entries {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(v);
-        out.resize(out.len().next_multiple_of(8), 0);
-    }
-    debug_assert_eq!(out.len() as u64, u64::from(total));
 }
 
 /// A key and its value, borrowed from a block.
 pub(super) type Entry<'a> = (&'a [u8], &'a [u8]);
 
-/// The entries of a block's bytes, checked: `Err` names what is wrong.
-pub(super) fn decode_block(bytes: &[u8]) -> Result<Vec<Entry<'_>>, String> {
-    let word = |at: usize| -> Result<u32, String> {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            .ok_or_else(|| format!("block truncated at byte {at}"))
-    };
-    let count = word(0)? as usize;
+/// The entries of a block's bytes, checked one by one: an `Err` names what is wrong.
+#[derive(Debug, Clone)]
+pub(super) struct BlockIter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    left: usize,
+}
+
+/// The entries of a block (an empty slice: no entries).
+pub(super) fn entries(bytes: &[u8]) -> Result<BlockIter<'_>, String> {
+    if bytes.is_empty() {
+        return Ok(BlockIter { bytes, at: 0, left: 0 });
+    }
+    let count = u32_at(bytes, 0)? as usize;
     if count > MAX_ENTRIES {
         return Err(format!("block of {count} entries (at most {MAX_ENTRIES})"));
     }
-    let mut entries = Vec::with_capacity(count);
-    let mut at = 8usize;
-    for _ in 0..count {
-        let (klen, vlen) = (word(at)? as usize, word(at + 4)? as usize);
-        let key = bytes.get(at + 8..at + 8 + klen).ok_or("entry key past the block")?;
-        let value = bytes.get(at + 8 + klen..at + 8 + klen + vlen).ok_or("entry value past the block")?;
-        entries.push((key, value));
-        at += entry_len(klen, vlen) as usize;
+    Ok(BlockIter { bytes, at: 8, left: count })
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<u32, String> {
+    bytes
+        .get(at..at + 4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .ok_or_else(|| format!("block truncated at byte {at}"))
+}
+
+impl<'a> Iterator for BlockIter<'a> {
+    type Item = Result<Entry<'a>, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let entry = (|| {
+            let (klen, vlen) =
+                (u32_at(self.bytes, self.at)? as usize, u32_at(self.bytes, self.at + 4)? as usize);
+            let start = self.at + 8;
+            let key = self.bytes.get(start..start + klen).ok_or("entry key past the block")?;
+            let value =
+                self.bytes.get(start + klen..start + klen + vlen).ok_or("entry value past the block")?;
+            self.at += entry_len(klen, vlen) as usize;
+            Ok((key, value))
+        })();
+        if entry.is_err() {
+            self.left = 0;
+        }
+        Some(entry)
     }
-    Ok(entries)
+}
+
+/// The entries of a block's bytes, collected.
+pub(super) fn decode_block(bytes: &[u8]) -> Result<Vec<Entry<'_>>, String> {
+    entries(bytes)?.collect()
+}
+
+/// Builds a block in a reusable buffer: entries appended, the header written at the end.
+#[derive(Debug, Default)]
+pub(super) struct BlockBuilder {
+    pub bytes: Vec<u8>,
+    count: u32,
+}
+
+impl BlockBuilder {
+    pub fn start(&mut self) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&[0; 8]);
+        self.count = 0;
+    }
+
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(value);
+        self.bytes.resize(self.bytes.len().next_multiple_of(8), 0);
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+
+    /// The finished block (empty when it holds no entry: the bucket's head becomes null).
+    pub fn finish(&mut self) -> &[u8] {
+        if self.count == 0 {
+            self.bytes.clear();
+            return &self.bytes;
+        }
+        let total = self.bytes.len() as u32;
+        self.bytes[..4].copy_from_slice(&self.count.to_le_bytes());
+        self.bytes[4..8].copy_from_slice(&total.to_le_bytes());
+        &self.bytes
+    }
+}
+
+/// Encodes entries as a block.
+pub(super) fn encode_block<'a>(entries: impl Iterator<Item = Entry<'a>>, out: &mut Vec<u8>) {
+    let mut builder = BlockBuilder { bytes: std::mem::take(out), count: 0 };
+    builder.start();
+    for (k, v) in entries {
+        builder.push(k, v);
+    }
+    builder.finish();
+    *out = builder.bytes;
 }
 
 #[cfg(test)]
@@ -278,7 +337,7 @@ mod tests {
         let entries: Vec<(&[u8], &[u8])> = vec![(b"k", b"value"), (b"", b""), (b"key two", &[7; 20])];
         let mut bytes = Vec::new();
         encode_block(entries.iter().copied(), &mut bytes);
-        assert_eq!(bytes.len() as u64, block_len(entries.iter().copied()));
+        assert_eq!(bytes.len(), 8 + 16 + 8 + 40);
         assert_eq!(decode_block(&bytes).unwrap(), entries);
         assert!(decode_block(&bytes[..bytes.len() - 8]).is_err());
         assert!(decode_block(&[9, 0, 0, 0, 0, 0, 0, 0]).is_err());

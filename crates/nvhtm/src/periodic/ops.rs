@@ -44,6 +44,25 @@ impl<D: Domain> Inner<D> {
         Ok(bytes)
     }
 
+    /// The block at `head`, read in place (empty for none). Blocks are immutable while a
+    /// guard of an epoch that could see them lives (reuse waits until the epoch after the one
+    /// that retired them is durable), so the bytes stay put for the guard's lifetime.
+    pub(super) fn block<'g>(&'g self, _guard: &'g Guard<'_>, head: u64) -> Result<&'g [u8]> {
+        if head == 0 {
+            return Ok(&[]);
+        }
+        let pool = self.heap.raw_pool();
+        let total = pool.load_u64(head, Ordering::Acquire)? >> 32;
+        if !(8..=1 << 23).contains(&total) || total % 8 != 0 {
+            return Err(MapError::Corrupt(format!("block at {head:#x} claims {total} bytes")));
+        }
+        let words = pool.checked_words(head, total)?;
+        // SAFETY: `checked_words` checked the `total` bytes at `head` lie in the mapping, which
+        // stays put while the pool (borrowed through `self`) lives; the block's bytes are not
+        // written while the guard lives (see above), so no store races with this shared view.
+        Ok(unsafe { std::slice::from_raw_parts(words.cast::<u8>(), total as usize) })
+    }
+
     /// The entries of the bucket's valid state that `seg` owns (the caller holds the lock or
     /// validates after).
     pub(super) fn bucket_entries(&self, seg: &Seg, status: Status, heads: [u64; 3]) -> Result<Entries> {
@@ -61,11 +80,12 @@ impl<D: Domain> Inner<D> {
             .collect())
     }
 
-    /// Reads `key` without a lock: the bucket's version is validated after the read.
+    /// Reads `key` without a lock: the bucket's version is validated after the read, and the
+    /// block is read in place.
     pub(super) fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
         let hash = self.hash(key);
         let b = hash.bucket();
-        let _guard = self.epochs.enter();
+        let guard = self.epochs.enter();
         loop {
             let seg = self.dir.route(&self.heap, hash)?;
             let v = seg.stable_version(b);
@@ -74,17 +94,20 @@ impl<D: Domain> Inner<D> {
             }
             let (status, heads) = self.read_bucket_locked(seg, b)?;
             let head = heads[status.valid(|e| self.is_failed(e))];
-            let bytes = self.read_block(head);
+            let block = match self.block(&guard, head) {
+                Ok(block) => block,
+                Err(e) if seg.validate(b, v) => return Err(e),
+                Err(_) => continue,
+            };
+            let found = entries(block)
+                .and_then(|mut it| it.find(|e| e.as_ref().map_or(true, |(k, _)| *k == key)).transpose());
             if !seg.validate(b, v) {
                 continue;
             }
-            let bytes = bytes?;
-            if bytes.is_empty() {
-                return Ok(None);
-            }
-            let entries =
-                decode_block(&bytes).map_err(|e| MapError::Corrupt(format!("block at {head:#x}: {e}")))?;
-            return Ok(entries.into_iter().find(|(k, _)| *k == key).map(|(_, v)| read(v)));
+            return match found {
+                Ok(found) => Ok(found.map(|(_, value)| read(value))),
+                Err(e) => Err(MapError::Corrupt(format!("block at {head:#x}: {e}"))),
+            };
         }
     }
 
@@ -109,12 +132,16 @@ impl<D: Domain> Inner<D> {
     }
 
     /// Writes one key: `decide` sees its current value under the bucket's lock and returns
-    /// the change and the result. Splits the segment first when the bucket is full.
+    /// the change and the result. The new block is built from the old one in place, in a
+    /// thread-local buffer. Splits the segment first when the bucket is full.
     pub(super) fn write<'v, R>(
         &self,
         key: &[u8],
         mut decide: impl FnMut(Option<&[u8]>) -> (Change<'v>, R),
     ) -> Result<R> {
+        thread_local! {
+            static BUILDER: std::cell::RefCell<BlockBuilder> = std::cell::RefCell::default();
+        }
         let hash = self.hash(key);
         let b = hash.bucket();
         loop {
@@ -127,26 +154,41 @@ impl<D: Domain> Inner<D> {
                 seg.unlock(b);
                 continue;
             }
-            let outcome: Result<Option<R>> = (|| {
-                let mut entries = self.bucket_entries(seg, status, heads)?;
-                let at = entries.iter().position(|(k, _)| k == key);
-                let (change, result) = decide(at.map(|i| entries[i].1.as_slice()));
-                match (change, at) {
-                    (Change::Keep, _) | (Change::Delete, None) => return Ok(Some(result)),
-                    (Change::Put(v), Some(i)) => entries[i].1 = v.to_vec(),
-                    (Change::Put(v), None) => {
-                        if entries.len() == MAX_ENTRIES {
-                            return Ok(None);
-                        }
-                        entries.push((key.to_vec(), v.to_vec()));
-                    }
-                    (Change::Delete, Some(i)) => {
-                        entries.swap_remove(i);
+            let outcome: Result<Option<R>> = BUILDER.with(|builder| {
+                let mut builder = builder.borrow_mut();
+                let head = heads[status.valid(|e| self.is_failed(e))];
+                let block = self.block(&guard, head)?;
+                let corrupt = |e: String| MapError::Corrupt(format!("block at {head:#x}: {e}"));
+                let mut old = None;
+                for entry in entries(block).map_err(corrupt)? {
+                    let (k, v) = entry.map_err(corrupt)?;
+                    if k == key {
+                        old = Some(v);
                     }
                 }
-                self.commit_bucket(&guard, seg, b, status, heads, &entries)?;
+                let (change, result) = decide(old);
+                let put = match (change, old) {
+                    (Change::Keep, _) | (Change::Delete, None) => return Ok(Some(result)),
+                    (Change::Put(v), _) => Some(v),
+                    (Change::Delete, Some(_)) => None,
+                };
+                builder.start();
+                for entry in entries(block).map_err(corrupt)? {
+                    let (k, v) = entry.map_err(corrupt)?;
+                    // Entries a split moved away are dropped here.
+                    if k != key && (seg.depth() == 0 || seg.owns(self.hash(k))) {
+                        builder.push(k, v);
+                    }
+                }
+                if let Some(v) = put {
+                    if builder.count() == MAX_ENTRIES {
+                        return Ok(None);
+                    }
+                    builder.push(key, v);
+                }
+                self.commit_bucket(&guard, seg, b, status, heads, builder.finish())?;
                 Ok(Some(result))
-            })();
+            });
             seg.unlock(b);
             match outcome? {
                 Some(result) => return Ok(result),
@@ -155,10 +197,10 @@ impl<D: Domain> Inner<D> {
         }
     }
 
-    /// Publishes `entries` as bucket `b`'s new state in the guard's epoch (the caller holds
-    /// the lock): a new block, then the head, then the status, in the bucket's line; the block
-    /// and the line are logged for the epoch's write-back, and the blocks that leave the
-    /// bucket for reclamation.
+    /// Publishes `block` (a finished block, empty for none) as bucket `b`'s new state in the
+    /// guard's epoch (the caller holds the lock): a new block, then the head, then the status,
+    /// in the bucket's line; the block and the line are logged for the epoch's write-back, and
+    /// the blocks that leave the bucket for reclamation.
     pub(super) fn commit_bucket(
         &self,
         guard: &Guard<'_>,
@@ -166,19 +208,17 @@ impl<D: Domain> Inner<D> {
         b: u64,
         status: Status,
         heads: [u64; 3],
-        entries: &Entries,
+        bytes: &[u8],
     ) -> Result<()> {
         let pool = self.heap.raw_pool();
         let now = guard.epoch();
         let next = status.next(now, |e| self.is_failed(e));
         let mut log = guard.log();
-        let block = if entries.is_empty() {
+        let block = if bytes.is_empty() {
             0
         } else {
-            let mut bytes = Vec::new();
-            encode_block(entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), &mut bytes);
             let block = self.arena.alloc(&self.heap, self.root, bytes.len() as u64)?;
-            pool.write_bytes(block, &bytes)?;
+            pool.write_bytes(block, bytes)?;
             log.dirty(block, bytes.len() as u64);
             block
         };

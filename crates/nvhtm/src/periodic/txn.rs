@@ -128,8 +128,10 @@ impl<'m, D: Domain> Transaction<'m, D> {
                 states.push((*seg, b, status, heads, entries));
             }
             // Nothing can fail for a reason of the transaction's own past this point.
+            let mut bytes = Vec::new();
             for (seg, b, status, heads, entries) in &states {
-                inner.commit_bucket(guard, seg, *b, *status, *heads, entries)?;
+                encode_block(entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), &mut bytes);
+                inner.commit_bucket(guard, seg, *b, *status, *heads, &bytes)?;
             }
             Ok(Commit::Done)
         })();
