@@ -498,5 +498,5 @@ fn bench_map_smoke_run_reports_every_engine_op_and_allocation_count() {
             assert_eq!(allocations, 0, "lookups allocate nothing: {row}");
         }
     }
-    assert_eq!(report["open"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(report["open"].as_array().map(Vec::len), Some(4), "{report}");
 }
