@@ -55,18 +55,29 @@ fn random_operations_match_a_model_through_many_splits() {
     assert!(heap.is_consistent(), "{heap:?}");
 }
 
+/// Where the first split lands depends on the hash seed (which keys share a window): over
+/// fixed seeds, every first split comes at a high load and the mean higher still. (With a
+/// secret seed, one map in many splits a little earlier; a bound on one random map is flaky.)
 #[test]
 fn the_load_factor_is_high_before_a_segment_splits() {
-    let map = map(4 << 20);
-    let mut i = 0u64;
-    while map.stats().unwrap().segments == 1 {
-        map.insert(&i.to_le_bytes(), &i.to_le_bytes()).unwrap();
-        i += 1;
-    }
-    // The first split happened at insert i; the one segment then held i - 1 keys.
-    let load = (i - 1) as f64 / (255.0 * 7.0);
-    println!("first split after {} keys: load factor {load:.3}", i - 1);
-    assert!(load > 0.85, "split at load factor {load:.3}");
+    let opts = PoolOptions::layout("map-test").with_size(4 << 20).with_max_size(1 << 30);
+    let loads: Vec<f64> = (1..=8u64)
+        .map(|seed| {
+            let map =
+                StrictMap::open_with_seed(Heap::create_in_memory(&opts, Volatile).unwrap(), seed).unwrap();
+            let mut i = 0u64;
+            while map.stats().unwrap().segments == 1 {
+                map.insert(&i.to_le_bytes(), &i.to_le_bytes()).unwrap();
+                i += 1;
+            }
+            // The first split happened at insert i; the one segment then held i - 1 keys.
+            (i - 1) as f64 / (255.0 * 7.0)
+        })
+        .collect();
+    println!("load factor at the first split, seeds 1..=8: {loads:.3?}");
+    assert!(loads.iter().all(|&l| l > 0.80), "{loads:?}");
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    assert!(mean > 0.86, "mean {mean:.3}");
 }
 
 #[test]
