@@ -185,3 +185,29 @@ fn each_map_refuses_the_other_ones_pool() {
     let heap = Heap::<Cpu>::open(&periodic, &opts()).unwrap();
     assert_eq!(nvhtm::MapKind::of(&heap).unwrap(), Some(nvhtm::MapKind::Periodic));
 }
+
+/// Two threads inserting blocks of several sizes at once take many arena chunks, growing the
+/// chunk table under contention (each growth replaces the table in a heap transaction: two at
+/// once freed the old table twice before chunk additions were serialised).
+#[test]
+fn concurrent_inserts_grow_the_arena_without_a_double_free() {
+    let dir = shm();
+    let heap = Heap::<Cpu>::create(dir.path().join("p"), &opts().with_max_size(1 << 30)).unwrap();
+    let map = PeriodicMap::open(heap, threaded()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let map = &map;
+            s.spawn(move || {
+                for i in 0..20_000u64 {
+                    let value = vec![t as u8; [8, 100, 700, 3000][(i % 4) as usize]];
+                    map.insert(&key(i * 2 + t), &value).unwrap();
+                }
+            });
+        }
+    });
+    map.sync().unwrap();
+    assert!(map.arena_stats().chunks > 8, "{:?}", map.arena_stats());
+    assert_eq!(map.len().unwrap(), 40_000);
+    let check = map.check().unwrap();
+    assert!(check.problems.is_empty(), "{check:?}");
+}

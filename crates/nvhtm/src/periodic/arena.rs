@@ -100,6 +100,9 @@ pub(super) struct Arena {
     /// Whether some chunk is unscanned (retirements must then be [`hold`](Arena::hold)).
     scanning: AtomicBool,
     chunks: Mutex<Chunks>,
+    /// Serialises chunk additions: each reads and rewrites the chunk table (and may replace
+    /// it) in its heap transaction, which does not serialise with another's reads.
+    adding: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +140,7 @@ impl Arena {
             free: (MIN_CLASS..=MAX_CLASS).map(|_| Mutex::default()).collect(),
             scanning: AtomicBool::new(count > 0),
             chunks: Mutex::new(chunks),
+            adding: Mutex::default(),
         })
     }
 
@@ -256,6 +260,10 @@ impl Arena {
     /// Takes a chunk of `class` from the heap and lists it, in one heap transaction (growing
     /// the table when full); its slots become free.
     fn add_chunk<D: Domain>(&self, heap: &Heap<D>, root: u64, class: u32) -> Result<()> {
+        let _one = lock(&self.adding);
+        if !lock(&self.free[(class - MIN_CLASS) as usize]).is_empty() {
+            return Ok(()); // another thread added one meanwhile
+        }
         let slots = if class <= SHARED_CLASS { CHUNK_BYTES >> class } else { 1 };
         let bytes = if class <= SHARED_CLASS { CHUNK_BYTES } else { 1 << class };
         let start = heap.transaction(|tx| {
