@@ -61,9 +61,15 @@ struct Unscanned {
 }
 
 impl Unscanned {
-    fn new(words: usize) -> Unscanned {
-        Unscanned { freed: vec![0; words], held: vec![0; words] }
+    /// Empty bitmaps, grown on first use: opening allocates nothing per chunk.
+    fn new() -> Unscanned {
+        Unscanned { freed: Vec::new(), held: Vec::new() }
     }
+}
+
+/// Bit `index` of a bitmap that may be shorter than its chunk (missing words are zero).
+fn bit(bits: &[u64], index: u64) -> bool {
+    bits.get((index / 64) as usize).is_some_and(|w| w >> (index % 64) & 1 == 1)
 }
 
 impl Chunk {
@@ -130,11 +136,9 @@ impl Arena {
             if !(MIN_CLASS..=MAX_CLASS).contains(&class) || !pool.contains(start, slots << class) {
                 return Err(corrupt(format!("chunk table entry {i}: {word:#x}")));
             }
-            let words = slots.div_ceil(64) as usize;
-            chunks.list.insert(
-                start,
-                Chunk { class, slots, used: vec![0; words], unscanned: Some(Unscanned::new(words)) },
-            );
+            chunks
+                .list
+                .insert(start, Chunk { class, slots, used: Vec::new(), unscanned: Some(Unscanned::new()) });
         }
         Ok(Arena {
             free: (MIN_CLASS..=MAX_CLASS).map(|_| Mutex::default()).collect(),
@@ -222,13 +226,14 @@ impl Arena {
             let Some(Unscanned { freed, held }) = chunk.unscanned.take() else { continue };
             let mut free = lock(&self.free[(chunk.class - MIN_CLASS) as usize]);
             for i in 0..chunk.slots {
-                let (w, b) = ((i / 64) as usize, i % 64);
-                debug_assert!((freed[w] & held[w]) >> b & 1 == 0, "slot {i} both freed and held");
-                chunk.used[w] |= held[w] & 1 << b;
-                if freed[w] >> b & 1 == 1 {
-                    chunk.used[w] &= !(1 << b);
+                debug_assert!(!(bit(&freed, i) && bit(&held, i)), "slot {i} both freed and held");
+                if bit(&held, i) {
+                    flip(&mut chunk.used, i, true);
                 }
-                if chunk.used[w] >> b & 1 == 0 {
+                if bit(&freed, i) {
+                    flip(&mut chunk.used, i, false);
+                }
+                if !bit(&chunk.used, i) {
                     free.push(start + (i << chunk.class));
                 }
             }
@@ -240,7 +245,7 @@ impl Arena {
     pub fn is_used(&self, slot: u64) -> Result<bool> {
         let mut chunks = lock(&self.chunks);
         let (chunk, index) = locate(&mut chunks, slot)?;
-        Ok(chunk.used[(index / 64) as usize] >> (index % 64) & 1 == 1)
+        Ok(bit(&chunk.used, index))
     }
 
     pub fn stats(&self) -> ArenaStats {
@@ -313,8 +318,14 @@ fn locate(chunks: &mut Chunks, slot: u64) -> Result<(&mut Chunk, u64)> {
 }
 
 /// Sets bit `index` to `on`; returns its old value.
-fn flip(bits: &mut [u64], index: u64, on: bool) -> bool {
+fn flip(bits: &mut Vec<u64>, index: u64, on: bool) -> bool {
     let (w, b) = ((index / 64) as usize, index % 64);
+    if bits.len() <= w {
+        if !on {
+            return false;
+        }
+        bits.resize(w + 1, 0);
+    }
     let was = bits[w] >> b & 1 == 1;
     if on {
         bits[w] |= 1 << b;
