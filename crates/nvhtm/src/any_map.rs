@@ -133,6 +133,55 @@ impl<D: Domain> AnyMap<D> {
         }
     }
 
+    /// Inserts `key` if absent; `false` (nothing changed) if it was present.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        match self {
+            AnyMap::Strict(m) => m.insert(key, value),
+            AnyMap::Periodic(m) => m.insert(key, value),
+        }
+    }
+
+    /// Replaces the value of `key` with `new` (`None`: remove) if it is `expected` (`None`:
+    /// absent); the current value when it was not.
+    ///
+    /// ```
+    /// use nvhtm::any_map::{AnyMap, MapKind};
+    /// use nvhtm::periodic::PeriodicOptions;
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(8 << 20), Volatile)?;
+    /// let map = AnyMap::open(heap, MapKind::Strict, PeriodicOptions::manual())?;
+    /// assert_eq!(map.compare_and_swap(b"k", None, Some(b"1"))?, Ok(()));
+    /// assert_eq!(map.compare_and_swap(b"k", None, Some(b"2"))?, Err(Some(b"1".to_vec())));
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>> {
+        match self {
+            AnyMap::Strict(m) => m.compare_and_swap(key, expected, new),
+            AnyMap::Periodic(m) => m.compare_and_swap(key, expected, new),
+        }
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> Result<u64> {
+        match self {
+            AnyMap::Strict(m) => m.len(),
+            AnyMap::Periodic(m) => m.len(),
+        }
+    }
+
+    /// Whether the map holds no entry.
+    pub fn is_empty(&self) -> Result<bool> {
+        match self {
+            AnyMap::Strict(m) => m.is_empty(),
+            AnyMap::Periodic(m) => m.is_empty(),
+        }
+    }
+
     /// Removes `key`; whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool> {
         match self {
