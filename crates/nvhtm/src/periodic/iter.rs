@@ -67,10 +67,11 @@ impl<D: Domain> Inner<D> {
 impl<D: Domain> PeriodicMap<D> {
     /// Calls `visit(key, value)` for every entry until it returns `false`, one segment at a
     /// time (a snapshot of each bucket under its lock), in hash order: weakly consistent with
-    /// concurrent writers; a key present throughout is visited once. `visit` may use the map.
+    /// concurrent writers; a key present throughout is visited once. `visit` may use the map,
+    /// `sync` included: the walk holds no epoch (it copies each bucket's valid block under the
+    /// bucket's lock, and a block named by its bucket is never reclaimed).
     pub fn for_each(&self, mut visit: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
         let inner = &*self.inner;
-        let _guard = inner.epochs.enter();
         inner.dir.for_each_segment(&inner.heap, |seg| {
             Ok(inner.segment_entries(seg)?.iter().all(|(k, v)| visit(k, v)))
         })
@@ -120,7 +121,6 @@ impl<D: Domain> PeriodicMap<D> {
     pub fn stats(&self) -> Result<PeriodicStats> {
         let inner = &*self.inner;
         let mut stats = PeriodicStats::default();
-        let _guard = inner.epochs.enter();
         inner.dir.for_each_segment(&inner.heap, |seg| {
             stats.segments += 1;
             for b in 0..BUCKETS {

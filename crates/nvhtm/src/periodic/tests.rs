@@ -180,3 +180,22 @@ fn the_end_of_a_scan_keeps_blocks_held_for_a_later_free() {
     assert!(!arena.is_used(held).unwrap());
     assert!(matches!(arena.free(held), Err(MapError::Corrupt(_))), "a double free is refused");
 }
+
+/// A walk holds no epoch: its visitor may sync (which waits for every operation in the epoch).
+#[test]
+fn a_walk_may_sync_from_its_visitor() {
+    let map = map();
+    for i in 0..300u64 {
+        map.upsert(&i.to_le_bytes(), b"v").unwrap();
+    }
+    let mut visited = 0;
+    map.for_each(|_, _| {
+        visited += 1;
+        if visited % 100 == 0 {
+            map.sync().unwrap();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(visited, 300);
+}

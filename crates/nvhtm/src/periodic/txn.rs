@@ -155,7 +155,10 @@ impl<D: Domain> PeriodicMap<D> {
     /// Runs `body` as a serializable transaction over several keys: its reads see one
     /// consistent state, its writes apply together at commit, inside one epoch — after a
     /// crash all of them are there or none. `body` runs again (from scratch) when another
-    /// writer changed a bucket it read; an `Err` from it aborts with nothing written.
+    /// writer changed a bucket it read; an `Err` from it aborts with nothing written. The body
+    /// runs inside one epoch, which cannot end until it returns: keep it short, and do not call
+    /// [`sync`](PeriodicMap::sync) or [`advance`](PeriodicMap::advance) from it (they would
+    /// wait for the body itself).
     ///
     /// ```
     /// use nvhtm::periodic::{PeriodicMap, PeriodicOptions};
