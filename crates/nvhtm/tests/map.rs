@@ -215,42 +215,10 @@ fn the_typed_map_reports_stored_entries_of_another_length() {
     assert_eq!(err.to_string(), "a stored key is 5 bytes, but the typed map reads 8-byte keys");
 }
 
-/// A linearizability check on one register: threads increment a counter with compare-and-swap
-/// while readers watch it. Linearizable operations lose no increment (the final value is the
-/// number of successful swaps) and no reader sees the counter go backwards.
+/// Compare-and-swap under contention is linearizable (`common::compare_and_swap_is_linearizable`).
 #[test]
 fn compare_and_swap_is_linearizable_under_contention() {
-    let map = map(1 << 20);
-    map.upsert(b"counter", &0u64.to_le_bytes()).unwrap();
-    let per_thread = 2000u64;
-    std::thread::scope(|s| {
-        for _ in 0..3 {
-            let map = &map;
-            s.spawn(move || {
-                let mut done = 0;
-                while done < per_thread {
-                    let current = map.get(b"counter").unwrap().unwrap();
-                    let next = (u64::from_le_bytes(current.clone().try_into().unwrap()) + 1).to_le_bytes();
-                    if map.compare_and_swap(b"counter", Some(&current), Some(&next)).unwrap().is_ok() {
-                        done += 1;
-                    }
-                }
-            });
-        }
-        for _ in 0..2 {
-            let map = &map;
-            s.spawn(move || {
-                let mut last = 0u64;
-                for _ in 0..5000 {
-                    let now = u64::from_le_bytes(map.get(b"counter").unwrap().unwrap().try_into().unwrap());
-                    assert!(now >= last, "the counter went back from {last} to {now}");
-                    last = now;
-                }
-            });
-        }
-    });
-    let end = u64::from_le_bytes(map.get(b"counter").unwrap().unwrap().try_into().unwrap());
-    assert_eq!(end, 3 * per_thread, "increments were lost");
+    common::compare_and_swap_is_linearizable(&nvhtm::AnyMap::Strict(Box::new(map(1 << 20))));
 }
 
 #[test]

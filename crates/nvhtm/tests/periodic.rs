@@ -3,6 +3,8 @@
 //! a clean close and after a crash (the file copied while the map is open, as `kill -9` leaves
 //! it on tmpfs).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -25,43 +27,15 @@ fn key(i: u64) -> Vec<u8> {
     format!("key-{i}").into_bytes()
 }
 
-/// Threads increment a counter with compare-and-swap while readers watch it, epochs ending
-/// every millisecond: no increment lost, no reader sees the counter go back.
+/// Compare-and-swap under contention is linearizable, epochs ending every millisecond
+/// (`common::compare_and_swap_is_linearizable`).
 #[test]
 fn compare_and_swap_is_linearizable_under_contention() {
     let dir = shm();
     let map =
         PeriodicMap::open(Heap::<Cpu>::create(dir.path().join("p"), &opts()).unwrap(), threaded()).unwrap();
-    map.upsert(b"counter", &0u64.to_le_bytes()).unwrap();
-    let per_thread = 2000u64;
-    std::thread::scope(|s| {
-        for _ in 0..3 {
-            let map = &map;
-            s.spawn(move || {
-                let mut done = 0;
-                while done < per_thread {
-                    let current = map.get(b"counter").unwrap().unwrap();
-                    let next = (u64::from_le_bytes(current.clone().try_into().unwrap()) + 1).to_le_bytes();
-                    if map.compare_and_swap(b"counter", Some(&current), Some(&next)).unwrap().is_ok() {
-                        done += 1;
-                    }
-                }
-            });
-        }
-        for _ in 0..2 {
-            let map = &map;
-            s.spawn(move || {
-                let mut last = 0u64;
-                for _ in 0..5000 {
-                    let now = u64::from_le_bytes(map.get(b"counter").unwrap().unwrap().try_into().unwrap());
-                    assert!(now >= last, "the counter went back from {last} to {now}");
-                    last = now;
-                }
-            });
-        }
-    });
-    let end = u64::from_le_bytes(map.get(b"counter").unwrap().unwrap().try_into().unwrap());
-    assert_eq!(end, 3 * per_thread, "increments were lost");
+    let map = nvhtm::AnyMap::Periodic(map);
+    common::compare_and_swap_is_linearizable(&map);
     map.close().unwrap();
 }
 

@@ -257,9 +257,9 @@ impl Directory {
         Ok(())
     }
 
-    /// Distinct segments loaded so far and splits made in this run.
-    pub fn counts(&self) -> (u64, u64) {
-        (lock(&self.segs).len() as u64, lock(&self.split).splits)
+    /// Splits made in this run.
+    pub fn splits(&self) -> u64 {
+        lock(&self.split).splits
     }
 }
 

@@ -139,7 +139,7 @@ impl<D: Domain> PeriodicMap<D> {
         stats.buckets = stats.segments * BUCKETS;
         stats.load_factor = stats.entries as f64 / (stats.buckets * MAX_ENTRIES as u64) as f64;
         stats.global_depth = u64::from(inner.dir.depth());
-        stats.splits = inner.dir.counts().1;
+        stats.splits = inner.dir.splits();
         (stats.epoch, stats.durable) = self.epochs();
         let arena = inner.arena.stats();
         (stats.arena_chunks, stats.arena_used_bytes) = (arena.chunks, arena.used_bytes);
