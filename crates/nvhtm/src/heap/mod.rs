@@ -31,6 +31,7 @@ pub use check::{CheckReport, ClassUsage};
 pub use error::{HeapError, Result};
 pub use lane::LaneRecovery;
 pub use layout::{CHUNK, CLASSES, MAX_SMALL};
+pub(crate) use tx::dirty_lines;
 pub use tx::Tx;
 pub use view::HeapPool;
 

@@ -362,7 +362,7 @@ impl<'h, D: Domain> Tx<'h, D> {
 
 /// The cache lines `ranges` touch, as sorted, merged line-aligned ranges: each line is flushed
 /// once however many writes touched it.
-fn dirty_lines(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
+pub(crate) fn dirty_lines(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
     const LINE: u64 = crate::persist::CACHE_LINE as u64;
     ranges.sort_unstable();
     let mut merged: Vec<(u64, u64)> = Vec::new();

@@ -19,9 +19,11 @@ impl<D: Domain> Inner<D> {
         let e = self.epochs.current();
         self.epochs.set_current(e + 1);
         self.epochs.drain(e);
-        let log = self.epochs.collect(e);
+        let mut log = self.epochs.collect(e);
         let pool = self.heap.raw_pool();
-        for &(offset, len) in &log.dirty {
+        // A bucket written many times in the epoch logged its line each time: each line is
+        // written back once.
+        for (offset, len) in crate::heap::dirty_lines(&mut log.dirty) {
             pool.flush(offset, len)?;
         }
         if !log.dirty.is_empty() {
