@@ -92,6 +92,9 @@ impl Persister {
         let thread = std::thread::Builder::new()
             .name("nvhtm-persister".into())
             .spawn(move || {
+                // The thread's persistence counters now, not at its first fence (an
+                // allocation in the middle of whatever the map's users are doing).
+                let _ = crate::persist::thread_stats();
                 let (stopped, wake) = &*flag;
                 let mut stopped = lock(stopped);
                 loop {
