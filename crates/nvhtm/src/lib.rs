@@ -11,6 +11,7 @@ pub mod any_map;
 mod choices;
 pub mod fams;
 pub mod heap;
+pub mod log;
 pub mod map;
 pub mod mutation;
 pub mod periodic;

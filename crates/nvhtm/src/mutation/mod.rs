@@ -21,6 +21,7 @@
 
 pub mod fams;
 pub mod heap;
+pub mod log;
 pub mod map;
 pub mod periodic;
 pub mod pool;
@@ -158,6 +159,16 @@ pub const SUITES: &[Suite] = &[
         run: heap::two_runs_suite,
     },
     Suite {
+        name: "log-single",
+        about: "appends, batches and truncations across many segments, a clean close",
+        run: log::single_suite,
+    },
+    Suite {
+        name: "log-two-runs",
+        about: "crash, recover (a new tail segment), append and truncate on, crash again",
+        run: log::two_runs_suite,
+    },
+    Suite {
         name: "map-single",
         about: "random strict-map operations across a segment split",
         run: map::single_suite,
@@ -208,7 +219,7 @@ fn litmus_suite() -> MutationReport {
 /// assert_eq!(structure_of("crates/nvhtm/src/sim/litmus.rs"), "litmus");
 /// ```
 pub fn structure_of(file: &str) -> &'static str {
-    const KNOWN: [&str; 7] = ["pool", "heap", "map", "periodic", "fams", "persist", "sim"];
+    const KNOWN: [&str; 8] = ["pool", "heap", "log", "map", "periodic", "fams", "persist", "sim"];
     if file.ends_with("sim/litmus.rs") {
         return "litmus";
     }

@@ -1,0 +1,151 @@
+//! Appends and group commit.
+//!
+//! An appender copies its record to the tail under the writer's mutex (cached stores, no
+//! flush) and then waits until a commit covers it. Whoever holds the committer's mutex takes
+//! every range written so far, writes them back and fences once (on a FAMS pool: one sync);
+//! the appenders that queued behind it find their records durable and return. So one fence
+//! or one msync serves every record that arrived while the previous one ran.
+
+use std::sync::atomic::Ordering;
+
+use super::core::{lock, new_segment, FirstAppend, LogCore, Seg, Writer};
+use super::layout::*;
+use super::{LogError, Result};
+use crate::heap::Heap;
+use crate::persist::Domain;
+
+impl LogCore {
+    /// Appends one record and returns its LSN once it is durable.
+    pub(crate) fn append<D: Domain>(&self, heap: &Heap<D>, payload: &[u8]) -> Result<u64> {
+        let (lsn, end) = self.write(heap, payload)?;
+        self.commit(heap, end)?;
+        Ok(lsn)
+    }
+
+    /// Copies one record to the tail; returns its LSN and the LSN after it. Durable only
+    /// after a [`commit`](LogCore::commit) up to that end.
+    pub(crate) fn write<D: Domain>(&self, heap: &Heap<D>, payload: &[u8]) -> Result<(u64, u64)> {
+        if payload.len() > MAX_RECORD {
+            return Err(LogError::TooLarge { len: payload.len(), max: MAX_RECORD });
+        }
+        self.check_failed()?;
+        let pool = heap.raw_pool();
+        let _gate = pool.enter_writer();
+        let mut w = lock(&self.writer);
+        let size = record_size(payload.len());
+        let fresh = w.first == FirstAppend::NewSegment;
+        if fresh || w.tail + size > w.seg.end() {
+            self.switch(heap, &mut w, size)?;
+        } else if w.first == FirstAppend::ClearMark {
+            // The next crash must not take this run's tail segment for a cleanly closed one.
+            pool.store_u64(self.root + ROOT_CLOSED, 0, Ordering::Release)?;
+            pool.persist(self.root + ROOT_CLOSED, 8)?;
+            w.first = FirstAppend::Done;
+        }
+        debug_assert_eq!(w.first, FirstAppend::Done);
+        let lsn = w.tail;
+        let at = w.seg.at(lsn);
+        pool.write_bytes(at, &record_header(lsn, w.seg.tag, payload))?;
+        pool.write_bytes(at + RECORD_HEADER, payload)?;
+        let pad = (size - RECORD_HEADER) as usize - payload.len();
+        if pad > 0 {
+            pool.write_bytes(at + RECORD_HEADER + payload.len() as u64, &[0u8; 8][..pad])?;
+        }
+        match w.pending.last_mut() {
+            Some((start, len)) if *start + *len == at => *len += size,
+            _ => w.pending.push((at, size)),
+        }
+        w.tail += size;
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        Ok((lsn, w.tail))
+    }
+
+    /// Returns once every record before `end` is durable, making a batch durable itself if no
+    /// other thread is doing so.
+    pub(crate) fn commit<D: Domain>(&self, heap: &Heap<D>, end: u64) -> Result<()> {
+        loop {
+            if self.durable.load(Ordering::Acquire) >= end {
+                return Ok(());
+            }
+            self.check_failed()?;
+            let _leader = lock(&self.committer);
+            if self.durable.load(Ordering::Acquire) >= end {
+                return Ok(());
+            }
+            self.check_failed()?;
+            let (upto, ranges) = {
+                let mut w = lock(&self.writer);
+                (w.tail, std::mem::take(&mut w.pending))
+            };
+            let pool = heap.raw_pool();
+            let done = (|| {
+                if pool.is_fams() {
+                    return pool.sync();
+                }
+                for &(start, len) in &ranges {
+                    pool.flush(start, len)?;
+                }
+                pool.fence()
+            })();
+            if let Err(e) = done {
+                let _ = self.failed.set(e.to_string());
+                return Err(e.into());
+            }
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.durable.fetch_max(upto, Ordering::AcqRel);
+        }
+    }
+
+    /// Starts a new tail segment with room for a record of `size` bytes. Everything written
+    /// to the old one is made durable in the same transaction: a crash after it scans only
+    /// the new segment and trusts the old one to its end.
+    fn switch<D: Domain>(&self, heap: &Heap<D>, w: &mut Writer, size: u64) -> Result<()> {
+        let capacity = self.segment_size.max(size);
+        let old = w.seg;
+        let tail = w.tail;
+        // The records a commit in flight may have taken but not yet fenced are written back
+        // again here, by this thread, before the commit point.
+        let unflushed = self.durable.load(Ordering::Acquire).max(old.start_lsn);
+        let clear_mark = w.first != FirstAppend::Done;
+        let offset = heap.transaction(|tx| {
+            if tail > unflushed {
+                tx.flush_on_commit(old.at(unflushed), tail - unflushed)?;
+            }
+            let offset = new_segment(tx, tail, capacity)?;
+            tx.redo_store(old.offset + SEGMENT_NEXT, offset)?;
+            tx.redo_store(self.root + ROOT_TAIL_SEGMENT, offset)?;
+            if clear_mark {
+                tx.redo_store(self.root + ROOT_CLOSED, 0)?;
+            }
+            Ok::<_, LogError>(offset)
+        })?;
+        let seg =
+            Seg { offset, start_lsn: tail, capacity, tag: super::core::read_segment(heap, offset)?.tag };
+        self.chain.write().unwrap_or_else(|e| e.into_inner()).segs.push(seg);
+        w.seg = seg;
+        w.first = FirstAppend::Done;
+        if !heap.raw_pool().is_fams() {
+            self.durable.fetch_max(tail, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Commits everything written and marks the log closed at its tail, so the next run may
+    /// append to the same segment. A run that never appended writes nothing: the mark stands
+    /// as it was (after a crash, the tail segment may hold the crashed run's records past the
+    /// tail, and the next run must still start a new one).
+    pub(crate) fn close<D: Domain>(&self, heap: &Heap<D>) -> Result<()> {
+        let (tail, first) = {
+            let w = lock(&self.writer);
+            (w.tail, w.first)
+        };
+        self.commit(heap, tail)?;
+        if first != FirstAppend::Done {
+            return Ok(());
+        }
+        // No fence of its own: the mark is only a hint that saves the next run a segment (a
+        // mark that is lost makes it start one), and closing the heap makes it durable.
+        heap.raw_pool().store_u64(self.root + ROOT_CLOSED, tail + 1, Ordering::Release)?;
+        Ok(())
+    }
+}
