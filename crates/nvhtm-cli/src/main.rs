@@ -142,8 +142,8 @@ enum Command {
         /// Rounds (kills).
         #[arg(long, default_value_t = 20)]
         rounds: u64,
-        /// The pool file (default /dev/shm/nvhtm-demo-crash.pool, or /tmp/nvhtm-demo-fams.pool
-        /// with --fams; recreated).
+        /// The pool file (default /dev/shm/nvhtm-demo-crash.pool, /dev/shm/nvhtm-demo-hybrid.pool
+        /// with --map hybrid, or /tmp/nvhtm-demo-fams.pool with --fams; recreated).
         #[arg(long)]
         pool: Option<PathBuf>,
         /// A FAMS pool: the writer syncs every --sync-every inserts and acknowledges each
@@ -153,9 +153,10 @@ enum Command {
         /// Inserts between syncs with --fams or --map periodic.
         #[arg(long, default_value_t = 1000)]
         sync_every: u64,
-        /// The map the writer uses: with `periodic`, it reports every completed upsert and
-        /// every completed sync, and each crash must keep a prefix of its upserts that includes
-        /// everything before the last sync.
+        /// The map the writer uses: `strict` and `hybrid` acknowledge each upsert when it
+        /// returns, and every acknowledged key must survive; with `periodic`, it reports every
+        /// completed upsert and every completed sync, and each crash must keep a prefix of its
+        /// upserts that includes everything before the last sync.
         #[arg(long, value_enum, default_value = "strict", conflicts_with = "fams")]
         map: MapArg,
         /// The periodic map's epoch length in milliseconds.
@@ -218,6 +219,8 @@ enum MapArg {
     Strict,
     /// The periodic (Dalí) map.
     Periodic,
+    /// The hybrid map: a DRAM index over a persistent log.
+    Hybrid,
 }
 
 impl MapArg {
@@ -225,6 +228,7 @@ impl MapArg {
         match self {
             MapArg::Strict => nvhtm::MapKind::Strict,
             MapArg::Periodic => nvhtm::MapKind::Periodic,
+            MapArg::Hybrid => nvhtm::MapKind::Hybrid,
         }
     }
 }
@@ -248,8 +252,8 @@ fn main() -> ExitCode {
             let _ = fams;
             commands::demo::periodic::demo(keys, rounds, pool, sync_every.max(1), epoch_ms)
         }
-        Command::Demo { keys, rounds, pool, fams, sync_every, .. } => {
-            commands::demo::demo(keys, rounds, pool, fams.then_some(sync_every.max(1)))
+        Command::Demo { keys, rounds, pool, fams, sync_every, map, .. } => {
+            commands::demo::demo(keys, rounds, pool, fams.then_some(sync_every.max(1)), map.kind())
         }
         Command::DemoWriter { pool, start, count, sync_every, periodic_epoch_ms: Some(epoch_ms) } => {
             commands::demo::periodic::writer(&pool, start, count, sync_every, epoch_ms)

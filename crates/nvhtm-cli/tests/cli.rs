@@ -347,6 +347,58 @@ fn periodic_maps_work_through_the_cli() {
     assert!(nvhtm(&["check", p]).status.success());
 }
 
+/// A pool created with a hybrid map: every map command works on it (each one replays the log
+/// at open), and stats report the log.
+#[test]
+fn hybrid_maps_work_through_the_cli() {
+    let dir = shm();
+    let pool = dir.path().join("hybrid.pool");
+    let p = pool.to_str().unwrap();
+    let out = nvhtm(&["create", p, "--size", "8MiB", "--map", "hybrid"]);
+    assert!(text(&out.stdout).contains("with an empty hybrid map"), "{}", text(&out.stderr));
+    assert_eq!(text(&nvhtm(&["set", p, "k", "v"]).stdout), "OK\n");
+    let input = dir.path().join("in.tsv");
+    let lines: String = (0..500).map(|i| format!("key{i}\tvalue{i}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    assert_eq!(text(&nvhtm(&["load", p, input.to_str().unwrap()]).stdout), "loaded 500 keys\n");
+    assert_eq!(text(&nvhtm(&["set", p, "key7", "again"]).stdout), "OK\n");
+    assert_eq!(text(&nvhtm(&["get", p, "key7"]).stdout), "again\n");
+    assert_eq!(text(&nvhtm(&["del", p, "k"]).stdout), "1\n");
+    fails(&["get", p, "k"], "\"k\": no such key");
+    assert_eq!(text(&nvhtm(&["dump", p]).stdout).lines().count(), 500);
+    let json: serde_json::Value = serde_json::from_slice(&nvhtm(&["stats", p, "--json"]).stdout).unwrap();
+    assert_eq!(json["kind"], "hybrid");
+    assert_eq!(json["entries"], 500);
+    // 502 puts and a delete were appended; 500 records are live.
+    let log = &json["log"];
+    assert!(log["live_bytes"].as_u64().unwrap() < log["log_bytes"].as_u64().unwrap(), "{json}");
+    assert!(text(&nvhtm(&["stats", p]).stdout).contains("replayed in"));
+    assert!(nvhtm(&["check", p]).status.success());
+}
+
+#[test]
+fn the_hybrid_crash_demo_loses_no_acknowledged_key() {
+    let dir = shm();
+    let pool = dir.path().join("demo.pool");
+    let out = nvhtm(&[
+        "demo",
+        "--map",
+        "hybrid",
+        "--keys",
+        "40000",
+        "--rounds",
+        "4",
+        "--pool",
+        pool.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let summary = stdout.lines().last().unwrap();
+    assert!(summary.starts_with("summary: 4 kills, "), "{summary}");
+    assert!(summary.contains(" verified, 0 lost"), "{summary}");
+    assert!(stdout.starts_with("nvhtm demo: hybrid map"), "{stdout}");
+}
+
 /// The periodic crash demo: every kill keeps a prefix of the upserts that includes everything
 /// before the last acknowledged sync (the demo fails otherwise).
 #[test]

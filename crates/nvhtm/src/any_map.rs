@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::heap::Heap;
+use crate::hybrid::{HybridMap, HYBRID_MAGIC};
 use crate::map::{MapError, Result, MAP_MAGIC};
 use crate::periodic::{PeriodicMap, PeriodicOptions, PERIODIC_MAGIC};
 use crate::{Domain, StrictMap};
@@ -15,6 +16,9 @@ pub enum MapKind {
     Strict,
     /// [`PeriodicMap`]: durable within two epochs, or at `sync`.
     Periodic,
+    /// [`HybridMap`]: a DRAM index over a persistent log; every operation durable when it
+    /// returns, the log replayed at open.
+    Hybrid,
 }
 
 impl std::fmt::Display for MapKind {
@@ -22,6 +26,7 @@ impl std::fmt::Display for MapKind {
         f.write_str(match self {
             MapKind::Strict => "strict",
             MapKind::Periodic => "periodic",
+            MapKind::Hybrid => "hybrid",
         })
     }
 }
@@ -44,6 +49,7 @@ impl MapKind {
         match magic {
             MAP_MAGIC => Ok(Some(MapKind::Strict)),
             PERIODIC_MAGIC => Ok(Some(MapKind::Periodic)),
+            HYBRID_MAGIC => Ok(Some(MapKind::Hybrid)),
             other => Err(MapError::NotAMap(format!("the root ({size} bytes) starts with {other:#018x}"))),
         }
     }
@@ -56,6 +62,8 @@ pub enum AnyMap<D: Domain> {
     Strict(Box<StrictMap<D>>),
     /// A periodic map.
     Periodic(PeriodicMap<D>),
+    /// A hybrid map (boxed: its index and log handles are larger than the periodic handle).
+    Hybrid(Box<HybridMap<D>>),
 }
 
 /// The shape of either map, for `stats`.
@@ -65,11 +73,11 @@ pub struct AnyStats {
     pub kind: MapKind,
     /// Live entries.
     pub entries: u64,
-    /// Segments.
+    /// Segments (of the hybrid map: its log's).
     pub segments: u64,
     /// Directory depth.
     pub global_depth: u64,
-    /// Entries over capacity.
+    /// Entries over capacity (of the hybrid map: the live share of its log).
     pub load_factor: f64,
     /// The most entries in one bucket (periodic).
     pub longest_bucket: Option<u64>,
@@ -77,6 +85,8 @@ pub struct AnyStats {
     pub epoch_ms: Option<f64>,
     /// The current and the last durable epoch (periodic).
     pub epochs: Option<(u64, u64)>,
+    /// The log's counts (hybrid).
+    pub log: Option<crate::hybrid::HybridStats>,
 }
 
 impl<D: Domain> AnyMap<D> {
@@ -98,6 +108,7 @@ impl<D: Domain> AnyMap<D> {
         Ok(match MapKind::of(&heap)?.unwrap_or(new) {
             MapKind::Strict => AnyMap::Strict(Box::new(StrictMap::open(heap)?)),
             MapKind::Periodic => AnyMap::Periodic(PeriodicMap::open(heap, periodic)?),
+            MapKind::Hybrid => AnyMap::Hybrid(Box::new(HybridMap::open(heap)?)),
         })
     }
 
@@ -106,6 +117,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(_) => MapKind::Strict,
             AnyMap::Periodic(_) => MapKind::Periodic,
+            AnyMap::Hybrid(_) => MapKind::Hybrid,
         }
     }
 
@@ -114,6 +126,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.heap(),
             AnyMap::Periodic(m) => m.heap(),
+            AnyMap::Hybrid(m) => m.heap(),
         }
     }
 
@@ -122,6 +135,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.get(key),
             AnyMap::Periodic(m) => m.get(key),
+            AnyMap::Hybrid(m) => m.get(key),
         }
     }
 
@@ -130,6 +144,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.upsert(key, value),
             AnyMap::Periodic(m) => m.upsert(key, value),
+            AnyMap::Hybrid(m) => m.upsert(key, value),
         }
     }
 
@@ -138,6 +153,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.insert(key, value),
             AnyMap::Periodic(m) => m.insert(key, value),
+            AnyMap::Hybrid(m) => m.insert(key, value),
         }
     }
 
@@ -163,6 +179,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.compare_and_swap(key, expected, new),
             AnyMap::Periodic(m) => m.compare_and_swap(key, expected, new),
+            AnyMap::Hybrid(m) => m.compare_and_swap(key, expected, new),
         }
     }
 
@@ -171,6 +188,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.len(),
             AnyMap::Periodic(m) => m.len(),
+            AnyMap::Hybrid(m) => m.len(),
         }
     }
 
@@ -179,6 +197,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.is_empty(),
             AnyMap::Periodic(m) => m.is_empty(),
+            AnyMap::Hybrid(m) => m.is_empty(),
         }
     }
 
@@ -187,6 +206,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.remove(key),
             AnyMap::Periodic(m) => m.remove(key),
+            AnyMap::Hybrid(m) => m.remove(key),
         }
     }
 
@@ -195,13 +215,15 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.for_each(visit),
             AnyMap::Periodic(m) => m.for_each(visit),
+            AnyMap::Hybrid(m) => m.for_each(visit),
         }
     }
 
-    /// Makes every completed operation durable (a no-op for the strict map: they are).
+    /// Makes every completed operation durable (a no-op for the strict and hybrid maps: they
+    /// are).
     pub fn sync(&self) -> Result<()> {
         match self {
-            AnyMap::Strict(_) => Ok(()),
+            AnyMap::Strict(_) | AnyMap::Hybrid(_) => Ok(()),
             AnyMap::Periodic(m) => m.sync(),
         }
     }
@@ -220,6 +242,7 @@ impl<D: Domain> AnyMap<D> {
                     longest_bucket: None,
                     epoch_ms: None,
                     epochs: None,
+                    log: None,
                 }
             }
             AnyMap::Periodic(m) => {
@@ -233,6 +256,25 @@ impl<D: Domain> AnyMap<D> {
                     longest_bucket: Some(s.longest_bucket),
                     epoch_ms: Some(m.stored_epoch()?.as_secs_f64() * 1000.0),
                     epochs: Some((s.epoch, s.durable)),
+                    log: None,
+                }
+            }
+            AnyMap::Hybrid(m) => {
+                let s = m.stats()?;
+                AnyStats {
+                    kind: MapKind::Hybrid,
+                    entries: s.entries,
+                    segments: s.segments,
+                    global_depth: 0,
+                    load_factor: if s.log_bytes == 0 {
+                        1.0
+                    } else {
+                        s.live_bytes as f64 / s.log_bytes as f64
+                    },
+                    longest_bucket: None,
+                    epoch_ms: None,
+                    epochs: None,
+                    log: Some(s),
                 }
             }
         })
@@ -243,6 +285,7 @@ impl<D: Domain> AnyMap<D> {
         match self {
             AnyMap::Strict(m) => m.close(),
             AnyMap::Periodic(m) => m.close(),
+            AnyMap::Hybrid(m) => m.close(),
         }
     }
 }

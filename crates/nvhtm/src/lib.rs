@@ -11,6 +11,7 @@ pub mod any_map;
 mod choices;
 pub mod fams;
 pub mod heap;
+pub mod hybrid;
 pub mod log;
 pub mod map;
 pub mod mutation;

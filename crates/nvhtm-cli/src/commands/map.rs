@@ -7,6 +7,8 @@ use nvhtm::periodic::PeriodicOptions;
 use nvhtm::pool::PoolOptions;
 use nvhtm::{AnyMap, AutoDomain, Heap, MapKind};
 
+use crate::format::human_size;
+
 use super::CommandResult;
 
 /// Opens the map in a pool, whichever the pool's root says it holds (creating a strict one in
@@ -167,8 +169,18 @@ pub fn stats(path: &Path, layout: &str, json: bool) -> CommandResult {
         println!("map         {}", stats.kind);
         println!("entries     {}", stats.entries);
         println!("segments    {}", stats.segments);
-        println!("directory   depth {} ({} entries)", stats.global_depth, 1u64 << stats.global_depth);
-        println!("load factor {:.3}", stats.load_factor);
+        if let Some(log) = &stats.log {
+            println!(
+                "log         {} of records, {} live ({:.1}%), replayed in {:.2} ms",
+                human_size(log.log_bytes),
+                human_size(log.live_bytes),
+                stats.load_factor * 100.0,
+                log.replay_ms
+            );
+        } else {
+            println!("directory   depth {} ({} entries)", stats.global_depth, 1u64 << stats.global_depth);
+            println!("load factor {:.3}", stats.load_factor);
+        }
         if let Some(longest) = stats.longest_bucket {
             println!("longest     {longest} entries in one bucket");
         }

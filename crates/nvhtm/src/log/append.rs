@@ -25,14 +25,21 @@ impl LogCore {
     /// Copies one record to the tail; returns its LSN and the LSN after it. Durable only
     /// after a [`commit`](LogCore::commit) up to that end.
     pub(crate) fn write<D: Domain>(&self, heap: &Heap<D>, payload: &[u8]) -> Result<(u64, u64)> {
-        if payload.len() > MAX_RECORD {
-            return Err(LogError::TooLarge { len: payload.len(), max: MAX_RECORD });
+        self.write_parts(heap, &[payload]).map(|(lsn, end, _)| (lsn, end))
+    }
+
+    /// [`write`](LogCore::write) of the payload made of `parts`, back to back (no copy to
+    /// join them); also returns the record's pool offset.
+    pub(crate) fn write_parts<D: Domain>(&self, heap: &Heap<D>, parts: &[&[u8]]) -> Result<(u64, u64, u64)> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_RECORD {
+            return Err(LogError::TooLarge { len, max: MAX_RECORD });
         }
         self.check_failed()?;
         let pool = heap.raw_pool();
         let _gate = pool.enter_writer();
         let mut w = lock(&self.writer);
-        let size = record_size(payload.len());
+        let size = record_size(len);
         let fresh = w.first == FirstAppend::NewSegment;
         if fresh || w.tail + size > w.seg.end() {
             self.switch(heap, &mut w, size)?;
@@ -45,19 +52,24 @@ impl LogCore {
         debug_assert_eq!(w.first, FirstAppend::Done);
         let lsn = w.tail;
         let at = w.seg.at(lsn);
-        pool.write_bytes(at, &record_header(lsn, w.seg.tag, payload))?;
-        pool.write_bytes(at + RECORD_HEADER, payload)?;
-        let pad = (size - RECORD_HEADER) as usize - payload.len();
+        pool.write_bytes(at, &record_header(lsn, w.seg.tag, parts))?;
+        let mut to = at + RECORD_HEADER;
+        for part in parts {
+            pool.write_bytes(to, part)?;
+            to += part.len() as u64;
+        }
+        let pad = (size - RECORD_HEADER) as usize - len;
         if pad > 0 {
-            pool.write_bytes(at + RECORD_HEADER + payload.len() as u64, &[0u8; 8][..pad])?;
+            pool.write_bytes(to, &[0u8; 8][..pad])?;
         }
         match w.pending.last_mut() {
             Some((start, len)) if *start + *len == at => *len += size,
             _ => w.pending.push((at, size)),
         }
         w.tail += size;
+        self.written.store(w.tail, Ordering::Release);
         self.appends.fetch_add(1, Ordering::Relaxed);
-        Ok((lsn, w.tail))
+        Ok((lsn, w.tail, at))
     }
 
     /// Returns once every record before `end` is durable, making a batch durable itself if no

@@ -78,19 +78,21 @@ pub(super) enum FirstAppend {
 #[derive(Debug)]
 pub(crate) struct LogCore {
     pub(super) root: u64,
-    pub(super) segment_size: u64,
+    pub(crate) segment_size: u64,
     pub(super) chain: RwLock<Chain>,
     pub(super) writer: Mutex<Writer>,
     /// Every record below this LSN is durable; readers see no further.
     pub(super) durable: AtomicU64,
+    /// The end of the records written (durable or not).
+    pub(super) written: AtomicU64,
     /// Held by the thread that is making a batch durable.
     pub(super) committer: Mutex<()>,
     /// Set when a commit failed: the log refuses further appends.
     pub(super) failed: OnceLock<String>,
     /// Held by a truncation: their transactions move the head in order.
     pub(super) truncator: Mutex<()>,
-    pub(super) appends: AtomicU64,
-    pub(super) commits: AtomicU64,
+    pub(crate) appends: AtomicU64,
+    pub(crate) commits: AtomicU64,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,6 +159,7 @@ impl LogCore {
             chain: RwLock::new(Chain { segs, head_lsn: r.head_lsn }),
             writer: Mutex::new(Writer { tail, seg: tail_seg, first, pending: Vec::new() }),
             durable: AtomicU64::new(tail),
+            written: AtomicU64::new(tail),
             committer: Mutex::new(()),
             failed: OnceLock::new(),
             truncator: Mutex::new(()),
@@ -173,6 +176,50 @@ impl LogCore {
     /// The end of the durable records: the LSN the next record after them gets.
     pub(crate) fn tail(&self) -> u64 {
         self.durable.load(Ordering::Acquire)
+    }
+
+    /// The end of the records written, durable or not.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// The bytes of records from the head to the written end.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.written() - self.head()
+    }
+
+    /// Where the head segment's records end (the next segment's start, or the durable tail).
+    pub(crate) fn head_segment_end(&self) -> u64 {
+        let chain = self.chain.read().unwrap_or_else(|e| e.into_inner());
+        chain.end_of(0, self.tail())
+    }
+
+    /// Calls `visit(lsn, pool offset, payload)` for every durable record from the head, in
+    /// order, walking the segments directly (for a replay at open, when nothing else runs).
+    pub(crate) fn for_each_record<D: Domain>(
+        &self,
+        heap: &Heap<D>,
+        mut visit: impl FnMut(u64, u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let chain = self.chain.read().unwrap_or_else(|e| e.into_inner());
+        let durable = self.tail();
+        let mut buf = Vec::new();
+        let mut lsn = chain.head_lsn;
+        for i in chain.find(lsn)..chain.segs.len() {
+            let seg = chain.segs[i];
+            let end = chain.end_of(i, durable);
+            lsn = lsn.max(seg.start_lsn);
+            while lsn < end {
+                let Some(next) = read_record(heap, &seg, lsn, end, &mut buf)? else {
+                    return Err(corrupt(format!(
+                        "no record checks at LSN {lsn}, before the end {end} of its segment"
+                    )));
+                };
+                visit(lsn, seg.at(lsn), &buf)?;
+                lsn = next;
+            }
+        }
+        Ok(())
     }
 
     /// The live segments.

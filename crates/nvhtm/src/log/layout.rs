@@ -92,23 +92,36 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const MIN_SEGMENT_SIZE: u64 = 256;
 
 /// The bytes a record of `len` payload bytes takes.
-pub(super) fn record_size(len: usize) -> u64 {
+pub(crate) fn record_size(len: usize) -> u64 {
     RECORD_HEADER + (len as u64).next_multiple_of(8)
 }
 
 /// The check of a record: its payload's xxh3, seeded by where it is and what it claims.
 pub(super) fn check(lsn: u64, tag: u32, payload: &[u8]) -> u64 {
-    let seed = lsn.rotate_left(32)
-        ^ (u64::from(tag) << 32 | payload.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    xxhash_rust::xxh3::xxh3_64_with_seed(payload, seed)
+    check_parts(lsn, tag, &[payload])
 }
 
-/// A record header's words.
-pub(super) fn record_header(lsn: u64, tag: u32, payload: &[u8]) -> [u8; 16] {
+/// [`check`] of the payload made of `parts`, back to back.
+pub(super) fn check_parts(lsn: u64, tag: u32, parts: &[&[u8]]) -> u64 {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let seed = lsn.rotate_left(32) ^ (u64::from(tag) << 32 | len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    if let [one] = parts {
+        return xxhash_rust::xxh3::xxh3_64_with_seed(one, seed);
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::with_seed(seed);
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.digest()
+}
+
+/// A record header's words, for the payload made of `parts`.
+pub(super) fn record_header(lsn: u64, tag: u32, parts: &[&[u8]]) -> [u8; 16] {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[..4].copy_from_slice(&(len as u32).to_le_bytes());
     header[4..8].copy_from_slice(&tag.to_le_bytes());
-    header[8..].copy_from_slice(&check(lsn, tag, payload).to_le_bytes());
+    header[8..].copy_from_slice(&check_parts(lsn, tag, parts).to_le_bytes());
     header
 }
 
@@ -133,8 +146,9 @@ mod tests {
         assert_ne!(c, check(4104, 7, payload));
         assert_ne!(c, check(4096, 8, payload));
         assert_ne!(c, check(4096, 7, b"payloa"));
-        let (len, tag, stored) = parse_header(record_header(4096, 7, payload));
+        let (len, tag, stored) = parse_header(record_header(4096, 7, &[payload]));
         assert_eq!((len, tag, stored), (7, 7, c));
+        assert_eq!(check_parts(4096, 7, &[b"pay", b"", b"load"]), c, "parts hash as their concatenation");
         assert_eq!(record_size(7), 24);
         assert_eq!(record_size(0), 16);
     }

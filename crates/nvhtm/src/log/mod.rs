@@ -44,6 +44,7 @@ mod layout;
 mod tests;
 
 pub(crate) use self::core::LogCore;
+pub(crate) use layout::record_size;
 pub use layout::{DEFAULT_SEGMENT_SIZE, LOG_MAGIC, MAX_RECORD, MIN_SEGMENT_SIZE};
 
 use std::sync::atomic::Ordering;
@@ -177,7 +178,7 @@ impl<D: Domain> Log<D> {
     /// use nvhtm::{Heap, PoolOptions, Volatile};
     /// let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(4 << 20), Volatile)?;
     /// let log = Log::open_with(heap, LogOptions { segment_size: 4096 })?;
-    /// for i in 0..100u32 {
+    /// for i in 0..300u32 {
     ///     log.append(&i.to_le_bytes())?;
     /// }
     /// assert!(log.stats().segments > 1);

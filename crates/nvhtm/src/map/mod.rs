@@ -90,6 +90,9 @@ pub enum MapError {
     /// The heap (and below it the pool) failed.
     #[error(transparent)]
     Heap(#[from] HeapError),
+    /// The hybrid map's log failed.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
     /// A key longer than [`MAX_KEY`].
     #[error("key of {len} bytes is longer than the {max}-byte limit")]
     KeyTooLarge {

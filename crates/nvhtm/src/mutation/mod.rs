@@ -21,6 +21,7 @@
 
 pub mod fams;
 pub mod heap;
+pub mod hybrid;
 pub mod log;
 pub mod map;
 pub mod periodic;
@@ -169,6 +170,16 @@ pub const SUITES: &[Suite] = &[
         run: log::two_runs_suite,
     },
     Suite {
+        name: "hybrid-single",
+        about: "random hybrid-map operations with segment switches and log cleaning",
+        run: hybrid::single_suite,
+    },
+    Suite {
+        name: "hybrid-two-runs",
+        about: "crash, recover (the log replayed into the index), work on, crash again",
+        run: hybrid::two_runs_suite,
+    },
+    Suite {
         name: "map-single",
         about: "random strict-map operations across a segment split",
         run: map::single_suite,
@@ -219,7 +230,7 @@ fn litmus_suite() -> MutationReport {
 /// assert_eq!(structure_of("crates/nvhtm/src/sim/litmus.rs"), "litmus");
 /// ```
 pub fn structure_of(file: &str) -> &'static str {
-    const KNOWN: [&str; 8] = ["pool", "heap", "log", "map", "periodic", "fams", "persist", "sim"];
+    const KNOWN: [&str; 9] = ["pool", "heap", "hybrid", "log", "map", "periodic", "fams", "persist", "sim"];
     if file.ends_with("sim/litmus.rs") {
         return "litmus";
     }

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use nvhtm::periodic::PeriodicOptions;
 use nvhtm::pool::PoolOptions;
-use nvhtm::{AutoDomain, Heap, StrictMap};
+use nvhtm::{AnyMap, AutoDomain, Heap, MapKind};
 
 pub mod periodic;
 
@@ -60,24 +61,36 @@ struct Round {
     recovery_ms: f64,
 }
 
-/// `nvhtm demo`.
+/// `nvhtm demo` with a strict or hybrid map (`kind`).
 /// With `fams = Some(n)`, the pool is a FAMS pool and the writer syncs every `n` inserts.
-pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) -> CommandResult {
-    let default = if fams.is_some() { "/tmp/nvhtm-demo-fams.pool" } else { "/dev/shm/nvhtm-demo-crash.pool" };
+pub fn demo(
+    keys: u64,
+    rounds: u64,
+    pool: Option<PathBuf>,
+    fams: Option<u64>,
+    kind: MapKind,
+) -> CommandResult {
+    let default = match (fams, kind) {
+        (Some(_), _) => "/tmp/nvhtm-demo-fams.pool",
+        (None, MapKind::Hybrid) => "/dev/shm/nvhtm-demo-hybrid.pool",
+        (None, _) => "/dev/shm/nvhtm-demo-crash.pool",
+    };
     let pool = pool.unwrap_or_else(|| PathBuf::from(default));
     let _ = std::fs::remove_file(&pool);
     let _ = std::fs::remove_file(nvhtm::fams::journal_path(&pool));
     let opts = PoolOptions::default().with_size(64 << 20);
-    match fams {
-        Some(_) => Heap::<AutoDomain>::create_fams(&pool, &opts)?.close()?,
-        None => Heap::<AutoDomain>::create(&pool, &opts)?.close()?,
-    }
+    let heap = match fams {
+        Some(_) => Heap::<AutoDomain>::create_fams(&pool, &opts)?,
+        None => Heap::<AutoDomain>::create(&pool, &opts)?,
+    };
+    // The writer opens whatever map the pool's root holds.
+    AnyMap::open(heap, kind, PeriodicOptions::manual())?.close()?;
     let sync_every = fams.unwrap_or(0);
     let exe = std::env::current_exe()?;
     let per_round = (keys / rounds.max(1)).max(1);
     let mut rng = fastrand::Rng::new();
     println!(
-        "nvhtm demo: {rounds} rounds, about {per_round} keys each, pool {} (a writer process is killed with SIGKILL in every round){}",
+        "nvhtm demo: {kind} map, {rounds} rounds, about {per_round} keys each, pool {} (a writer process is killed with SIGKILL in every round){}",
         pool.display(),
         if sync_every > 0 { format!("; FAMS, a sync every {sync_every} inserts acknowledges them") } else { String::new() }
     );
@@ -117,7 +130,8 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) ->
         let status = child.wait()?;
         // Reopen, timing recovery, and verify.
         let start = Instant::now();
-        let map = StrictMap::open(Heap::load(super::open_pool(&pool, &opts)?)?)?;
+        let map =
+            AnyMap::open(Heap::load(super::open_pool(&pool, &opts)?)?, kind, PeriodicOptions::manual())?;
         let recovery_ms = start.elapsed().as_secs_f64() * 1e3;
         let last = acked.map_or(next, |a| a + 1);
         let mut verified = 0;
@@ -148,6 +162,12 @@ pub fn demo(keys: u64, rounds: u64, pool: Option<PathBuf>, fams: Option<u64>) ->
         let report = map.heap().check(&mut |_, _| {});
         if !report.is_consistent() {
             return Err(format!("round {round}: the heap is inconsistent: {:?}", report.problems).into());
+        }
+        if let AnyMap::Hybrid(hybrid) = &map {
+            let problems = hybrid.check()?;
+            if !problems.is_empty() {
+                return Err(format!("round {round}: the hybrid map is inconsistent: {problems:?}").into());
+            }
         }
         map.close()?;
         println!(
