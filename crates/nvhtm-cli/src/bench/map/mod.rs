@@ -22,14 +22,17 @@ use std::path::Path;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use nvhtm::periodic::{PeriodicMap, PeriodicOptions};
-use nvhtm::persist::{global_stats, thread_stats, Domain, PersistStats};
-use nvhtm::pool::PoolOptions;
-use nvhtm::{Cpu, Heap, StrictMap, TypedMap, Volatile};
+use nvhtm::persist::{global_stats, thread_stats, PersistStats};
+use nvhtm::{Cpu, Heap, Volatile};
 use serde::Serialize;
 
+mod engines;
+mod open;
+
+use engines::*;
+
 use super::zipf::Zipf;
-use super::{alloc, bench_key, print_table, write_json, Machine, Scratch};
+use super::{alloc, print_table, write_json, Machine, Scratch};
 use crate::commands::CommandResult;
 
 /// The operations, in the order each engine runs them on one map.
@@ -50,6 +53,7 @@ const HASHBROWN: &str = "hashbrown";
 const VOLATILE: &str = "nvhtm (volatile)";
 const CPU: &str = "nvhtm (cpu)";
 const PERIODIC: &str = "nvhtm periodic (cpu)";
+const HYBRID: &str = "nvhtm hybrid (cpu)";
 
 /// Key and value sizes measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -260,159 +264,6 @@ fn writes<K: Key>(w: &Workload<K>, threads: usize, op: &(impl Fn(&K) + Sync)) ->
     )
 }
 
-const V1: u64 = 0x5555_5555_5555_5555;
-const V2: u64 = 0xaaaa_aaaa_aaaa_aaaa;
-
-/// hashbrown, 8-byte keys and values: every operation on one thread, lookups also on more
-/// (a shared `&HashMap` is safe to read from several threads; writes are not).
-fn hashbrown_small(w: &Workload<u64>, threads: usize) -> EngineRun {
-    let mut m: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::with_capacity(w.hits.len());
-    let one = threads == 1;
-    let insert = if one {
-        Some(timed(
-            w.hits.len() as u64,
-            vec![|| w.hits.iter().for_each(|&k| assert!(m.insert(k, k ^ V1).is_none()))],
-        ))
-    } else {
-        w.hits.iter().for_each(|&k| {
-            m.insert(k, k ^ V1);
-        });
-        None
-    };
-    let gets = lookups(w, threads, &|k: &u64| m.get(k).copied());
-    let (update, delete) = if one {
-        let u = timed(
-            w.hits.len() as u64,
-            vec![|| w.hits.iter().for_each(|&k| assert!(m.insert(k, k ^ V2).is_some()))],
-        );
-        let d =
-            timed(w.hits.len() as u64, vec![|| w.hits.iter().for_each(|k| assert!(m.remove(k).is_some()))]);
-        (Some(u), Some(d))
-    } else {
-        (None, None)
-    };
-    [insert].into_iter().chain(gets.map(Some)).chain([update, delete]).collect()
-}
-
-/// hashbrown, 16-byte keys and 100-byte boxed values (see the module comment).
-fn hashbrown_blob(w: &Workload<[u8; 16]>, threads: usize, value: &[u8], updated: &[u8]) -> EngineRun {
-    let n = w.hits.len();
-    let mut m: hashbrown::HashMap<[u8; 16], Box<[u8]>> = hashbrown::HashMap::with_capacity(n);
-    let mut fresh: Vec<Box<[u8]>> = (0..n).map(|_| Box::from(value)).collect();
-    let one = threads == 1;
-    let insert = if one {
-        Some(timed(
-            n as u64,
-            vec![|| w.hits.iter().zip(fresh.drain(..)).for_each(|(&k, v)| assert!(m.insert(k, v).is_none()))],
-        ))
-    } else {
-        w.hits.iter().zip(fresh.drain(..)).for_each(|(&k, v)| {
-            m.insert(k, v);
-        });
-        None
-    };
-    drop(fresh);
-    let gets = lookups(w, threads, &|k: &[u8; 16]| m.get(k).map(|v| u64::from(v[0])));
-    let (update, delete) = if one {
-        let mut replacements: Vec<Box<[u8]>> = (0..n).map(|_| Box::from(updated)).collect();
-        let mut old: Vec<Box<[u8]>> = Vec::with_capacity(n);
-        let u = timed(
-            n as u64,
-            vec![|| {
-                for (&k, v) in w.hits.iter().zip(replacements.drain(..)) {
-                    old.push(m.insert(k, v).expect("present"));
-                }
-            }],
-        );
-        old.clear(); // frees the replaced boxes, untimed
-        let d = timed(n as u64, vec![|| w.hits.iter().for_each(|k| old.push(m.remove(k).expect("present")))]);
-        drop(old);
-        (Some(u), Some(d))
-    } else {
-        (None, None)
-    };
-    [insert].into_iter().chain(gets.map(Some)).chain([update, delete]).collect()
-}
-
-fn heap_options() -> PoolOptions {
-    // 64 MiB to start; the heap grows the pool (up to the default 64 GiB reservation) as the
-    // map splits, and tmpfs pages cost nothing until written.
-    PoolOptions::layout("bench").with_size(64 << 20)
-}
-
-/// The nvhtm map through its typed API, 8-byte keys and values, on `threads` threads.
-fn nvhtm_small<D: Domain>(heap: Heap<D>, w: &Workload<u64>, threads: usize) -> Result<EngineRun, String> {
-    let map: TypedMap<u64, u64, D> = TypedMap::new(StrictMap::open(heap).map_err(|e| e.to_string())?);
-    let insert = writes(w, threads, &|&k: &u64| assert!(map.insert(&k, &(k ^ V1)).expect("insert")));
-    let gets = lookups(w, threads, &|k: &u64| map.get(k).expect("get"));
-    let update = writes(w, threads, &|&k: &u64| assert!(!map.upsert(&k, &(k ^ V2)).expect("update")));
-    let delete = writes(w, threads, &|k: &u64| assert!(map.remove(k).expect("delete")));
-    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
-}
-
-/// The nvhtm byte map, 16-byte keys and 100-byte values (stored out of line), on `threads`
-/// threads; lookups read one byte of the value in place (`get_with`: no allocation).
-fn nvhtm_blob<D: Domain>(
-    heap: Heap<D>,
-    w: &Workload<[u8; 16]>,
-    threads: usize,
-    value: &[u8],
-    updated: &[u8],
-) -> Result<EngineRun, String> {
-    let map = StrictMap::open(heap).map_err(|e| e.to_string())?;
-    let insert = writes(w, threads, &|k: &[u8; 16]| assert!(map.insert(k, value).expect("insert")));
-    let gets = lookups(w, threads, &|k: &[u8; 16]| map.get_with(k, |v| u64::from(v[0])).expect("get"));
-    let update = writes(w, threads, &|k: &[u8; 16]| assert!(!map.upsert(k, updated).expect("update")));
-    let delete = writes(w, threads, &|k: &[u8; 16]| assert!(map.remove(k).expect("delete")));
-    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
-}
-
-/// The periodic map with its default 10 ms epochs (a persister thread writes back what each
-/// epoch dirtied: its flushes are counted), 8-byte keys and values as bytes. A `sync` after
-/// the insert and update loops, untimed (the write-back of their last epoch or two), keeps
-/// that write-back, and the persister's frees and allocations (the counter is global), out of
-/// the loops timed next (see `settle`).
-fn periodic_small(heap: Heap<Cpu>, w: &Workload<u64>, threads: usize) -> Result<EngineRun, String> {
-    let map = PeriodicMap::open(heap, PeriodicOptions::default()).map_err(|e| e.to_string())?;
-    let insert = writes(w, threads, &|&k: &u64| {
-        assert!(map.insert(&k.to_le_bytes(), &(k ^ V1).to_le_bytes()).expect("insert"))
-    });
-    settle(&map)?;
-    let gets =
-        lookups(w, threads, &|k: &u64| map.get_with(&k.to_le_bytes(), |v| u64::from(v[0])).expect("get"));
-    let update = writes(w, threads, &|&k: &u64| {
-        assert!(!map.upsert(&k.to_le_bytes(), &(k ^ V2).to_le_bytes()).expect("update"))
-    });
-    settle(&map)?;
-    let delete = writes(w, threads, &|k: &u64| assert!(map.remove(&k.to_le_bytes()).expect("delete")));
-    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
-}
-
-/// Makes everything durable and reclaims what the writes retired (a sync, then one more
-/// advance: blocks retired in an epoch are freed once the next one is durable).
-fn settle(map: &PeriodicMap<Cpu>) -> Result<(), String> {
-    map.sync().map_err(|e| e.to_string())?;
-    map.advance().map(drop).map_err(|e| e.to_string())
-}
-
-/// The periodic map, 16-byte keys and 100-byte values.
-fn periodic_blob(
-    heap: Heap<Cpu>,
-    w: &Workload<[u8; 16]>,
-    threads: usize,
-    value: &[u8],
-    updated: &[u8],
-) -> Result<EngineRun, String> {
-    let map = PeriodicMap::open(heap, PeriodicOptions::default()).map_err(|e| e.to_string())?;
-    let insert = writes(w, threads, &|k: &[u8; 16]| assert!(map.insert(k, value).expect("insert")));
-    settle(&map)?;
-    let gets = lookups(w, threads, &|k: &[u8; 16]| map.get_with(k, |v| u64::from(v[0])).expect("get"));
-    let update = writes(w, threads, &|k: &[u8; 16]| assert!(!map.upsert(k, updated).expect("update")));
-    settle(&map)?;
-    let delete = writes(w, threads, &|k: &[u8; 16]| assert!(map.remove(k).expect("delete")));
-    Ok([insert].into_iter().chain(gets).chain([update, delete]).map(Some).collect())
-}
-
 /// One measured figure of `bench map` (the median of the rounds).
 #[derive(Debug, Serialize)]
 struct MapResult {
@@ -430,9 +281,9 @@ struct MapResult {
     ratio_to_hashbrown: f64,
     baseline_threads: usize,
     /// Over the same map on the `Volatile` domain (same keys, threads and operation); absent
-    /// for hashbrown and the periodic map.
+    /// for hashbrown and the periodic and hybrid maps.
     ratio_to_volatile: Option<f64>,
-    /// The periodic map over the strict map on the same domain (`cpu`).
+    /// The periodic or hybrid map over the strict map on the same domain (`cpu`).
     ratio_to_strict: Option<f64>,
     lines_flushed_per_op: f64,
     fences_per_op: f64,
@@ -541,6 +392,15 @@ fn measure_shape(args: &MapArgs, shape: Shape, n: usize) -> Result<Runs, Box<dyn
                 _ => unreachable!(),
             }?;
             runs.entry((PERIODIC, threads)).or_default().push(run);
+            drop(scratch);
+            let scratch = Scratch::new(args.pmem_dir, "map");
+            let heap = Heap::<Cpu>::create(&scratch.0, &heap_options())?;
+            let run = match (&small, &blob) {
+                (Some(w), _) => hybrid_small(heap, w, threads),
+                (_, Some(w)) => hybrid_blob(heap, w, threads, &value, &updated),
+                _ => unreachable!(),
+            }?;
+            runs.entry((HYBRID, threads)).or_default().push(run);
             eprintln!(
                 "  {n} keys, {:?}, round {}/{}, {threads} thread(s): {:.1} s",
                 shape.sizes(),
@@ -569,7 +429,7 @@ fn rows(shape: Shape, n: usize, runs: &Runs) -> Vec<MapResult> {
     };
     let (key_bytes, value_bytes) = shape.sizes();
     let mut out = Vec::new();
-    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC] {
+    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC, HYBRID] {
         let thread_counts: Vec<usize> = runs.keys().filter(|k| k.0 == engine).map(|k| k.1).collect();
         for threads in thread_counts {
             for (op, name) in OPS.iter().enumerate() {
@@ -582,7 +442,7 @@ fn rows(shape: Shape, n: usize, runs: &Runs) -> Vec<MapResult> {
                 };
                 let ratio_to_volatile = (engine == VOLATILE || engine == CPU)
                     .then(|| median(VOLATILE, threads, op).map_or(f64::NAN, |v| m.mops() / v.0.mops()));
-                let ratio_to_strict = (engine == PERIODIC)
+                let ratio_to_strict = (engine == PERIODIC || engine == HYBRID)
                     .then(|| median(CPU, threads, op).map_or(f64::NAN, |v| m.mops() / v.0.mops()));
                 out.push(MapResult {
                     keys: n as u64,
@@ -640,71 +500,11 @@ fn print_rows(rows: &[MapResult]) {
             ]
         }),
     );
-    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC] {
+    for engine in [HASHBROWN, VOLATILE, CPU, PERIODIC, HYBRID] {
         let allocations: u64 =
             rows.iter().filter(|r| r.engine == engine).map(|r| r.allocations_in_timed_loop).sum();
         println!("allocations in timed loops, {engine}: {allocations}");
     }
-}
-
-/// Open time as the map grows, for both maps: the strict map opens with the heap's lanes only;
-/// the periodic map records its failed epochs and starts its arena's scan in the background
-/// (the map is reopened after a close that did not mark it clean: a crash's recovery).
-fn open_times(pmem_dir: &Path, open_keys: &[u64]) -> Result<Vec<OpenResult>, Box<dyn std::error::Error>> {
-    let opts = heap_options();
-    let mut open = Vec::new();
-    for map_kind in ["strict", "periodic"] {
-        let first = open.len();
-        for &n in open_keys {
-            let scratch = Scratch::new(pmem_dir, "open");
-            if map_kind == "strict" {
-                let map = StrictMap::open(Heap::<Volatile>::create(&scratch.0, &opts)?)?;
-                for i in 0..n {
-                    map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
-                }
-                map.close()?;
-            } else {
-                let map = PeriodicMap::open(
-                    Heap::<Volatile>::create(&scratch.0, &opts)?,
-                    PeriodicOptions::manual(),
-                )?;
-                for i in 0..n {
-                    map.upsert(&bench_key(i, 8), &i.to_le_bytes())?;
-                }
-                map.sync()?;
-                drop(map); // not closed: the next open recovers as after a crash
-            }
-            let mut times: Vec<f64> = (0..5)
-                .map(|_| -> Result<f64, Box<dyn std::error::Error>> {
-                    let start = Instant::now();
-                    let heap = Heap::<Cpu>::open(&scratch.0, &opts)?;
-                    let (found, ms) = if map_kind == "strict" {
-                        let map = StrictMap::open(heap)?;
-                        let found = map.get(&bench_key(n / 2, 8))?.is_some();
-                        let ms = start.elapsed().as_secs_f64() * 1e3;
-                        map.close()?;
-                        (found, ms)
-                    } else {
-                        let opts = PeriodicOptions { background_scan: true, ..PeriodicOptions::manual() };
-                        let map = PeriodicMap::open(heap, opts)?;
-                        let found = map.get(&bench_key(n / 2, 8))?.is_some();
-                        let ms = start.elapsed().as_secs_f64() * 1e3;
-                        drop(map);
-                        (found, ms)
-                    };
-                    if !found && n > 0 {
-                        return Err("a key is missing after reopening".into());
-                    }
-                    Ok(ms)
-                })
-                .collect::<Result<_, _>>()?;
-            times.sort_by(f64::total_cmp);
-            let ms = times[2];
-            let base = open.get(first).map_or(ms, |o: &OpenResult| o.open_ms);
-            open.push(OpenResult { map: map_kind, keys: n, open_ms: ms, ratio_to_first: ms / base });
-        }
-    }
-    Ok(open)
 }
 
 /// Total memory, from /proc/meminfo (0 if unknown).
@@ -755,7 +555,7 @@ pub(super) fn map(args: &MapArgs) -> CommandResult {
         }
     }
     alloc::counting(false);
-    let open = open_times(args.pmem_dir, args.open_keys)?;
+    let open = open::open_times(args.pmem_dir, args.open_keys)?;
     println!();
     for o in &open {
         println!(
