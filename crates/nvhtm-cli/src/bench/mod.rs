@@ -12,6 +12,9 @@ use crate::commands::CommandResult;
 mod alloc;
 mod fams;
 mod heap;
+#[cfg(feature = "lmdb")]
+mod lmdb;
+mod log;
 mod map;
 mod persist;
 mod sim;
@@ -94,6 +97,33 @@ pub enum Which {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Durable writes that return once durable: the persistent log's 64-byte appends (on
+    /// /dev/shm and on a disk file), and one durable insert per operation into the strict map
+    /// and the hybrid map on a disk file (and LMDB, with the `lmdb` feature), at several thread
+    /// counts: operations per second, fences and syncs per operation (group commit).
+    Log {
+        /// Directory on tmpfs (or DAX) for the cpu pools.
+        #[arg(long, default_value = "/dev/shm")]
+        pmem_dir: PathBuf,
+        /// Directory on an ordinary (page-cache) file system for the msync pools.
+        #[arg(long, default_value = ".")]
+        disk_dir: PathBuf,
+        /// Thread counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,16")]
+        threads: Vec<usize>,
+        /// Operations per run on /dev/shm.
+        #[arg(long, default_value_t = 200_000)]
+        pmem_ops: u64,
+        /// Operations per run on the disk file.
+        #[arg(long, default_value_t = 3000)]
+        disk_ops: u64,
+        /// Interleaved repetitions of every case (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Crash images the simulator checks per second, on the litmus protocols, on a
     /// 200-record persistent log (with a recovery that opens the image as a pool, and with one
     /// that reads the image in place), and on 10,000 lines persisted one by one (the cost of
@@ -147,6 +177,12 @@ pub fn run(which: Which) -> CommandResult {
                 open_keys: &open_keys,
                 json: json.as_deref(),
             })
+        }
+        Which::Log { pmem_dir, disk_dir, threads, pmem_ops, disk_ops, rounds, json } => {
+            if threads.contains(&0) || rounds == 0 || pmem_ops == 0 || disk_ops == 0 {
+                return Err("bench log: thread counts, operations and rounds must be positive".into());
+            }
+            log::log(&pmem_dir, &disk_dir, &threads, pmem_ops, disk_ops, rounds, json.as_deref())
         }
         Which::Fams { dir, reflink_dir, json } => fams::fams(&dir, reflink_dir.as_deref(), json.as_deref()),
         Which::Sim { json } => sim::sim(json.as_deref()),

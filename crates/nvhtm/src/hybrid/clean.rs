@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 use crate::log::LogError;
+use index::Entry;
 
 /// Clean when less than this share of the log is live...
 const LIVE_SHARE: f64 = 0.5;
@@ -59,13 +60,12 @@ impl<D: Domain> HybridMap<D> {
         if end >= self.log.tail() {
             return Ok(0); // the head segment is the tail segment
         }
-        let pool = self.heap.raw_pool();
         let mut moved = 0;
         let mut copy_end = 0;
         let mut buf = Vec::new();
         let mut lsn = self.log.head();
         while lsn < end {
-            let next = self.log.read_into(&self.heap, lsn, &mut buf)?.ok_or_else(|| {
+            let (next, at) = self.log.read_at(&self.heap, lsn, &mut buf)?.ok_or_else(|| {
                 MapError::Log(LogError::Corrupt(format!("the head segment ends at LSN {lsn}, before {end}")))
             })?;
             let (kind, key, _) = parse(&buf).ok_or_else(|| {
@@ -74,10 +74,13 @@ impl<D: Domain> HybridMap<D> {
             if kind == PUT {
                 let hash = self.index.hash(key);
                 let mut table = self.index.write(hash);
-                if let Ok(mut slot) = table.find_entry(hash, |e| e.lsn == lsn) {
-                    debug_assert!(key_eq(pool, slot.get().offset, key)?);
-                    let (new_lsn, new_end, offset) = self.log.write_parts(&self.heap, &[&buf])?;
-                    *slot.get_mut() = index::Entry { hash, lsn: new_lsn, offset };
+                let live = Entry { hash, offset: at };
+                if table.candidates(hash).any(|e| e == live) {
+                    // The copy is not durable until the commit below; reading it meanwhile
+                    // gives the same key and value as the durable original, which stays until
+                    // the truncation after that commit.
+                    let (_, new_end, offset) = self.log.write_parts(&self.heap, &[&buf])?;
+                    table.replace(live, offset);
                     copy_end = new_end;
                     moved += 1;
                 }
@@ -100,13 +103,13 @@ impl<D: Domain> HybridMap<D> {
         let mut buf = Vec::new();
         let mut lsn = self.log.head();
         while lsn < end {
-            let Some(next) = self.log.read_into(&self.heap, lsn, &mut buf)? else { break };
+            let Some((next, at)) = self.log.read_at(&self.heap, lsn, &mut buf)? else { break };
             let (kind, key, value) = parse(&buf).ok_or_else(|| {
                 MapError::Log(LogError::Corrupt(format!("the record at LSN {lsn} is no map record")))
             })?;
             if kind == PUT {
                 let hash = self.index.hash(key);
-                let live = self.index.read(hash).find(hash, |e| e.lsn == lsn).is_some();
+                let live = self.index.read(hash).candidates(hash).any(|e| e.offset == at);
                 if live && !visit(key, value) {
                     break;
                 }
@@ -133,9 +136,9 @@ impl<D: Domain> HybridMap<D> {
         let mut problems = self.log.check(&self.heap)?.problems;
         let pool = self.heap.raw_pool();
         let mut last: std::collections::HashMap<Vec<u8>, (u32, u64)> = Default::default();
-        self.log.for_each_record(&self.heap, |lsn, _, payload| {
+        self.log.for_each_record(&self.heap, |_, offset, payload| {
             if let Some((kind, key, _)) = parse(payload) {
-                last.insert(key.to_vec(), (kind, lsn));
+                last.insert(key.to_vec(), (kind, offset));
             }
             Ok(())
         })?;
@@ -145,12 +148,12 @@ impl<D: Domain> HybridMap<D> {
             live_bytes += record_size_at(pool, e.offset)?;
         }
         let expected: std::collections::HashSet<u64> =
-            last.values().filter(|(kind, _)| *kind == PUT).map(|&(_, lsn)| lsn).collect();
-        let found: std::collections::HashSet<u64> = entries.iter().map(|e| e.lsn).collect();
-        if expected != found {
+            last.values().filter(|(kind, _)| *kind == PUT).map(|&(_, offset)| offset).collect();
+        let found: std::collections::HashSet<u64> = entries.iter().map(|e| e.offset).collect();
+        if expected != found || found.len() != entries.len() {
             problems.push(format!(
                 "the index holds {} entries, a replay of the log {}; {} differ",
-                found.len(),
+                entries.len(),
                 expected.len(),
                 expected.symmetric_difference(&found).count()
             ));

@@ -145,9 +145,12 @@ impl<D: Domain> HybridMap<D> {
         Ok(HybridMap { replay_ms: started.elapsed().as_secs_f64() * 1000.0, ..map })
     }
 
-    /// Rebuilds the index from the log: every put, then every delete, in log order.
+    /// Rebuilds the index from the log: every put and delete, in log order.
     fn replay(&self) -> Result<()> {
         let pool = self.heap.raw_pool();
+        // Tables sized for the log's records as if all were live 48-byte records: little
+        // growth during the replay of a log of small records.
+        self.index.reserve((self.log.bytes() / 48) as usize);
         let mut live = 0u64;
         self.log.for_each_record(&self.heap, |lsn, offset, payload| {
             let (kind, key, _) = parse(payload).ok_or_else(|| {
@@ -155,14 +158,23 @@ impl<D: Domain> HybridMap<D> {
             })?;
             let hash = self.index.hash(key);
             let mut table = self.index.write(hash);
-            let found =
-                table.find_entry(hash, |e| e.hash == hash && key_eq(pool, e.offset, key).unwrap_or(false));
-            if let Ok(old) = found {
-                live -= record_size_at(pool, old.get().offset)?;
-                old.remove();
+            let mut old = None;
+            for e in table.candidates(hash) {
+                if key_eq(pool, e.offset, key).map_err(|e| crate::log::LogError::Corrupt(e.to_string()))? {
+                    old = Some(e);
+                    break;
+                }
+            }
+            if let Some(old) = old {
+                live -= record_size_at(pool, old.offset)?;
+            }
+            match (old, kind) {
+                (Some(old), PUT) => drop(table.replace(old, offset)),
+                (Some(old), _) => drop(table.remove(old)),
+                (None, PUT) => table.insert(Entry { hash, offset }),
+                (None, _) => {}
             }
             if kind == PUT {
-                table.insert_unique(hash, Entry { hash, lsn, offset }, |e| e.hash);
                 live += crate::log::record_size(payload.len());
             }
             Ok(())

@@ -1,6 +1,5 @@
 //! Lookups and writes.
 
-use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
 use super::index::{Entry, Table};
@@ -18,56 +17,40 @@ fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
     }
 }
 
-/// The outcome of a write under a shard's lock.
-enum Write {
-    Put(Entry),
-    Delete,
-}
-
 impl<D: Domain> HybridMap<D> {
     /// The entry of `key` in `table` (the shard of `hash`).
     fn find(&self, table: &Table, hash: u64, key: &[u8]) -> Result<Option<Entry>> {
-        let pool = self.heap.raw_pool();
-        let failed = Cell::new(None);
-        let found = table.find(hash, |e| {
-            e.hash == hash
-                && key_eq(pool, e.offset, key).unwrap_or_else(|err| {
-                    failed.set(Some(err));
-                    false
-                })
-        });
-        match failed.into_inner() {
-            Some(err) => Err(err),
-            None => Ok(found.copied()),
+        for e in table.candidates(hash) {
+            if self.with_record(e.offset, |k, _| k == key)? {
+                return Ok(Some(e));
+            }
         }
+        Ok(None)
+    }
+
+    /// Calls `read(key, value)` on the record at `offset`: its header in one read, key and
+    /// value in a second (into a stack buffer up to 256 bytes).
+    fn with_record<R>(&self, offset: u64, read: impl FnOnce(&[u8], &[u8]) -> R) -> Result<R> {
+        let pool = self.heap.raw_pool();
+        let (len, key_len) = header_at(pool, offset)?;
+        let rest = len
+            .checked_sub(PAYLOAD_HEADER)
+            .filter(|&r| r >= key_len)
+            .ok_or_else(|| MapError::Corrupt(format!("the record at {offset:#x} is shorter than its key")))?;
+        let at = offset + PAYLOAD + PAYLOAD_HEADER as u64;
+        let mut small = [0u8; 256];
+        if rest <= small.len() {
+            pool.read_into(at, &mut small[..rest])?;
+            return Ok(read(&small[..key_len], &small[key_len..rest]));
+        }
+        let mut buf = vec![0u8; rest];
+        pool.read_into(at, &mut buf)?;
+        Ok(read(&buf[..key_len], &buf[key_len..]))
     }
 
     /// Calls `read` with the value of the record at `offset`.
     fn with_value<R>(&self, offset: u64, read: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        let pool = self.heap.raw_pool();
-        let (len, key_len) = header_at(pool, offset)?;
-        let at = offset + PAYLOAD + (PAYLOAD_HEADER + key_len) as u64;
-        let value_len = len
-            .checked_sub(PAYLOAD_HEADER + key_len)
-            .ok_or_else(|| MapError::Corrupt(format!("the record at {offset:#x} is shorter than its key")))?;
-        let mut small = [0u8; 128];
-        if value_len <= small.len() {
-            pool.read_into(at, &mut small[..value_len])?;
-            return Ok(read(&small[..value_len]));
-        }
-        let mut buf = vec![0u8; value_len];
-        pool.read_into(at, &mut buf)?;
-        Ok(read(&buf))
-    }
-
-    /// Makes every record written so far durable if some are not: a reader that observed
-    /// the state they made answers only once it cannot be lost.
-    fn settle(&self) -> Result<()> {
-        let written = self.log.written();
-        if written > self.log.tail() {
-            self.log.commit(&self.heap, written)?;
-        }
-        Ok(())
+        self.with_record(offset, |_, value| read(value))
     }
 
     /// The value of `key`.
@@ -89,27 +72,24 @@ impl<D: Domain> HybridMap<D> {
     pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
         check_sizes(key, None)?;
         let hash = self.index.hash(key);
-        loop {
-            let table = self.index.read(hash);
-            let Some(entry) = self.find(&table, hash, key)? else {
-                drop(table);
-                self.settle()?;
-                return Ok(None);
-            };
-            if entry.lsn >= self.log.tail() {
-                drop(table);
-                self.log.commit(&self.heap, entry.lsn + 1)?;
-                continue;
+        let mut read = Some(read);
+        // The shard's read lock: every entry it shows is durable (a writer holds the write
+        // lock until its record is), and the record stays where it is (the cleaner frees a
+        // segment only after moving every entry out of it under the write lock).
+        let table = self.index.read(hash);
+        for e in table.candidates(hash) {
+            let answer = self.with_record(e.offset, |k, v| (k == key).then(|| read.take().map(|f| f(v))))?;
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
-            // The shard's read lock keeps the record where it is: the cleaner moves a record
-            // (and frees its segment) only after updating its entry under the write lock.
-            return self.with_value(entry.offset, read).map(Some);
         }
+        Ok(None)
     }
 
-    /// Under `key`'s shard lock: `decide` sees the current value (durable) and says what to
-    /// write, if anything; the record is appended and the index updated before the lock is
-    /// released, and the call returns once the record is durable.
+    /// Under `key`'s shard lock: `decide` sees the current value and says what to write, if
+    /// anything; the record is appended, the index updated, and the lock held until the record
+    /// is durable (group commit with the other shards' writers), so no reader or writer ever
+    /// sees an index entry that a crash could take back.
     fn write<R>(
         &self,
         key: &[u8],
@@ -121,15 +101,6 @@ impl<D: Domain> HybridMap<D> {
         let pool = self.heap.raw_pool();
         let mut table = self.index.write(hash);
         let old = self.find(&table, hash, key)?;
-        if let Some(e) = old {
-            if e.lsn >= self.log.tail() {
-                // Decide on durable state only (committing under the lock cannot deadlock:
-                // the committer needs the log's locks, never a shard's).
-                self.log.commit(&self.heap, e.lsn + 1)?;
-            }
-        } else {
-            self.settle()?;
-        }
         let (go, answer) = match old {
             Some(e) => self.with_value(e.offset, |v| decide(Some(v)))?,
             None => decide(None),
@@ -142,29 +113,28 @@ impl<D: Domain> HybridMap<D> {
         let mut header = [0u8; PAYLOAD_HEADER];
         header[..4].copy_from_slice(&kind.to_le_bytes());
         header[4..].copy_from_slice(&(key.len() as u32).to_le_bytes());
-        let (lsn, end, offset) = self.log.write_parts(&self.heap, &[&header, key, value])?;
+        let (_, end, offset) = self.log.write_parts(&self.heap, &[&header, key, value])?;
         let size = crate::log::record_size(PAYLOAD_HEADER + key.len() + value.len());
-        let outcome =
-            if new_value.is_some() { Write::Put(Entry { hash, lsn, offset }) } else { Write::Delete };
         let old_size = match old {
             Some(e) => record_size_at(pool, e.offset)?,
             None => 0,
         };
-        match (outcome, table.find_entry(hash, |e| Some(*e) == old)) {
-            (Write::Put(entry), Ok(mut slot)) => *slot.get_mut() = entry,
-            (Write::Put(entry), Err(_)) => {
-                table.insert_unique(hash, entry, |e| e.hash);
+        let updated = match (old, new_value.is_some()) {
+            (Some(old), true) => table.replace(old, offset),
+            (None, true) => {
+                table.insert(Entry { hash, offset });
+                true
             }
-            (Write::Delete, Ok(slot)) => drop(slot.remove()),
-            (Write::Delete, Err(_)) => unreachable!("a delete is written only for a present key"),
-        }
-        debug_assert!(old.is_none_or(|e| e.lsn < lsn), "a key's records are appended in index order");
+            (Some(old), false) => table.remove(old),
+            (None, false) => unreachable!("a delete is written only for a present key"),
+        };
+        debug_assert!(updated, "the entry found under the lock is still there");
         if new_value.is_some() {
             self.live_bytes.fetch_add(size, Ordering::Relaxed);
         }
         self.live_bytes.fetch_sub(old_size, Ordering::Relaxed);
-        drop(table);
         self.log.commit(&self.heap, end)?;
+        drop(table);
         self.maybe_clean()?;
         Ok(answer)
     }

@@ -52,15 +52,30 @@ impl LogCore {
         debug_assert_eq!(w.first, FirstAppend::Done);
         let lsn = w.tail;
         let at = w.seg.at(lsn);
-        pool.write_bytes(at, &record_header(lsn, w.seg.tag, parts))?;
-        let mut to = at + RECORD_HEADER;
-        for part in parts {
-            pool.write_bytes(to, part)?;
-            to += part.len() as u64;
-        }
-        let pad = (size - RECORD_HEADER) as usize - len;
-        if pad > 0 {
-            pool.write_bytes(to, &[0u8; 8][..pad])?;
+        let mut small = [0u8; 256];
+        if size as usize <= small.len() {
+            // A small record is assembled on the stack (its check hashed in one pass) and
+            // copied in one store sequence.
+            let start = RECORD_HEADER as usize;
+            let mut to = start;
+            for part in parts {
+                small[to..to + part.len()].copy_from_slice(part);
+                to += part.len();
+            }
+            let header = record_header(lsn, w.seg.tag, &[&small[start..to]]);
+            small[..start].copy_from_slice(&header);
+            pool.write_bytes(at, &small[..size as usize])?;
+        } else {
+            pool.write_bytes(at, &record_header(lsn, w.seg.tag, parts))?;
+            let mut to = at + RECORD_HEADER;
+            for part in parts {
+                pool.write_bytes(to, part)?;
+                to += part.len() as u64;
+            }
+            let pad = (size - RECORD_HEADER) as usize - len;
+            if pad > 0 {
+                pool.write_bytes(to, &[0u8; 8][..pad])?;
+            }
         }
         match w.pending.last_mut() {
             Some((start, len)) if *start + *len == at => *len += size,
@@ -80,21 +95,23 @@ impl LogCore {
                 return Ok(());
             }
             self.check_failed()?;
-            let _leader = lock(&self.committer);
+            let mut ranges = lock(&self.committer);
             if self.durable.load(Ordering::Acquire) >= end {
                 return Ok(());
             }
             self.check_failed()?;
-            let (upto, ranges) = {
+            let upto = {
                 let mut w = lock(&self.writer);
-                (w.tail, std::mem::take(&mut w.pending))
+                ranges.clear();
+                std::mem::swap(&mut *ranges, &mut w.pending);
+                w.tail
             };
             let pool = heap.raw_pool();
             let done = (|| {
                 if pool.is_fams() {
                     return pool.sync();
                 }
-                for &(start, len) in &ranges {
+                for &(start, len) in ranges.iter() {
                     pool.flush(start, len)?;
                 }
                 pool.fence()

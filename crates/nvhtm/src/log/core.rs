@@ -85,8 +85,9 @@ pub(crate) struct LogCore {
     pub(super) durable: AtomicU64,
     /// The end of the records written (durable or not).
     pub(super) written: AtomicU64,
-    /// Held by the thread that is making a batch durable.
-    pub(super) committer: Mutex<()>,
+    /// Held by the thread that is making a batch durable; holds the ranges of its batch (a
+    /// buffer swapped with the writer's, so neither allocates once warm).
+    pub(super) committer: Mutex<Vec<(u64, u64)>>,
     /// Set when a commit failed: the log refuses further appends.
     pub(super) failed: OnceLock<String>,
     /// Held by a truncation: their transactions move the head in order.
@@ -160,7 +161,7 @@ impl LogCore {
             writer: Mutex::new(Writer { tail, seg: tail_seg, first, pending: Vec::new() }),
             durable: AtomicU64::new(tail),
             written: AtomicU64::new(tail),
-            committer: Mutex::new(()),
+            committer: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
             truncator: Mutex::new(()),
             appends: AtomicU64::new(0),
@@ -235,6 +236,16 @@ impl LogCore {
         lsn: u64,
         buf: &mut Vec<u8>,
     ) -> Result<Option<u64>> {
+        Ok(self.read_at(heap, lsn, buf)?.map(|(next, _)| next))
+    }
+
+    /// [`read_into`](LogCore::read_into), also returning the record's pool offset.
+    pub(crate) fn read_at<D: Domain>(
+        &self,
+        heap: &Heap<D>,
+        lsn: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<(u64, u64)>> {
         let chain = self.chain.read().unwrap_or_else(|e| e.into_inner());
         let durable = self.tail();
         if lsn < chain.head_lsn {
@@ -251,7 +262,7 @@ impl LogCore {
         let seg = chain.segs[i];
         let end = chain.end_of(i, durable);
         match read_record(heap, &seg, lsn, end, buf)? {
-            Some(next) => Ok(Some(next)),
+            Some(next) => Ok(Some((next, seg.at(lsn)))),
             None => Err(not_a_record()),
         }
     }
