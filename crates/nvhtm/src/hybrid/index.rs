@@ -144,9 +144,13 @@ impl Index {
         xxhash_rust::xxh3::xxh3_64_with_seed(key, self.seed)
     }
 
+    /// The shard of `hash`: its top bits (the low bits pick the slot in it).
+    pub fn shard_of(&self, hash: u64) -> usize {
+        (hash >> 58) as usize % SHARDS
+    }
+
     fn shard(&self, hash: u64) -> &RwLock<Table> {
-        // The top bits pick the shard; the low bits the slot in it.
-        &self.shards[(hash >> 58) as usize % SHARDS]
+        &self.shards[self.shard_of(hash)]
     }
 
     pub fn read(&self, hash: u64) -> RwLockReadGuard<'_, Table> {

@@ -31,6 +31,7 @@
 mod clean;
 mod index;
 mod ops;
+mod replay;
 #[cfg(test)]
 mod tests;
 
@@ -41,7 +42,7 @@ use crate::heap::{Heap, HeapError};
 use crate::log::{LogCore, LogOptions};
 use crate::map::{MapError, Result};
 use crate::persist::Domain;
-use index::{Entry, Index};
+use index::Index;
 
 /// The root's magic: a hybrid map.
 pub const HYBRID_MAGIC: u64 = u64::from_le_bytes(*b"NVHYBR01");
@@ -143,44 +144,6 @@ impl<D: Domain> HybridMap<D> {
         };
         map.replay()?;
         Ok(HybridMap { replay_ms: started.elapsed().as_secs_f64() * 1000.0, ..map })
-    }
-
-    /// Rebuilds the index from the log: every put and delete, in log order.
-    fn replay(&self) -> Result<()> {
-        let pool = self.heap.raw_pool();
-        // Tables sized for the log's records as if all were live 48-byte records: little
-        // growth during the replay of a log of small records.
-        self.index.reserve((self.log.bytes() / 48) as usize);
-        let mut live = 0u64;
-        self.log.for_each_record(&self.heap, |lsn, offset, payload| {
-            let (kind, key, _) = parse(payload).ok_or_else(|| {
-                crate::log::LogError::Corrupt(format!("the record at LSN {lsn} is no map record"))
-            })?;
-            let hash = self.index.hash(key);
-            let mut table = self.index.write(hash);
-            let mut old = None;
-            for e in table.candidates(hash) {
-                if key_eq(pool, e.offset, key).map_err(|e| crate::log::LogError::Corrupt(e.to_string()))? {
-                    old = Some(e);
-                    break;
-                }
-            }
-            if let Some(old) = old {
-                live -= record_size_at(pool, old.offset)?;
-            }
-            match (old, kind) {
-                (Some(old), PUT) => drop(table.replace(old, offset)),
-                (Some(old), _) => drop(table.remove(old)),
-                (None, PUT) => table.insert(Entry { hash, offset }),
-                (None, _) => {}
-            }
-            if kind == PUT {
-                live += crate::log::record_size(payload.len());
-            }
-            Ok(())
-        })?;
-        self.live_bytes.store(live, Ordering::Relaxed);
-        Ok(())
     }
 
     /// The number of entries.

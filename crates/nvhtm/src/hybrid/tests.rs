@@ -118,3 +118,26 @@ fn each_map_refuses_the_others_pool() {
     let heap = Heap::open_image(&image, &PoolOptions::layout("hybrid-test"), Volatile).unwrap();
     assert!(matches!(HybridMap::open(heap), Err(MapError::NotAMap(_))));
 }
+
+#[test]
+fn a_log_past_a_mebibyte_is_replayed_on_two_threads_to_the_same_map() {
+    let map = HybridMap::open_with(heap(), LogOptions { segment_size: 64 << 10 }).unwrap();
+    let mut model = std::collections::BTreeMap::new();
+    for i in 0..40_000u64 {
+        let key = (i * 7919 % 10_000).to_le_bytes().to_vec();
+        if i % 5 == 4 {
+            map.remove(&key).unwrap();
+            model.remove(&key);
+        } else {
+            let value = vec![i as u8; 40];
+            map.upsert(&key, &value).unwrap();
+            model.insert(key, value);
+        }
+    }
+    assert!(map.stats().unwrap().log_bytes >= super::replay::parallel_from(), "{:?}", map.stats());
+    let reopened = crash_copy(&map);
+    assert_eq!(reopened.check().unwrap(), Vec::<String>::new());
+    assert_eq!(reopened.stats().unwrap().live_bytes, map.stats().unwrap().live_bytes);
+    let entries: std::collections::BTreeMap<_, _> = reopened.entries().unwrap().into_iter().collect();
+    assert_eq!(entries, model);
+}
