@@ -1,10 +1,12 @@
 //! Appends and group commit.
 //!
 //! An appender copies its record to the tail under the writer's mutex (cached stores, no
-//! flush) and then waits until a commit covers it. Whoever holds the committer's mutex takes
-//! every range written so far, writes them back and fences once (on a FAMS pool: one sync);
-//! the appenders that queued behind it find their records durable and return. So one fence
-//! or one msync serves every record that arrived while the previous one ran.
+//! flush) and then waits until a commit covers it. One thread at a time leads a commit: it
+//! takes every range written so far, writes them back and fences once (on a FAMS pool: one
+//! sync). The others wait on a condition variable and all wake when it ends: those it covered
+//! return, and the first that it did not leads the next commit, for everything written
+//! meanwhile. So one fence or one msync serves every record that arrived while the previous
+//! one ran.
 
 use std::sync::atomic::Ordering;
 
@@ -95,34 +97,51 @@ impl LogCore {
                 return Ok(());
             }
             self.check_failed()?;
-            let mut ranges = lock(&self.committer);
+            // Wait while another thread leads a commit; all waiters wake together when it
+            // ends, and the first not covered by it leads the next, for everything written.
+            let mut leading = lock(&self.leading);
+            while *leading && self.durable.load(Ordering::Acquire) < end && self.failed.get().is_none() {
+                leading = self.commit_done.wait(leading).unwrap_or_else(|e| e.into_inner());
+            }
             if self.durable.load(Ordering::Acquire) >= end {
                 return Ok(());
             }
             self.check_failed()?;
-            let upto = {
-                let mut w = lock(&self.writer);
-                ranges.clear();
-                std::mem::swap(&mut *ranges, &mut w.pending);
-                w.tail
-            };
-            let pool = heap.raw_pool();
-            let done = (|| {
-                if pool.is_fams() {
-                    return pool.sync();
-                }
-                for &(start, len) in ranges.iter() {
-                    pool.flush(start, len)?;
-                }
-                pool.fence()
-            })();
-            if let Err(e) = done {
-                let _ = self.failed.set(e.to_string());
-                return Err(e.into());
-            }
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            self.durable.fetch_max(upto, Ordering::AcqRel);
+            *leading = true;
+            drop(leading);
+            let done = self.lead_commit(heap);
+            *lock(&self.leading) = false;
+            self.commit_done.notify_all();
+            done?;
         }
+    }
+
+    /// Makes everything written so far durable (the leader of a group commit).
+    fn lead_commit<D: Domain>(&self, heap: &Heap<D>) -> Result<()> {
+        let mut ranges = lock(&self.committer);
+        let upto = {
+            let mut w = lock(&self.writer);
+            ranges.clear();
+            std::mem::swap(&mut *ranges, &mut w.pending);
+            w.tail
+        };
+        let pool = heap.raw_pool();
+        let done = (|| {
+            if pool.is_fams() {
+                return pool.sync();
+            }
+            for &(start, len) in ranges.iter() {
+                pool.flush(start, len)?;
+            }
+            pool.fence()
+        })();
+        if let Err(e) = done {
+            let _ = self.failed.set(e.to_string());
+            return Err(e.into());
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.durable.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Starts a new tail segment with room for a record of `size` bytes. Everything written

@@ -2,7 +2,7 @@
 //! reads, and truncation. Appends and group commit are in `append.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
 use super::layout::*;
 use super::{LogError, Result};
@@ -85,8 +85,11 @@ pub(crate) struct LogCore {
     pub(super) durable: AtomicU64,
     /// The end of the records written (durable or not).
     pub(super) written: AtomicU64,
-    /// Held by the thread that is making a batch durable; holds the ranges of its batch (a
-    /// buffer swapped with the writer's, so neither allocates once warm).
+    /// Whether a thread is leading a commit; `commit_done` is notified when it ends.
+    pub(super) leading: Mutex<bool>,
+    pub(super) commit_done: Condvar,
+    /// The leader's batch of ranges (a buffer swapped with the writer's, so neither allocates
+    /// once warm).
     pub(super) committer: Mutex<Vec<(u64, u64)>>,
     /// Set when a commit failed: the log refuses further appends.
     pub(super) failed: OnceLock<String>,
@@ -161,6 +164,8 @@ impl LogCore {
             writer: Mutex::new(Writer { tail, seg: tail_seg, first, pending: Vec::new() }),
             durable: AtomicU64::new(tail),
             written: AtomicU64::new(tail),
+            leading: Mutex::new(false),
+            commit_done: Condvar::new(),
             committer: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
             truncator: Mutex::new(()),
