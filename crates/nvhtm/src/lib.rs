@@ -17,6 +17,7 @@ pub mod mutation;
 pub mod periodic;
 pub mod persist;
 pub mod pool;
+pub mod queue;
 mod region;
 pub mod sim;
 
