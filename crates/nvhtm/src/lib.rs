@@ -18,6 +18,7 @@ pub mod mutation;
 pub mod periodic;
 pub mod persist;
 pub mod pool;
+pub mod queue;
 mod region;
 pub mod sim;
 

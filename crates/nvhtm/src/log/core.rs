@@ -272,6 +272,44 @@ impl LogCore {
         }
     }
 
+    /// Reads the record at `lsn`, which a [`write`](LogCore::write) returned, into `buf`,
+    /// whether or not a commit has made it durable yet; returns the next LSN. For a structure
+    /// that orders its records under a lock of its own and reads one back (the queue's
+    /// dequeue copies an item whose enqueue may still be committing): the caller must not
+    /// hand what it read out before a commit covers it.
+    pub(crate) fn read_written<D: Domain>(&self, heap: &Heap<D>, lsn: u64, buf: &mut Vec<u8>) -> Result<u64> {
+        // The writer's mutex first, alone: `write` takes the chain's lock under it.
+        let written = lock(&self.writer).tail;
+        let chain = self.chain.read().unwrap_or_else(|e| e.into_inner());
+        if lsn < chain.head_lsn {
+            return Err(LogError::Truncated { lsn, head: chain.head_lsn });
+        }
+        let not_a_record = || LogError::NotARecord { lsn, head: chain.head_lsn, tail: written };
+        if lsn >= written || lsn % 8 != 0 {
+            return Err(not_a_record());
+        }
+        let i = chain.find(lsn);
+        let end = chain.end_of(i, written);
+        read_record(heap, &chain.segs[i], lsn, end, buf)?.ok_or_else(not_a_record)
+    }
+
+    /// The start LSN of the second live segment (`None` while there is one): a truncation to
+    /// it or past it frees a segment.
+    pub(crate) fn second_segment_start(&self) -> Option<u64> {
+        self.chain.read().unwrap_or_else(|e| e.into_inner()).segs.get(1).map(|s| s.start_lsn)
+    }
+
+    /// Counts (see [`Log::stats`](super::Log::stats)).
+    pub(crate) fn stats(&self) -> super::LogStats {
+        super::LogStats {
+            head: self.head(),
+            tail: self.tail(),
+            segments: self.segments(),
+            appends: self.appends.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+        }
+    }
+
     /// Drops every record before `before` (a record's LSN or the tail): frees the segments
     /// wholly before it. Durable when it returns.
     pub(crate) fn truncate<D: Domain>(&self, heap: &Heap<D>, before: u64) -> Result<()> {

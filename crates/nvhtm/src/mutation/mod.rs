@@ -8,8 +8,8 @@
 //! *caught* when some crash image then fails the oracle. [`run_suites`] runs suites and merges
 //! their outcomes into one [`MutationTable`], one row per distinct site (`file:line:column`):
 //! a site is caught when any suite that reached it caught it. The crash tests run the same
-//! suites (`tests/heap_crash.rs`, `tests/map_crash.rs`, `tests/pool.rs`, `tests/litmus.rs`),
-//! and so does `nvhtm mutation`.
+//! suites (`tests/heap_crash.rs`, `tests/map_crash.rs`, `tests/log_crash.rs`,
+//! `tests/queue_crash.rs`, `tests/pool.rs`, `tests/litmus.rs`), and so does `nvhtm mutation`.
 //!
 //! ```
 //! use nvhtm::mutation::{run_suites, suite};
@@ -26,6 +26,7 @@ pub mod log;
 pub mod map;
 pub mod periodic;
 pub mod pool;
+pub mod queue;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -180,6 +181,16 @@ pub const SUITES: &[Suite] = &[
         run: hybrid::two_runs_suite,
     },
     Suite {
+        name: "queue-single",
+        about: "enqueues, batches, dequeues by three consumers, checkpoints and truncations, a clean close",
+        run: queue::single_suite,
+    },
+    Suite {
+        name: "queue-two-runs",
+        about: "crash, recover (a new tail segment), enqueue and dequeue on, crash again",
+        run: queue::two_runs_suite,
+    },
+    Suite {
         name: "map-single",
         about: "random strict-map operations across a segment split",
         run: map::single_suite,
@@ -221,16 +232,19 @@ fn litmus_suite() -> MutationReport {
     CrashTest::default().mutation_run(&protocol.record(), |s, i, c| protocol.check_image(s, i, c))
 }
 
-/// The structure a source file belongs to: the directory under `src/` (`pool`, `heap`, `map`,
-/// `fams`, `persist`, `sim`), `litmus` for the simulator's litmus protocols.
+/// The structure a source file belongs to: the directory under `src/` (`pool`, `heap`, `log`,
+/// `queue`, `map`, `periodic`, `fams`, `persist`, `sim`), `litmus` for the simulator's litmus
+/// protocols.
 ///
 /// ```
 /// use nvhtm::mutation::structure_of;
 /// assert_eq!(structure_of("crates/nvhtm/src/heap/tx.rs"), "heap");
+/// assert_eq!(structure_of("crates/nvhtm/src/queue/compact.rs"), "queue");
 /// assert_eq!(structure_of("crates/nvhtm/src/sim/litmus.rs"), "litmus");
 /// ```
 pub fn structure_of(file: &str) -> &'static str {
-    const KNOWN: [&str; 9] = ["pool", "heap", "hybrid", "log", "map", "periodic", "fams", "persist", "sim"];
+    const KNOWN: [&str; 10] =
+        ["pool", "heap", "hybrid", "log", "queue", "map", "periodic", "fams", "persist", "sim"];
     if file.ends_with("sim/litmus.rs") {
         return "litmus";
     }
