@@ -132,7 +132,9 @@ impl<D: Domain> HybridMap<D> {
         if new_value.is_some() {
             self.live_bytes.fetch_add(size, Ordering::Relaxed);
         }
-        self.live_bytes.fetch_sub(old_size, Ordering::Relaxed);
+        if old_size > 0 {
+            self.live_bytes.fetch_sub(old_size, Ordering::Relaxed);
+        }
         self.log.commit(&self.heap, end)?;
         drop(table);
         self.maybe_clean()?;

@@ -99,19 +99,27 @@ impl LogCore {
             self.check_failed()?;
             // Wait while another thread leads a commit; all waiters wake together when it
             // ends, and the first not covered by it leads the next, for everything written.
-            let mut leading = lock(&self.leading);
-            while *leading && self.durable.load(Ordering::Acquire) < end && self.failed.get().is_none() {
-                leading = self.commit_done.wait(leading).unwrap_or_else(|e| e.into_inner());
+            let mut state = lock(&self.leading);
+            while state.leading && self.durable.load(Ordering::Acquire) < end && self.failed.get().is_none() {
+                state.waiters += 1;
+                state = self.commit_done.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.waiters -= 1;
             }
             if self.durable.load(Ordering::Acquire) >= end {
                 return Ok(());
             }
             self.check_failed()?;
-            *leading = true;
-            drop(leading);
+            state.leading = true;
+            drop(state);
             let done = self.lead_commit(heap);
-            *lock(&self.leading) = false;
-            self.commit_done.notify_all();
+            let mut state = lock(&self.leading);
+            state.leading = false;
+            // A wake-up is a system call: none when nobody waits (one writer).
+            let wake = state.waiters > 0;
+            drop(state);
+            if wake {
+                self.commit_done.notify_all();
+            }
             done?;
         }
     }

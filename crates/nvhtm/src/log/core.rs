@@ -62,6 +62,13 @@ pub(super) struct Writer {
     pub pending: Vec<(u64, u64)>,
 }
 
+/// The group commit's state (under its mutex).
+#[derive(Debug, Default)]
+pub(super) struct Leading {
+    pub leading: bool,
+    pub waiters: u32,
+}
+
 /// The first append of a run after opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FirstAppend {
@@ -85,8 +92,11 @@ pub(crate) struct LogCore {
     pub(super) durable: AtomicU64,
     /// The end of the records written (durable or not).
     pub(super) written: AtomicU64,
-    /// Whether a thread is leading a commit; `commit_done` is notified when it ends.
-    pub(super) leading: Mutex<bool>,
+    /// The chain's head LSN, readable without its lock (set with it).
+    pub(super) head: AtomicU64,
+    /// Whether a thread is leading a commit, and how many wait for it to end
+    /// (`commit_done`).
+    pub(super) leading: Mutex<Leading>,
     pub(super) commit_done: Condvar,
     /// The leader's batch of ranges (a buffer swapped with the writer's, so neither allocates
     /// once warm).
@@ -164,7 +174,8 @@ impl LogCore {
             writer: Mutex::new(Writer { tail, seg: tail_seg, first, pending: Vec::new() }),
             durable: AtomicU64::new(tail),
             written: AtomicU64::new(tail),
-            leading: Mutex::new(false),
+            head: AtomicU64::new(r.head_lsn),
+            leading: Mutex::new(Leading::default()),
             commit_done: Condvar::new(),
             committer: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
@@ -176,7 +187,7 @@ impl LogCore {
 
     /// The first live LSN.
     pub(crate) fn head(&self) -> u64 {
-        self.chain.read().unwrap_or_else(|e| e.into_inner()).head_lsn
+        self.head.load(Ordering::Acquire)
     }
 
     /// The end of the durable records: the LSN the next record after them gets.
@@ -335,6 +346,7 @@ impl LogCore {
             // The segments wholly before `before` (the tail segment is never among them).
             let keep = chain.find(before).min(chain.segs.len() - 1);
             chain.head_lsn = before;
+            self.head.store(before, Ordering::Release);
             let freed: Vec<Seg> = chain.segs.drain(..keep).collect();
             (freed, chain.segs[0].offset)
         };
