@@ -16,6 +16,9 @@ use super::{LogError, Result};
 use crate::heap::Heap;
 use crate::persist::Domain;
 
+/// Commits shorter than this are waited for by spinning, longer ones by sleeping.
+const SPIN_FOR: std::time::Duration = std::time::Duration::from_micros(20);
+
 impl LogCore {
     /// Appends one record and returns its LSN once it is durable.
     pub(crate) fn append<D: Domain>(&self, heap: &Heap<D>, payload: &[u8]) -> Result<u64> {
@@ -99,6 +102,9 @@ impl LogCore {
             self.check_failed()?;
             // Wait while another thread leads a commit; all waiters wake together when it
             // ends, and the first not covered by it leads the next, for everything written.
+            // Where commits are short (a fence on memory), spin through one first: sleeping
+            // and waking cost more than the commit itself.
+            self.spin_while_leading(end);
             let mut state = lock(&self.leading);
             while state.leading && self.durable.load(Ordering::Acquire) < end && self.failed.get().is_none() {
                 state.waiters += 1;
@@ -110,10 +116,14 @@ impl LogCore {
             }
             self.check_failed()?;
             state.leading = true;
+            self.leader_active.store(true, Ordering::Release);
             drop(state);
+            let started = std::time::Instant::now();
             let done = self.lead_commit(heap);
+            self.last_commit_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             let mut state = lock(&self.leading);
             state.leading = false;
+            self.leader_active.store(false, Ordering::Release);
             // A wake-up is a system call: none when nobody waits (one writer).
             let wake = state.waiters > 0;
             drop(state);
@@ -121,6 +131,27 @@ impl LogCore {
                 self.commit_done.notify_all();
             }
             done?;
+        }
+    }
+
+    /// Spins while a commit is being led and `end` is not yet durable, if commits are short
+    /// (the last took under [`SPIN_FOR`]), for at most twice that long.
+    fn spin_while_leading(&self, end: u64) {
+        let last = self.last_commit_ns.load(Ordering::Relaxed);
+        if last >= SPIN_FOR.as_nanos() as u64 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let limit = std::time::Duration::from_nanos(2 * last + 1000);
+        let mut spins = 0u32;
+        while self.leader_active.load(Ordering::Acquire) && self.durable.load(Ordering::Acquire) < end {
+            // Yield rather than spin hard: with more threads than cores the leader may need
+            // this core to finish.
+            std::thread::yield_now();
+            spins += 1;
+            if spins % 16 == 0 && started.elapsed() > limit {
+                return;
+            }
         }
     }
 

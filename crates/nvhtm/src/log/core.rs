@@ -1,7 +1,7 @@
 //! The log's state in DRAM over its bytes in the pool: the segment chain, the recovery scan,
 //! reads, and truncation. Appends and group commit are in `append.rs`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
 use super::layout::*;
@@ -98,6 +98,10 @@ pub(crate) struct LogCore {
     /// (`commit_done`).
     pub(super) leading: Mutex<Leading>,
     pub(super) commit_done: Condvar,
+    /// `leading.leading`, readable without the lock (for spinning waiters).
+    pub(super) leader_active: AtomicBool,
+    /// How long the last commit took (decides whether waiters spin or sleep).
+    pub(super) last_commit_ns: AtomicU64,
     /// The leader's batch of ranges (a buffer swapped with the writer's, so neither allocates
     /// once warm).
     pub(super) committer: Mutex<Vec<(u64, u64)>>,
@@ -177,6 +181,8 @@ impl LogCore {
             head: AtomicU64::new(r.head_lsn),
             leading: Mutex::new(Leading::default()),
             commit_done: Condvar::new(),
+            leader_active: AtomicBool::new(false),
+            last_commit_ns: AtomicU64::new(0),
             committer: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
             truncator: Mutex::new(()),
