@@ -23,6 +23,9 @@ pub struct Config {
     pub port: u16,
     /// FAMS mode: milliseconds between syncs (`sync-ms`).
     pub sync_ms: u64,
+    /// Periodic mode: the epoch length in milliseconds (`epoch-ms`; `None`: the map's stored
+    /// one).
+    pub epoch_ms: Option<f64>,
     /// Size of a new pool (`size`).
     pub size: u64,
     /// The longest bulk string a request may hold (`proto-max-bulk-len`).
@@ -53,6 +56,7 @@ impl Default for Config {
             bind: "127.0.0.1".into(),
             port: 6379,
             sync_ms: 1000,
+            epoch_ms: None,
             size: 64 << 20,
             proto_max_bulk_len: 512 << 20,
             client_query_buffer_limit: 1 << 30,
@@ -67,7 +71,7 @@ impl Default for Config {
 }
 
 /// The directives a config file may hold (Redis's names, plus nvhtm's own `pool`, `mode`,
-/// `sync-ms`, `size` and `threads`).
+/// `sync-ms`, `epoch-ms`, `size` and `threads`).
 pub const DIRECTIVES: &[&str] = &[
     "port",
     "bind",
@@ -80,6 +84,7 @@ pub const DIRECTIVES: &[&str] = &[
     "pool",
     "mode",
     "sync-ms",
+    "epoch-ms",
     "size",
     "threads",
 ];
@@ -161,7 +166,9 @@ impl Config {
                 self.mode = Some(match value.to_ascii_lowercase().as_str() {
                     "strict" => Mode::Strict,
                     "fams" => Mode::Fams,
-                    _ => return Err(format!("'mode' is strict or fams, not '{value}'")),
+                    "periodic" => Mode::Periodic,
+                    "hybrid" => Mode::Hybrid,
+                    _ => return Err(format!("'mode' is strict, fams, periodic or hybrid, not '{value}'")),
                 });
             }
             "sync-ms" => {
@@ -169,6 +176,15 @@ impl Config {
                 if self.sync_ms == 0 {
                     return Err("'sync-ms' must be at least 1".into());
                 }
+            }
+            "epoch-ms" => {
+                self.epoch_ms = Some(
+                    value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|ms| ms.is_finite() && *ms > 0.0)
+                        .ok_or_else(|| format!("'epoch-ms' must be a positive number, not '{value}'"))?,
+                );
             }
             "size" => self.size = parse_memory(value)?,
             "threads" => self.threads = Some(parse_int(value)?),
@@ -222,6 +238,9 @@ impl Config {
         flag!(timeout);
         if options.mode.is_some() {
             config.mode = options.mode;
+        }
+        if options.epoch_ms.is_some() {
+            config.epoch_ms = options.epoch_ms;
         }
         if options.threads.is_some() {
             config.threads = options.threads;
