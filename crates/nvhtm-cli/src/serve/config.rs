@@ -377,6 +377,8 @@ mod tests {
         assert_eq!(config.sync_ms, 50);
         assert_eq!(config.size, 8 << 20);
         assert_eq!(config.threads, Some(3));
+        config.apply_file(Path::new("x.conf"), "mode hybrid\nmode periodic\nepoch-ms 2.5\n").unwrap();
+        assert_eq!((config.mode, config.epoch_ms), (Some(Mode::Periodic), Some(2.5)));
         config.apply_file(Path::new("x.conf"), "requirepass \"\"\n").unwrap();
         assert_eq!(config.requirepass, None, "an empty password is none");
 
@@ -387,7 +389,11 @@ mod tests {
         assert_eq!(bad("\nport x\n"), "/etc/n.conf:2: 'x' is not a valid number");
         assert_eq!(bad("port 70000\n"), "/etc/n.conf:1: '70000' is not a valid number");
         assert_eq!(bad("protected-mode maybe\n"), "/etc/n.conf:1: argument must be 'yes' or 'no'");
-        assert_eq!(bad("mode periodic\n"), "/etc/n.conf:1: 'mode' is strict or fams, not 'periodic'");
+        assert_eq!(
+            bad("mode dali\n"),
+            "/etc/n.conf:1: 'mode' is strict, fams, periodic or hybrid, not 'dali'"
+        );
+        assert_eq!(bad("epoch-ms 0\n"), "/etc/n.conf:1: 'epoch-ms' must be a positive number, not '0'");
         assert_eq!(bad("requirepass \"open\n"), "/etc/n.conf:1: unbalanced quotes");
         assert_eq!(bad("maxclients 0\n"), "/etc/n.conf:1: 'maxclients' must be at least 1");
         assert!(bad("bind 127.0.0.1 ::1\n").contains("takes one address"));

@@ -841,6 +841,34 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_s_map_decides_the_mode() {
+        let p = Path::new("p.pool");
+        let (s, pe, h) = (Some(MapKind::Strict), Some(MapKind::Periodic), Some(MapKind::Hybrid));
+        // The pool's own, when no mode is asked for.
+        assert_eq!(pool_mode(p, None, false, None), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, None, true, None), Ok(Mode::Fams));
+        assert_eq!(pool_mode(p, s, false, None), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, s, true, None), Ok(Mode::Fams));
+        assert_eq!(pool_mode(p, pe, false, None), Ok(Mode::Periodic));
+        assert_eq!(pool_mode(p, h, false, None), Ok(Mode::Hybrid));
+        // A mode that agrees; any, for a mapped pool without a map yet.
+        assert_eq!(pool_mode(p, s, true, Some(Mode::Strict)), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, h, false, Some(Mode::Hybrid)), Ok(Mode::Hybrid));
+        assert_eq!(pool_mode(p, None, false, Some(Mode::Periodic)), Ok(Mode::Periodic));
+        // One that contradicts the pool names both.
+        let refused = pool_mode(p, h, false, Some(Mode::Strict)).unwrap_err();
+        assert!(
+            refused.starts_with("p.pool holds a hybrid map; it cannot be served in strict mode"),
+            "{refused}"
+        );
+        assert!(refused.contains("to serve it in hybrid mode"), "{refused}");
+        assert!(pool_mode(p, pe, false, Some(Mode::Hybrid)).is_err());
+        assert!(pool_mode(p, s, false, Some(Mode::Periodic)).is_err());
+        assert!(pool_mode(p, None, true, Some(Mode::Hybrid)).unwrap_err().contains("is a FAMS pool"));
+        assert!(pool_mode(p, s, false, Some(Mode::Fams)).unwrap_err().contains("not a FAMS pool"));
+    }
+
+    #[test]
     fn arity_is_checked_before_a_handler_runs() {
         let shared = server();
         assert_eq!(exec(&shared, &["SET", "k"]), "-ERR wrong number of arguments for 'set' command\r\n");
