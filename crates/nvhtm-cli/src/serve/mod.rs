@@ -349,6 +349,12 @@ pub struct Shared {
     pub scan_hasher: std::hash::RandomState,
     /// Strict mode on a FAMS pool: the group commit.
     pub group: Option<GroupCommit>,
+    /// Hybrid mode on an ordinary file (the Msync domain): a write command blocks its thread
+    /// on the map's group-committed msync, so it runs in `block_in_place` and the worker's
+    /// other connections move to another thread meanwhile. Their writes then join the same
+    /// group commit instead of waiting behind it (without this, at most one write per worker
+    /// thread could be waiting for a commit at any time).
+    pub blocking_writes: bool,
 }
 
 /// Strict mode on a FAMS pool: a committer task runs one pool sync at a time; a connection
@@ -444,6 +450,7 @@ impl Shared {
             stop: Notify::new(),
             bgsave: Notify::new(),
             scan_hasher: std::hash::RandomState::new(),
+            blocking_writes: mode == Mode::Hybrid && info.domain == nvhtm::persist::DomainKind::Msync,
             group: (mode == Mode::Strict && fams).then(|| GroupCommit {
                 begun: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
@@ -653,6 +660,18 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         }
         _ => None,
     };
+    if spec.write && ctx.shared.blocking_writes {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                return tokio::task::block_in_place(|| run_spec(ctx, spec, args));
+            }
+        }
+    }
+    run_spec(ctx, spec, args)
+}
+
+/// Runs a checked command under the keyspace gate it needs.
+fn run_spec(ctx: &mut Ctx<'_>, spec: &'static Spec, args: &[Arg<'_>]) -> CmdResult {
     let alone = match spec.access {
         Access::None => return (spec.run)(ctx, args),
         Access::Shared => false,
