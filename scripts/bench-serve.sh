@@ -5,17 +5,22 @@
 #   nvhtm --mode strict, mapped pool       vs  redis appendonly yes, appendfsync always
 #   nvhtm --mode strict, FAMS pool         vs  redis appendonly yes, appendfsync always
 #     (group commit)
+#   nvhtm --mode hybrid                    vs  redis appendonly yes, appendfsync always
+#     (DRAM index over a log, group commit)
+#   nvhtm --mode periodic (Dalí map)       vs  redis appendonly yes, appendfsync everysec
 #   nvhtm --mode fams (sync every 1000 ms) vs  redis save "1 1" (a snapshot each second with a change), no AOF
 #
 # on /dev/shm and on a disk directory, for SET, GET, INCR, MSET with 50 clients and pipelining 1
 # and 16. Prints a table of requests per second and each nvhtm mode's ratio to its Redis
 # counterpart, and writes it with a description of the machine to
-# target/bench-serve/results-<time>.md. The periodic (Dalí) mode and its `appendfsync everysec`
-# counterpart join when the periodic map does; restart times after kill -9 are not measured
-# here yet.
+# target/bench-serve/results-<time>.md. Restart times after kill -9 are not measured here yet.
 #
-# Usage: scripts/bench-serve.sh [-n requests] [-d disk-dir] [-s shm-dir] [--nvhtm path]
+# Usage: scripts/bench-serve.sh [-n requests] [-d disk-dir] [-s shm-dir] [-c configs] [--nvhtm path]
 #   -n        requests per redis-benchmark run (default 100000)
+#   -c        the configurations to measure, comma-separated (default: all): strict, group,
+#             hybrid, always (redis appendfsync always), periodic, everysec (redis appendfsync
+#             everysec), fams, save (redis save 1 1); e.g. -c hybrid,always for the durable-write
+#             rows of the hybrid map
 #   -d        a directory on a disk file system (default target/bench-serve/data)
 #   -s        a directory on tmpfs (default /dev/shm; empty to skip)
 #   --nvhtm   a built nvhtm binary (default: cargo build --release)
@@ -27,11 +32,13 @@ requests=100000
 disk_dir=target/bench-serve/data
 shm_dir=/dev/shm
 nvhtm=
+configs=strict,group,hybrid,always,periodic,everysec,fams,save
 while [ $# -gt 0 ]; do
     case "$1" in
         -n) requests=$2; shift 2 ;;
         -d) disk_dir=$2; shift 2 ;;
         -s) shm_dir=$2; shift 2 ;;
+        -c) configs=$2; shift 2 ;;
         --nvhtm) nvhtm=$2; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -103,11 +110,18 @@ bench() {
         awk -F'","|"' 'NR > 1 && $2 != "" { split($2, name, " "); printf "%s %s\n", name[1], $3 }'
 }
 
+# Whether configuration $1 was asked for (-c).
+wanted() {
+    case ",$configs," in *",$1,"*) return 0 ;; *) return 1 ;; esac
+}
+
 declare -A rps
-# Measures one configuration: $1 label, $2 "nvhtm" or "redis", then the start arguments.
+# Measures one configuration if asked for: $1 its -c name, $2 label, $3 "nvhtm" or "redis",
+# then the start arguments.
 measure() {
-    local label=$1 kind=$2
-    shift 2
+    local config=$1 label=$2 kind=$3
+    shift 3
+    wanted "$config" || return 0
     if [ "$kind" = nvhtm ]; then start_nvhtm "$@"; else start_redis "$@"; fi
     for pipeline in 1 16; do
         while read -r test value; do
@@ -126,16 +140,27 @@ for loc in "${locations[@]}"; do
     d=$loc/nvhtm-bench-$$
     rm -rf "$d"
     mkdir -p "$d/redis-aof" "$d/redis-rdb"
-    "$nvhtm" create --fams "$d/group.pool" --size 256MiB >/dev/null
-    measure "$loc strict (mapped)" nvhtm --pool "$d/strict.pool" --mode strict --size 256MiB
-    measure "$loc strict (FAMS, group commit)" nvhtm --pool "$d/group.pool" --mode strict
-    measure "$loc redis appendfsync always" redis "$d/redis-aof" --appendonly yes --appendfsync always --save ""
-    measure "$loc fams (sync 1000 ms)" nvhtm --pool "$d/fams.pool" --mode fams --size 256MiB --sync-ms 1000
-    measure "$loc redis save 1 1" redis "$d/redis-rdb" --appendonly no --save "1 1"
+    mkdir -p "$d/redis-everysec"
+    wanted group && "$nvhtm" create --fams "$d/group.pool" --size 256MiB >/dev/null
+    measure strict "$loc strict (mapped)" nvhtm --pool "$d/strict.pool" --mode strict --size 256MiB
+    measure group "$loc strict (FAMS, group commit)" nvhtm --pool "$d/group.pool" --mode strict
+    measure hybrid "$loc hybrid (group commit)" nvhtm --pool "$d/hybrid.pool" --mode hybrid --size 256MiB
+    measure always "$loc redis appendfsync always" redis "$d/redis-aof" --appendonly yes --appendfsync always --save ""
+    measure periodic "$loc periodic (Dalí)" nvhtm --pool "$d/periodic.pool" --mode periodic --size 256MiB
+    measure everysec "$loc redis appendfsync everysec" redis "$d/redis-everysec" --appendonly yes --appendfsync everysec --save ""
+    measure fams "$loc fams (sync 1000 ms)" nvhtm --pool "$d/fams.pool" --mode fams --size 256MiB --sync-ms 1000
+    measure save "$loc redis save 1 1" redis "$d/redis-rdb" --appendonly no --save "1 1"
     rm -rf "$d"
-    rows+=("$loc ($where)|strict (mapped)|redis appendfsync always")
-    rows+=("$loc ($where)|strict (FAMS, group commit)|redis appendfsync always")
-    rows+=("$loc ($where)|fams (sync 1000 ms)|redis save 1 1")
+    for pair in "strict|strict (mapped)|always|redis appendfsync always" \
+        "group|strict (FAMS, group commit)|always|redis appendfsync always" \
+        "hybrid|hybrid (group commit)|always|redis appendfsync always" \
+        "periodic|periodic (Dalí)|everysec|redis appendfsync everysec" \
+        "fams|fams (sync 1000 ms)|save|redis save 1 1"; do
+        IFS='|' read -r mine mode _ peer <<<"$pair"
+        if wanted "$mine"; then
+            rows+=("$loc ($where)|$mode|$peer")
+        fi
+    done
 done
 
 {

@@ -139,6 +139,31 @@ impl<D: Domain> AnyMap<D> {
         }
     }
 
+    /// Calls `read` with the value of `key`, if present, without copying it out of the map
+    /// first.
+    ///
+    /// ```
+    /// use nvhtm::any_map::{AnyMap, MapKind};
+    /// use nvhtm::periodic::PeriodicOptions;
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// for kind in [MapKind::Strict, MapKind::Periodic, MapKind::Hybrid] {
+    ///     let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(8 << 20), Volatile)?;
+    ///     let map = AnyMap::open(heap, kind, PeriodicOptions::manual())?;
+    ///     map.upsert(b"k", b"value")?;
+    ///     assert_eq!(map.get_with(b"k", |v| v.len())?, Some(5));
+    ///     assert_eq!(map.get_with(b"absent", |v| v.len())?, None);
+    ///     map.close()?;
+    /// }
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+        match self {
+            AnyMap::Strict(m) => m.get_with(key, read),
+            AnyMap::Periodic(m) => m.get_with(key, read),
+            AnyMap::Hybrid(m) => m.get_with(key, read),
+        }
+    }
+
     /// Inserts or replaces; `true` if the key was new.
     pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         match self {
@@ -216,6 +241,34 @@ impl<D: Domain> AnyMap<D> {
             AnyMap::Strict(m) => m.for_each(visit),
             AnyMap::Periodic(m) => m.for_each(visit),
             AnyMap::Hybrid(m) => m.for_each(visit),
+        }
+    }
+
+    /// Removes every entry; how many there were. Not atomic in any of the maps: each removal
+    /// is an operation of its own, so a crash during `clear` may keep any part of the entries
+    /// (in the periodic map, a prefix of the removals; writes made meanwhile by other threads
+    /// may or may not be removed).
+    ///
+    /// ```
+    /// use nvhtm::any_map::{AnyMap, MapKind};
+    /// use nvhtm::periodic::PeriodicOptions;
+    /// use nvhtm::{Heap, PoolOptions, Volatile};
+    /// for kind in [MapKind::Strict, MapKind::Periodic, MapKind::Hybrid] {
+    ///     let heap = Heap::create_in_memory(&PoolOptions::layout("doc").with_size(8 << 20), Volatile)?;
+    ///     let map = AnyMap::open(heap, kind, PeriodicOptions::manual())?;
+    ///     map.upsert(b"a", b"1")?;
+    ///     map.upsert(b"b", b"2")?;
+    ///     assert_eq!(map.clear()?, 2);
+    ///     assert!(map.is_empty()?);
+    ///     map.close()?;
+    /// }
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn clear(&self) -> Result<u64> {
+        match self {
+            AnyMap::Strict(m) => m.clear(),
+            AnyMap::Periodic(m) => m.clear(),
+            AnyMap::Hybrid(m) => m.clear(),
         }
     }
 

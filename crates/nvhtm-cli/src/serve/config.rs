@@ -23,6 +23,9 @@ pub struct Config {
     pub port: u16,
     /// FAMS mode: milliseconds between syncs (`sync-ms`).
     pub sync_ms: u64,
+    /// Periodic mode: the epoch length in milliseconds (`epoch-ms`; `None`: the map's stored
+    /// one).
+    pub epoch_ms: Option<f64>,
     /// Size of a new pool (`size`).
     pub size: u64,
     /// The longest bulk string a request may hold (`proto-max-bulk-len`).
@@ -53,6 +56,7 @@ impl Default for Config {
             bind: "127.0.0.1".into(),
             port: 6379,
             sync_ms: 1000,
+            epoch_ms: None,
             size: 64 << 20,
             proto_max_bulk_len: 512 << 20,
             client_query_buffer_limit: 1 << 30,
@@ -67,7 +71,7 @@ impl Default for Config {
 }
 
 /// The directives a config file may hold (Redis's names, plus nvhtm's own `pool`, `mode`,
-/// `sync-ms`, `size` and `threads`).
+/// `sync-ms`, `epoch-ms`, `size` and `threads`).
 pub const DIRECTIVES: &[&str] = &[
     "port",
     "bind",
@@ -80,6 +84,7 @@ pub const DIRECTIVES: &[&str] = &[
     "pool",
     "mode",
     "sync-ms",
+    "epoch-ms",
     "size",
     "threads",
 ];
@@ -161,7 +166,9 @@ impl Config {
                 self.mode = Some(match value.to_ascii_lowercase().as_str() {
                     "strict" => Mode::Strict,
                     "fams" => Mode::Fams,
-                    _ => return Err(format!("'mode' is strict or fams, not '{value}'")),
+                    "periodic" => Mode::Periodic,
+                    "hybrid" => Mode::Hybrid,
+                    _ => return Err(format!("'mode' is strict, fams, periodic or hybrid, not '{value}'")),
                 });
             }
             "sync-ms" => {
@@ -169,6 +176,15 @@ impl Config {
                 if self.sync_ms == 0 {
                     return Err("'sync-ms' must be at least 1".into());
                 }
+            }
+            "epoch-ms" => {
+                self.epoch_ms = Some(
+                    value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|ms| ms.is_finite() && *ms > 0.0)
+                        .ok_or_else(|| format!("'epoch-ms' must be a positive number, not '{value}'"))?,
+                );
             }
             "size" => self.size = parse_memory(value)?,
             "threads" => self.threads = Some(parse_int(value)?),
@@ -222,6 +238,9 @@ impl Config {
         flag!(timeout);
         if options.mode.is_some() {
             config.mode = options.mode;
+        }
+        if options.epoch_ms.is_some() {
+            config.epoch_ms = options.epoch_ms;
         }
         if options.threads.is_some() {
             config.threads = options.threads;
@@ -358,6 +377,8 @@ mod tests {
         assert_eq!(config.sync_ms, 50);
         assert_eq!(config.size, 8 << 20);
         assert_eq!(config.threads, Some(3));
+        config.apply_file(Path::new("x.conf"), "mode hybrid\nmode periodic\nepoch-ms 2.5\n").unwrap();
+        assert_eq!((config.mode, config.epoch_ms), (Some(Mode::Periodic), Some(2.5)));
         config.apply_file(Path::new("x.conf"), "requirepass \"\"\n").unwrap();
         assert_eq!(config.requirepass, None, "an empty password is none");
 
@@ -368,7 +389,11 @@ mod tests {
         assert_eq!(bad("\nport x\n"), "/etc/n.conf:2: 'x' is not a valid number");
         assert_eq!(bad("port 70000\n"), "/etc/n.conf:1: '70000' is not a valid number");
         assert_eq!(bad("protected-mode maybe\n"), "/etc/n.conf:1: argument must be 'yes' or 'no'");
-        assert_eq!(bad("mode periodic\n"), "/etc/n.conf:1: 'mode' is strict or fams, not 'periodic'");
+        assert_eq!(
+            bad("mode dali\n"),
+            "/etc/n.conf:1: 'mode' is strict, fams, periodic or hybrid, not 'dali'"
+        );
+        assert_eq!(bad("epoch-ms 0\n"), "/etc/n.conf:1: 'epoch-ms' must be a positive number, not '0'");
         assert_eq!(bad("requirepass \"open\n"), "/etc/n.conf:1: unbalanced quotes");
         assert_eq!(bad("maxclients 0\n"), "/etc/n.conf:1: 'maxclients' must be at least 1");
         assert!(bad("bind 127.0.0.1 ::1\n").contains("takes one address"));

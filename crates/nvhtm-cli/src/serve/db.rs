@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nvhtm::{AutoDomain, MapError, StrictMap};
+use nvhtm::any_map::AnyMap;
+use nvhtm::{AutoDomain, MapError};
 
 use super::CmdError;
 
@@ -137,7 +138,7 @@ struct Timers {
 #[derive(Debug)]
 pub struct Db {
     /// The map, with stored (encoded) values.
-    pub map: StrictMap<AutoDomain>,
+    pub map: AnyMap<AutoDomain>,
     /// A version per stripe of keys, bumped after every write to a key of the stripe.
     versions: Box<[AtomicU64]>,
     /// Bumped by FLUSHDB and FLUSHALL, which change every key.
@@ -161,7 +162,7 @@ pub struct Watched {
 
 impl Db {
     /// The keyspace over `map`.
-    pub fn new(map: StrictMap<AutoDomain>) -> Db {
+    pub fn new(map: AnyMap<AutoDomain>) -> Db {
         Db {
             map,
             versions: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -399,13 +400,15 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nvhtm::any_map::MapKind;
+    use nvhtm::periodic::PeriodicOptions;
     use nvhtm::pool::PoolOptions;
     use nvhtm::{Heap, Volatile};
 
     fn db() -> Db {
         let opts = PoolOptions::layout("db-test").with_size(8 << 20);
         let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
-        Db::new(StrictMap::open(heap).unwrap())
+        Db::new(AnyMap::open(heap, MapKind::Strict, PeriodicOptions::manual()).unwrap())
     }
 
     #[test]

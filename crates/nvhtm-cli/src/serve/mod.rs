@@ -1,9 +1,13 @@
 //! `nvhtm serve`: a Redis-protocol server whose data lives in an nvhtm pool.
 //!
-//! The keyspace is one [`StrictMap`] in a pool file. Commands run on tokio's worker threads
-//! directly against the map (its operations are short and never await); a write is answered
-//! only once the map has returned, which in `strict` mode means once it is durable, and in
-//! `fams` mode once it is in the private state that the next sync commits.
+//! The keyspace is one map in a pool file, whichever the pool holds ([`AnyMap`]): a
+//! [`StrictMap`](nvhtm::StrictMap) in `strict` and `fams` mode, a
+//! [`PeriodicMap`](nvhtm::periodic::PeriodicMap) in `periodic` mode, a
+//! [`HybridMap`](nvhtm::hybrid::HybridMap) in `hybrid` mode. Commands run on tokio's worker
+//! threads directly against the map (its operations are short and never await); a write is
+//! answered only once the map has returned, which in `strict` and `hybrid` mode means once it
+//! is durable, in `fams` mode once it is in the private state that the next sync commits, and
+//! in `periodic` mode once it is in the current epoch, durable within about two epochs.
 //!
 //! Modules, one per command group: [`connection`] (the per-client task and PING, HELLO,
 //! CLIENT...), [`strings`] (GET, SET, INCR...), [`keys`] (DEL, KEYS, SCAN...), [`expire`]
@@ -27,8 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nvhtm::any_map::{AnyMap, MapKind};
+use nvhtm::periodic::{EpochPeriod, PeriodicOptions};
 use nvhtm::pool::{PoolInfo, PoolOptions};
-use nvhtm::{AutoDomain, Heap, MapError, StrictMap};
+use nvhtm::{AutoDomain, Heap, MapError};
 use tokio::sync::Notify;
 
 use crate::commands::CommandResult;
@@ -45,6 +51,14 @@ pub enum Mode {
     /// A FAMS pool: writes reach the file atomically at each sync, every `--sync-ms`, at SAVE
     /// and at SHUTDOWN; a crash loses what came after the last completed sync.
     Fams,
+    /// The periodic (Dalí) map on a mapped pool: a write is answered at once and is durable
+    /// within about two epochs (`--epoch-ms`; the map's stored length by default), at
+    /// SAVE/BGSAVE and at a clean shutdown; a crash keeps a prefix of the history.
+    Periodic,
+    /// The hybrid map on a mapped pool (a DRAM index over a persistent log): every write is
+    /// durable before it is answered, at one group-committed fence (an msync on a file pool)
+    /// shared by every writer that arrived meanwhile.
+    Hybrid,
 }
 
 impl Mode {
@@ -53,6 +67,17 @@ impl Mode {
         match self {
             Mode::Strict => "strict",
             Mode::Fams => "fams",
+            Mode::Periodic => "periodic",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+
+    /// The map the mode serves.
+    pub fn map_kind(self) -> MapKind {
+        match self {
+            Mode::Strict | Mode::Fams => MapKind::Strict,
+            Mode::Periodic => MapKind::Periodic,
+            Mode::Hybrid => MapKind::Hybrid,
         }
     }
 }
@@ -63,14 +88,15 @@ impl Mode {
 pub struct Options {
     /// A config file in redis.conf syntax (`port 6379`, `requirepass "pw"`, `# comments`):
     /// port, bind, requirepass, maxclients, timeout, protected-mode, proto-max-bulk-len,
-    /// client-query-buffer-limit, and nvhtm's pool, mode, sync-ms, size, threads.
+    /// client-query-buffer-limit, and nvhtm's pool, mode, sync-ms, epoch-ms, size, threads.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The pool file, created on first start [default: nvhtm-serve.pool].
     #[arg(long)]
     pub pool: Option<PathBuf>,
-    /// Durability mode (default: fams for a FAMS pool, else strict; a new pool is a FAMS pool
-    /// with --mode fams, a mapped one otherwise).
+    /// Durability mode (an existing pool's own by default: the map it holds decides, and fams
+    /// for a FAMS pool's strict map; a new pool is a FAMS pool with --mode fams, a mapped one
+    /// otherwise; strict when neither says).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Address to listen on [default: 127.0.0.1].
@@ -82,6 +108,10 @@ pub struct Options {
     /// FAMS mode: milliseconds between syncs [default: 1000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub sync_ms: Option<u64>,
+    /// Periodic mode: the epoch length in milliseconds (recorded in a new map) [default: the
+    /// map's stored length].
+    #[arg(long, value_parser = parse_epoch_ms)]
+    pub epoch_ms: Option<f64>,
     /// Size of a new pool (it grows on demand), e.g. 64MiB [default: 64MiB].
     #[arg(long, value_parser = crate::format::parse_size)]
     pub size: Option<u64>,
@@ -319,6 +349,12 @@ pub struct Shared {
     pub scan_hasher: std::hash::RandomState,
     /// Strict mode on a FAMS pool: the group commit.
     pub group: Option<GroupCommit>,
+    /// Hybrid mode on an ordinary file (the Msync domain): a write command blocks its thread
+    /// on the map's group-committed msync, so it runs in `block_in_place` and the worker's
+    /// other connections move to another thread meanwhile. Their writes then join the same
+    /// group commit instead of waiting behind it (without this, at most one write per worker
+    /// thread could be waiting for a commit at any time).
+    pub blocking_writes: bool,
 }
 
 /// Strict mode on a FAMS pool: a committer task runs one pool sync at a time; a connection
@@ -378,7 +414,7 @@ pub fn unix_now() -> u64 {
 impl Shared {
     /// A server over `map` (recovered in `recovery`, holding `keys_recovered` keys).
     pub fn new(
-        map: StrictMap<AutoDomain>,
+        map: AnyMap<AutoDomain>,
         config: Config,
         mode: Mode,
         recovery: Duration,
@@ -414,6 +450,7 @@ impl Shared {
             stop: Notify::new(),
             bgsave: Notify::new(),
             scan_hasher: std::hash::RandomState::new(),
+            blocking_writes: mode == Mode::Hybrid && info.domain == nvhtm::persist::DomainKind::Msync,
             group: (mode == Mode::Strict && fams).then(|| GroupCommit {
                 begun: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
@@ -459,20 +496,24 @@ impl Shared {
     }
 
     /// Makes every write so far durable (a FAMS commit; an msync of the mapping in strict
-    /// mode). A failure poisons the server: writes are refused from then on. Blocking: call
-    /// it off the async workers.
+    /// mode; the periodic map's `sync`, which persists the current epoch; nothing in hybrid
+    /// mode, whose writes are durable when answered). A failure poisons the server: writes
+    /// are refused from then on. Blocking: call it off the async workers.
     pub fn sync(&self) -> Result<(), String> {
         if let Some(why) = self.poisoned.get() {
             return Err(why.clone());
         }
-        match self.db.map.heap().pool().sync() {
+        let synced = match self.mode {
+            Mode::Strict | Mode::Fams => self.db.map.heap().pool().sync().map_err(|e| e.to_string()),
+            Mode::Periodic | Mode::Hybrid => self.db.map.sync().map_err(|e| e.to_string()),
+        };
+        match synced {
             Ok(()) => {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
                 self.last_save.store(unix_now(), Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => {
-                let why = e.to_string();
+            Err(why) => {
                 let _ = self.poisoned.set(why.clone());
                 tracing::error!(error = %why, "sync failed: the pool is poisoned, writes are refused until a restart");
                 Err(why)
@@ -619,6 +660,18 @@ fn run(ctx: &mut Ctx<'_>, args: &[Arg<'_>]) -> CmdResult {
         }
         _ => None,
     };
+    if spec.write && ctx.shared.blocking_writes {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                return tokio::task::block_in_place(|| run_spec(ctx, spec, args));
+            }
+        }
+    }
+    run_spec(ctx, spec, args)
+}
+
+/// Runs a checked command under the keyspace gate it needs.
+fn run_spec(ctx: &mut Ctx<'_>, spec: &'static Spec, args: &[Arg<'_>]) -> CmdResult {
     let alone = match spec.access {
         Access::None => return (spec.run)(ctx, args),
         Access::Shared => false,
@@ -642,32 +695,84 @@ pub fn int_arg(arg: &[u8]) -> Result<i64, CmdError> {
     resp::parse_i64(arg).ok_or_else(CmdError::not_integer)
 }
 
+/// Parses `--epoch-ms`: a positive number of milliseconds.
+fn parse_epoch_ms(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
+        _ => Err(format!("'{text}' is not a positive number of milliseconds")),
+    }
+}
+
+/// The mode an existing pool is served in, from the map its root holds (`None`: no map yet)
+/// and whether it is a FAMS pool, checked against the mode asked for (`None`: the pool's
+/// own). An error names the pool's map and the mode asked for.
+pub fn pool_mode(
+    path: &Path,
+    kind: Option<MapKind>,
+    fams: bool,
+    asked: Option<Mode>,
+) -> Result<Mode, String> {
+    let pool = path.display();
+    if fams && matches!(asked, Some(Mode::Periodic | Mode::Hybrid)) {
+        let asked = asked.map_or("", Mode::name);
+        return Err(format!(
+            "{pool} is a FAMS pool; it cannot be served in {asked} mode, which needs a mapped pool (start without --mode, or use another --pool)"
+        ));
+    }
+    if asked == Some(Mode::Fams) && !fams {
+        return Err(format!(
+            "{pool} is a mapped pool, not a FAMS pool; it cannot be served in fams mode (start without --mode, or use another --pool)"
+        ));
+    }
+    let own = match kind {
+        Some(MapKind::Periodic) => Some(Mode::Periodic),
+        Some(MapKind::Hybrid) => Some(Mode::Hybrid),
+        Some(MapKind::Strict) | None if fams => Some(Mode::Fams),
+        Some(MapKind::Strict) => Some(Mode::Strict),
+        None => None,
+    };
+    match (kind, asked) {
+        (Some(kind), Some(asked)) if asked.map_kind() != kind => Err(format!(
+            "{pool} holds a {kind} map; it cannot be served in {} mode, which serves a {} map (start without --mode to serve it in {} mode, or use another --pool)",
+            asked.name(),
+            asked.map_kind(),
+            own.map_or("its own", Mode::name),
+        )),
+        _ => Ok(asked.or(own).unwrap_or(Mode::Strict)),
+    }
+}
+
 /// Opens the pool at `path` (creating it when absent) and its map, in `mode` (the pool's own
-/// when `None`).
+/// when `None`; an existing pool's map decides, see [`pool_mode`]). `epoch_ms`: the periodic
+/// map's epoch length, if not its stored one.
 pub fn open_map(
     path: &Path,
     mode: Option<Mode>,
     size: u64,
-) -> Result<(StrictMap<AutoDomain>, Mode), Box<dyn std::error::Error>> {
+    epoch_ms: Option<f64>,
+) -> Result<(AnyMap<AutoDomain>, Mode), Box<dyn std::error::Error>> {
     let opts = PoolOptions::default().with_size(size);
     let (heap, mode) = if path.exists() {
         let fams = PoolInfo::read(path)?.fams;
         if mode == Some(Mode::Fams) && !fams {
-            return Err(format!(
-                "{} is a mapped pool, not a FAMS pool; it cannot be served in fams mode (start without --mode, or use another --pool)",
-                path.display()
-            )
-            .into());
+            // Checked before opening (the same error `pool_mode` gives).
+            return Err(pool_mode(path, None, fams, mode).expect_err("a mapped pool in fams mode").into());
         }
-        let mode = mode.unwrap_or(if fams { Mode::Fams } else { Mode::Strict });
-        (Heap::load(crate::commands::open_pool(path, &opts)?)?, mode)
+        let heap = Heap::load(crate::commands::open_pool(path, &opts)?)?;
+        let mode = pool_mode(path, MapKind::of(&heap)?, fams, mode)?;
+        (heap, mode)
     } else {
         match mode.unwrap_or(Mode::Strict) {
-            Mode::Strict => (Heap::<AutoDomain>::create(path, &opts)?, Mode::Strict),
             Mode::Fams => (Heap::<AutoDomain>::create_fams(path, &opts)?, Mode::Fams),
+            mode => (Heap::<AutoDomain>::create(path, &opts)?, mode),
         }
     };
-    Ok((StrictMap::open(heap)?, mode))
+    let periodic = PeriodicOptions {
+        epoch: epoch_ms
+            .map_or(EpochPeriod::Stored, |ms| EpochPeriod::Every(nvhtm::any_map::epoch_from_ms(ms))),
+        ..PeriodicOptions::default()
+    };
+    Ok((AnyMap::open(heap, mode.map_kind(), periodic)?, mode))
 }
 
 /// `nvhtm serve`.
@@ -679,7 +784,7 @@ pub fn serve(options: Options) -> CommandResult {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 
     let begun = Instant::now();
-    let (map, mode) = open_map(&options.pool, options.mode, options.size)?;
+    let (map, mode) = open_map(&options.pool, options.mode, options.size, options.epoch_ms)?;
     let recovery = begun.elapsed();
     let shared = Arc::new(Shared::new(map, options.clone(), mode, recovery)?);
 
@@ -720,7 +825,8 @@ mod tests {
         let opts = PoolOptions::layout("serve-test").with_size(8 << 20);
         let heap = Heap::create_in_memory(&opts, AutoDomain::Volatile(Volatile)).unwrap();
         let config = Config::resolve(&Args::parse_from(["test"]).options).unwrap();
-        Shared::new(StrictMap::open(heap).unwrap(), config, Mode::Strict, Duration::ZERO).unwrap()
+        let map = AnyMap::open(heap, MapKind::Strict, PeriodicOptions::manual()).unwrap();
+        Shared::new(map, config, Mode::Strict, Duration::ZERO).unwrap()
     }
 
     /// Runs one command; its reply's bytes.
@@ -751,6 +857,34 @@ mod tests {
         assert_eq!(exec(&shared, &["DBSIZE"]), ":1\r\n");
         assert!(exec(&shared, &["SAVE"]).starts_with("-ERR the pool could not be synced: fsync failed: EIO"));
         assert!(exec(&shared, &["INFO", "persistence"]).contains("nvhtm_poisoned:fsync failed: EIO\r\n"));
+    }
+
+    #[test]
+    fn the_pool_s_map_decides_the_mode() {
+        let p = Path::new("p.pool");
+        let (s, pe, h) = (Some(MapKind::Strict), Some(MapKind::Periodic), Some(MapKind::Hybrid));
+        // The pool's own, when no mode is asked for.
+        assert_eq!(pool_mode(p, None, false, None), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, None, true, None), Ok(Mode::Fams));
+        assert_eq!(pool_mode(p, s, false, None), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, s, true, None), Ok(Mode::Fams));
+        assert_eq!(pool_mode(p, pe, false, None), Ok(Mode::Periodic));
+        assert_eq!(pool_mode(p, h, false, None), Ok(Mode::Hybrid));
+        // A mode that agrees; any, for a mapped pool without a map yet.
+        assert_eq!(pool_mode(p, s, true, Some(Mode::Strict)), Ok(Mode::Strict));
+        assert_eq!(pool_mode(p, h, false, Some(Mode::Hybrid)), Ok(Mode::Hybrid));
+        assert_eq!(pool_mode(p, None, false, Some(Mode::Periodic)), Ok(Mode::Periodic));
+        // One that contradicts the pool names both.
+        let refused = pool_mode(p, h, false, Some(Mode::Strict)).unwrap_err();
+        assert!(
+            refused.starts_with("p.pool holds a hybrid map; it cannot be served in strict mode"),
+            "{refused}"
+        );
+        assert!(refused.contains("to serve it in hybrid mode"), "{refused}");
+        assert!(pool_mode(p, pe, false, Some(Mode::Hybrid)).is_err());
+        assert!(pool_mode(p, s, false, Some(Mode::Periodic)).is_err());
+        assert!(pool_mode(p, None, true, Some(Mode::Hybrid)).unwrap_err().contains("is a FAMS pool"));
+        assert!(pool_mode(p, s, false, Some(Mode::Fams)).unwrap_err().contains("not a FAMS pool"));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub async fn listen(shared: Arc<Shared>) -> std::io::Result<()> {
     tokio::spawn(super::expire::sweeper(Arc::clone(&shared)));
     tracing::info!(
         mode = shared.mode.name(),
+        map = %shared.db.map.kind(),
         pool = %options.pool.display(),
         domain = %shared.domain,
         keys_recovered = shared.keys_recovered,
@@ -212,12 +213,21 @@ fn info_section(shared: &Shared, section: &str, text: &mut String) -> Result<(),
         "persistence" => {
             line("loading", &0);
             line("nvhtm_mode", &shared.mode.name());
+            line("nvhtm_map", &shared.db.map.kind());
             line("nvhtm_pool", &options.pool.display());
             line("nvhtm_domain", &shared.domain);
             line("nvhtm_keys_recovered", &shared.keys_recovered);
             line("nvhtm_recovery_ms", &format!("{:.3}", shared.recovery.as_secs_f64() * 1e3));
             if shared.mode == Mode::Fams {
                 line("nvhtm_sync_ms", &options.sync_ms);
+            }
+            if let nvhtm::any_map::AnyMap::Periodic(map) = &shared.db.map {
+                // The epoch in effect: --epoch-ms, else the one the map recorded.
+                let epoch_ms = match options.epoch_ms {
+                    Some(ms) => ms,
+                    None => map.stored_epoch()?.as_secs_f64() * 1e3,
+                };
+                line("nvhtm_epoch_ms", &epoch_ms);
             }
             line("nvhtm_group_commit", &if shared.group.is_some() { "yes" } else { "no" });
             line("nvhtm_syncs", &shared.syncs.load(Ordering::Relaxed));
@@ -255,7 +265,15 @@ fn parameters(shared: &Shared) -> Vec<(&'static str, Vec<u8>)> {
         // No snapshots and no append-only file: the pool is the data.
         ("save", Vec::new()),
         ("appendonly", b"no".to_vec()),
-        ("appendfsync", if shared.mode == Mode::Strict { b"always".to_vec() } else { b"no".to_vec() }),
+        // The Redis setting with the same promise.
+        (
+            "appendfsync",
+            match shared.mode {
+                Mode::Strict | Mode::Hybrid => b"always".to_vec(),
+                Mode::Periodic => b"everysec".to_vec(),
+                Mode::Fams => b"no".to_vec(),
+            },
+        ),
         ("databases", b"1".to_vec()),
         ("bind", text(config.bind.clone())),
         ("port", text(shared.addr.get().map_or(config.port, |a| a.port()).to_string())),

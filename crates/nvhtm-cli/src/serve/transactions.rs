@@ -7,8 +7,10 @@
 //! gate alone, so no other client's command runs in between (isolation), and the pool's
 //! writer gate, so no FAMS sync commits part of it: on a FAMS pool, in `fams` mode and in
 //! `strict` mode with group commit alike, a crash leaves all of a transaction or none of it.
-//! On a mapped pool in `strict` mode each command persists itself as it runs, and a crash in
-//! the middle of an EXEC can leave the first commands' writes without the rest.
+//! On a mapped pool in `strict` and `hybrid` mode each command persists itself as it runs,
+//! and a crash in the middle of an EXEC can leave the first commands' writes without the
+//! rest; in `periodic` mode likewise (the map keeps a prefix of the history, which may end
+//! inside an EXEC).
 //!
 //! A transaction runs at one instant ([`frozen`](super::db::frozen)), as in Redis: a key that
 //! is live for its first command is live for its last.

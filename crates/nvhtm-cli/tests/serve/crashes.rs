@@ -1,4 +1,5 @@
-//! Restarts and crashes: data across SHUTDOWN, SIGTERM and kill -9 in every mode.
+//! Restarts and crashes: data across SHUTDOWN, SIGTERM and kill -9 in every mode; which map
+//! a pool is served with.
 
 use super::*;
 
@@ -227,4 +228,112 @@ fn fams_mode_keeps_the_last_sync_across_kill_9_and_everything_at_shutdown() {
     server.kill9();
     let server = Server::start(&pool, &[]);
     assert_eq!(server.conn().cmd(&["GET", "timed"]), bulk("z"));
+}
+
+/// Starts `nvhtm serve` on `pool` with `args`, expecting it to fail at startup; its stderr.
+fn refused(pool: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nvhtm"))
+        .args(["serve", "--port", "0", "--pool"])
+        .arg(pool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} on {} started: {stderr}", pool.display());
+    stderr
+}
+
+fn persistence_info(c: &mut Conn) -> String {
+    let V::Bulk(info) = c.cmd(&["INFO", "persistence"]) else { panic!("INFO") };
+    String::from_utf8(info).unwrap()
+}
+
+#[test]
+fn the_pool_s_map_decides_the_mode_and_a_contradicting_mode_fails_naming_both() {
+    let dir = scratch();
+    for (made, wrong) in
+        [("hybrid", "strict"), ("hybrid", "periodic"), ("periodic", "hybrid"), ("strict", "periodic")]
+    {
+        let pool = dir.path().join(format!("{made}-{wrong}.pool"));
+        let server = Server::start(&pool, &["--mode", made]);
+        assert!(server.logged(&format!("map={made}")), "the startup line names the map: {}", server.log());
+        assert_eq!(server.conn().cmd(&["SET", "k", made]), ok());
+        assert!(server.shutdown().success());
+
+        let stderr = refused(&pool, &["--mode", wrong]);
+        assert!(
+            stderr.contains(&format!("holds a {made} map; it cannot be served in {wrong} mode")),
+            "{made} pool, --mode {wrong}: {stderr}"
+        );
+        // Refused before touching the data; without --mode the pool's own map is served.
+        let server = Server::start(&pool, &[]);
+        let mut c = server.conn();
+        assert_eq!(c.cmd(&["GET", "k"]), bulk(made));
+        let info = persistence_info(&mut c);
+        assert!(info.contains(&format!("nvhtm_mode:{made}\r\nnvhtm_map:{made}\r\n")), "{info}");
+        assert!(server.shutdown().success());
+    }
+    // A FAMS pool serves only the strict map, in fams or strict mode.
+    let pool = dir.path().join("fams.pool");
+    let created =
+        Command::new(env!("CARGO_BIN_EXE_nvhtm")).args(["create", "--fams"]).arg(&pool).output().unwrap();
+    assert!(created.status.success(), "{created:?}");
+    for wrong in ["periodic", "hybrid"] {
+        let stderr = refused(&pool, &["--mode", wrong]);
+        assert!(stderr.contains(&format!("is a FAMS pool; it cannot be served in {wrong} mode")), "{stderr}");
+    }
+}
+
+#[test]
+fn hybrid_mode_keeps_every_acknowledged_write_across_kill_9() {
+    let dir = scratch();
+    let checked =
+        acknowledged_writes_survive_kill_9(&dir.path().join("hybrid.pool"), &["--mode", "hybrid"], 3, 2000);
+    assert!(checked >= 2000 + 4000 + 6000);
+}
+
+#[test]
+fn hybrid_mode_on_an_ordinary_file_keeps_every_acknowledged_write_across_kill_9() {
+    // The Msync domain on most machines: every batch of writes shares one msync.
+    let dir = tempfile::tempdir().unwrap();
+    let checked =
+        acknowledged_writes_survive_kill_9(&dir.path().join("hybrid.pool"), &["--mode", "hybrid"], 2, 1000);
+    assert!(checked >= 1000 + 2000);
+}
+
+#[test]
+fn periodic_mode_keeps_what_save_synced_across_kill_9_and_everything_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("periodic.pool");
+    // Epochs of an hour: in this test only SAVE and a clean shutdown make writes durable.
+    let server = Server::start(&pool, &["--mode", "periodic", "--epoch-ms", "3600000"]);
+    let mut c = server.conn();
+    assert_eq!(c.cmd(&["MSET", "a", "1", "b", "2"]), ok());
+    for _ in 0..100 {
+        assert!(matches!(c.cmd(&["INCR", "n"]), V::Int(_)));
+    }
+    assert_eq!(c.cmd(&["SAVE"]), ok());
+    let info = persistence_info(&mut c);
+    assert!(info.contains("nvhtm_map:periodic\r\n") && info.contains("nvhtm_epoch_ms:3600000\r\n"), "{info}");
+    server.kill9();
+
+    let server = Server::start(&pool, &[]);
+    let mut c = server.conn();
+    assert_eq!(c.cmd(&["MGET", "a", "b", "n"]), V::Array(vec![bulk("1"), bulk("2"), bulk("100")]));
+    let info = persistence_info(&mut c);
+    assert!(
+        info.contains("nvhtm_mode:periodic\r\n") && info.contains("nvhtm_epoch_ms:3600000\r\n"),
+        "{info}"
+    );
+    assert_eq!(c.cmd(&["SET", "at-shutdown", "y"]), ok());
+    assert_eq!(c.cmd(&["DEL", "a"]), V::Int(1));
+    assert!(server.shutdown().success());
+
+    let server = Server::start(&pool, &["--mode", "periodic"]);
+    let mut c = server.conn();
+    assert_eq!(c.cmd(&["MGET", "a", "at-shutdown"]), V::Array(vec![V::Nil, bulk("y")]));
+    assert_eq!(c.cmd(&["FLUSHALL"]), ok());
+    assert_eq!(c.cmd(&["DBSIZE"]), V::Int(0));
 }

@@ -104,7 +104,13 @@ fn set_and_its_expire_options_answer_like_redis() {
 
 #[test]
 fn expire_ttl_persist_and_getex_answer_like_redis() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        expire_ttl_persist_and_getex_answer_like_redis_in(mode);
+    }
+}
+
+fn expire_ttl_persist_and_getex_answer_like_redis_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     assert_eq!(c.cmd(&["EXPIRE", "none", "100"]), V::Int(0));
     assert_eq!(c.cmd(&["TTL", "none"]), V::Int(-2));

@@ -252,6 +252,16 @@ fn fresh() -> (tempfile::TempDir, Server) {
     (dir, server)
 }
 
+/// The modes with a map of their own, which the command tests run in, one after another.
+const MAP_MODES: [&str; 3] = ["strict", "periodic", "hybrid"];
+
+/// A new pool served in `mode`.
+fn fresh_in(mode: &str) -> (tempfile::TempDir, Server) {
+    let dir = scratch();
+    let server = Server::start(&dir.path().join("serve.pool"), &["--mode", mode]);
+    (dir, server)
+}
+
 #[test]
 fn connection_commands_answer_like_redis() {
     let (_dir, server) = fresh();
@@ -357,7 +367,13 @@ fn hello_switches_the_protocol_and_the_reply_shapes() {
 
 #[test]
 fn string_commands_answer_like_redis() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        string_commands_answer_like_redis_in(mode);
+    }
+}
+
+fn string_commands_answer_like_redis_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     let not_int = err("ERR value is not an integer or out of range");
     assert_eq!(c.cmd(&["GET", "k"]), V::Nil);
@@ -447,7 +463,13 @@ fn string_commands_answer_like_redis() {
 
 #[test]
 fn key_commands_answer_like_redis() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        key_commands_answer_like_redis_in(mode);
+    }
+}
+
+fn key_commands_answer_like_redis_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     assert_eq!(c.cmd(&["DBSIZE"]), V::Int(0));
     assert_eq!(
@@ -543,7 +565,13 @@ fn key_commands_answer_like_redis() {
 
 #[test]
 fn server_commands_answer_like_redis() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        server_commands_answer_like_redis_in(mode);
+    }
+}
+
+fn server_commands_answer_like_redis_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     assert_eq!(c.cmd(&["SET", "k", "v"]), ok());
     let V::Bulk(info) = c.cmd(&["INFO"]) else { panic!("INFO is a bulk string in RESP2") };
@@ -553,12 +581,12 @@ fn server_commands_answer_like_redis() {
         "redis_version:",
         "# Clients\r\nconnected_clients:1\r\n",
         "# Persistence\r\n",
-        "nvhtm_mode:strict\r\n",
         "nvhtm_poisoned:no\r\n",
         "# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n",
     ] {
         assert!(info.contains(needle), "{needle:?} in {info}");
     }
+    assert!(info.contains(&format!("nvhtm_mode:{mode}\r\nnvhtm_map:{mode}\r\n")), "{mode}: {info}");
     let V::Bulk(only) = c.cmd(&["INFO", "persistence"]) else { panic!("INFO persistence") };
     let only = String::from_utf8(only).unwrap();
     assert!(only.starts_with("# Persistence\r\n") && !only.contains("# Server"), "{only}");
@@ -726,7 +754,13 @@ fn malformed_frames_close_only_their_connection() {
 
 #[test]
 fn concurrent_clients_see_atomic_updates() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        concurrent_clients_see_atomic_updates_in(mode);
+    }
+}
+
+fn concurrent_clients_see_atomic_updates_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let addr = server.addr.clone();
     let threads: Vec<_> = (0..8)
         .map(|t| {

@@ -10,7 +10,13 @@ fn array(items: Vec<V>) -> V {
 
 #[test]
 fn multi_exec_and_discard_answer_like_redis() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        multi_exec_and_discard_answer_like_redis_in(mode);
+    }
+}
+
+fn multi_exec_and_discard_answer_like_redis_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     assert_eq!(c.cmd(&["EXEC"]), err("ERR EXEC without MULTI"));
     assert_eq!(c.cmd(&["DISCARD"]), err("ERR DISCARD without MULTI"));
@@ -72,7 +78,13 @@ fn multi_exec_and_discard_answer_like_redis() {
 
 #[test]
 fn watch_aborts_exec_when_a_watched_key_changed() {
-    let (_dir, server) = fresh();
+    for mode in MAP_MODES {
+        watch_aborts_exec_when_a_watched_key_changed_in(mode);
+    }
+}
+
+fn watch_aborts_exec_when_a_watched_key_changed_in(mode: &str) {
+    let (_dir, server) = fresh_in(mode);
     let mut c = server.conn();
     let mut other = server.conn();
     let queued_set = |c: &mut Conn, key: &str, value: &str| {

@@ -129,6 +129,47 @@ impl<D: Domain> HybridMap<D> {
         Ok(all)
     }
 
+    /// Removes every entry; how many it removed. Not atomic: each removal is a `DELETE`
+    /// record of its own, durable when its group commit is, so a crash during `clear` may
+    /// keep any subset of the entries. Removals run on a few threads at once, so that they
+    /// share group commits rather than waiting for one each. Entries written meanwhile by
+    /// other threads may or may not be removed.
+    ///
+    /// ```
+    /// # use nvhtm::hybrid::HybridMap;
+    /// # use nvhtm::{Heap, PoolOptions, Volatile};
+    /// # let map = HybridMap::open(Heap::create_in_memory(&PoolOptions::layout("doc").with_size(8 << 20), Volatile)?)?;
+    /// map.upsert(b"a", b"1")?;
+    /// map.upsert(b"b", b"2")?;
+    /// assert_eq!(map.clear()?, 2);
+    /// assert!(map.is_empty()? && map.get(b"a")?.is_none());
+    /// # Ok::<(), nvhtm::MapError>(())
+    /// ```
+    pub fn clear(&self) -> Result<u64> {
+        const WORKERS: usize = 8;
+        let keys: Vec<Vec<u8>> = self.entries()?.into_iter().map(|(k, _)| k).collect();
+        let chunk = keys.len().div_ceil(WORKERS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = keys
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut removed = 0u64;
+                        for key in part {
+                            removed += u64::from(self.remove(key)?);
+                        }
+                        Ok::<u64, MapError>(removed)
+                    })
+                })
+                .collect();
+            let mut removed = 0;
+            for worker in workers {
+                removed += worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            }
+            Ok(removed)
+        })
+    }
+
     /// Checks the log and that the index is what a replay of it gives: every entry points
     /// to the last record of its key, the live bytes add up. Problems are listed.
     pub fn check(&self) -> Result<Vec<String>> {
