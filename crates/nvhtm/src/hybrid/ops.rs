@@ -18,11 +18,23 @@ fn check_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
 }
 
 impl<D: Domain> HybridMap<D> {
-    /// The entry of `key` in `table` (the shard of `hash`).
-    fn find(&self, table: &Table, hash: u64, key: &[u8]) -> Result<Option<Entry>> {
+    /// Finds `key` in `table` (the shard of `hash`) and calls `read(entry, record bytes,
+    /// value)` on its record: one read of the record serves the key check and the caller.
+    fn lookup<R>(
+        &self,
+        table: &Table,
+        hash: u64,
+        key: &[u8],
+        read: impl FnOnce(Entry, u64, &[u8]) -> R,
+    ) -> Result<Option<R>> {
+        let mut read = Some(read);
         for e in table.candidates(hash) {
-            if self.with_record(e.offset, |k, _| k == key)? {
-                return Ok(Some(e));
+            let answer = self.with_record(e.offset, |k, v| {
+                let size = crate::log::record_size(PAYLOAD_HEADER + k.len() + v.len());
+                (k == key).then(|| read.take().map(|f| f(e, size, v)))
+            })?;
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
         }
         Ok(None)
@@ -48,11 +60,6 @@ impl<D: Domain> HybridMap<D> {
         Ok(read(&buf[..key_len], &buf[key_len..]))
     }
 
-    /// Calls `read` with the value of the record at `offset`.
-    fn with_value<R>(&self, offset: u64, read: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        self.with_record(offset, |_, value| read(value))
-    }
-
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.get_with(key, <[u8]>::to_vec)
@@ -72,18 +79,11 @@ impl<D: Domain> HybridMap<D> {
     pub fn get_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
         check_sizes(key, None)?;
         let hash = self.index.hash(key);
-        let mut read = Some(read);
         // The shard's read lock: every entry it shows is durable (a writer holds the write
         // lock until its record is), and the record stays where it is (the cleaner frees a
         // segment only after moving every entry out of it under the write lock).
         let table = self.index.read(hash);
-        for e in table.candidates(hash) {
-            let answer = self.with_record(e.offset, |k, v| (k == key).then(|| read.take().map(|f| f(v))))?;
-            if let Some(answer) = answer {
-                return Ok(answer);
-            }
-        }
-        Ok(None)
+        self.lookup(&table, hash, key, |_, _, value| read(value))
     }
 
     /// Under `key`'s shard lock: `decide` sees the current value and says what to write, if
@@ -98,12 +98,14 @@ impl<D: Domain> HybridMap<D> {
     ) -> Result<R> {
         check_sizes(key, new_value)?;
         let hash = self.index.hash(key);
-        let pool = self.heap.raw_pool();
         let mut table = self.index.write(hash);
-        let old = self.find(&table, hash, key)?;
-        let (go, answer) = match old {
-            Some(e) => self.with_value(e.offset, |v| decide(Some(v)))?,
-            None => decide(None),
+        let mut decide = Some(decide);
+        let found = self.lookup(&table, hash, key, |entry, size, value| {
+            (entry, size, decide.take().map(|d| d(Some(value))))
+        })?;
+        let (old, old_size, (go, answer)) = match found {
+            Some((entry, size, Some(decided))) => (Some(entry), size, decided),
+            _ => (None, 0, decide.take().expect("decided once")(None)),
         };
         if !go || (old.is_none() && new_value.is_none()) {
             return Ok(answer);
@@ -115,10 +117,6 @@ impl<D: Domain> HybridMap<D> {
         header[4..].copy_from_slice(&(key.len() as u32).to_le_bytes());
         let (_, end, offset) = self.log.write_parts(&self.heap, &[&header, key, value])?;
         let size = crate::log::record_size(PAYLOAD_HEADER + key.len() + value.len());
-        let old_size = match old {
-            Some(e) => record_size_at(pool, e.offset)?,
-            None => 0,
-        };
         let updated = match (old, new_value.is_some()) {
             (Some(old), true) => table.replace(old, offset),
             (None, true) => {
