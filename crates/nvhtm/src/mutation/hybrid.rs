@@ -131,11 +131,7 @@ pub fn check_recovered<D: Domain>(
     if !problems.is_empty() {
         return Err(format!("check: {problems:?}"));
     }
-    let heap = map.heap().stats().map_err(|e| e.to_string())?;
-    let segments = map.stats().map_err(|e| e.to_string())?.segments;
-    if heap.small_blocks + heap.large_blocks != segments + 1 {
-        return Err(format!("the heap holds {heap:?} for {segments} segments and the root: a leak"));
-    }
+    super::no_leak(map.heap(), map.stats().map_err(|e| e.to_string())?.segments)?;
     Ok(found)
 }
 

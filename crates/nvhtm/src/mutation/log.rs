@@ -203,11 +203,7 @@ pub fn check_recovered<D: Domain>(log: &Log<D>, run: &Run, marks: &[u64]) -> Res
     if !report.problems.is_empty() {
         return Err(format!("check: {:?}", report.problems));
     }
-    let heap = log.heap().stats().map_err(|e| e.to_string())?;
-    let segments = log.stats().segments as u64;
-    if heap.small_blocks + heap.large_blocks != segments + 1 {
-        return Err(format!("the heap holds {heap:?} for {segments} segments and the root: a leak"));
-    }
+    super::no_leak(log.heap(), log.stats().segments as u64)?;
     Ok(found)
 }
 

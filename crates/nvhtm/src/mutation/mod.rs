@@ -86,6 +86,16 @@ pub fn with_pool<R>(
         .map_err(|e| e.to_string())?
 }
 
+/// Whether the heap holds exactly a log-based structure's root and its `segments` allocated,
+/// so that a crash leaked no block.
+pub(crate) fn no_leak<D: crate::Domain>(heap: &Heap<D>, segments: u64) -> Result<(), String> {
+    let stats = heap.stats().map_err(|e| e.to_string())?;
+    if stats.small_blocks + stats.large_blocks != segments + 1 {
+        return Err(format!("the heap holds {stats:?} for {segments} segments and the root: a leak"));
+    }
+    Ok(())
+}
+
 /// A named crash suite of one structure: a recorded workload, its oracle, and the crash
 /// settings, run as a mutation test.
 ///
@@ -489,6 +499,31 @@ fn real_file_syncs() -> Vec<NotMutated> {
         }
     }
     out
+}
+
+/// Runs the suites named `names` and checks what a structure's crash test claims: every
+/// baseline passes, the suites reach at least `min_sites` sites of `structures`, and every
+/// one of them is caught. Returns the table (for printing); panics with it otherwise.
+///
+/// ```
+/// let table = nvhtm::mutation::assert_sites_caught(&["pool-header"], &["pool"], 1);
+/// assert!(table.passed());
+/// ```
+pub fn assert_sites_caught(names: &[&str], structures: &[&str], min_sites: usize) -> MutationTable {
+    let suites: Vec<_> =
+        names.iter().map(|name| suite(name).unwrap_or_else(|| panic!("no suite {name:?}"))).collect();
+    let table = run_suites(&suites);
+    assert!(table.suites.iter().all(|s| s.baseline_passed), "{table}");
+    let sites: Vec<_> = table.sites.iter().filter(|row| structures.contains(&row.structure)).collect();
+    assert!(
+        sites.len() >= min_sites,
+        "{} sites of {structures:?}, expected at least {min_sites}\n{table}",
+        sites.len()
+    );
+    let missed: Vec<String> =
+        sites.iter().filter(|row| !row.caught).map(|row| row.site().to_string()).collect();
+    assert!(missed.is_empty(), "no crash image needs {missed:?}\n{table}");
+    table
 }
 
 /// Runs `suites` (on up to as many threads as there are cores) and merges their reports,

@@ -302,11 +302,7 @@ pub fn check_recovered<D: Domain>(queue: &Queue<D>, run: &Run, marks: &[u64]) ->
     if !report.is_clean() {
         return Err(format!("check: {:?} {:?}", report.problems, report.log.problems));
     }
-    let heap = queue.heap().stats().map_err(|e| e.to_string())?;
-    let segments = queue.stats().log.segments as u64;
-    if heap.small_blocks + heap.large_blocks != segments + 1 {
-        return Err(format!("the heap holds {heap:?} for {segments} segments and the root: a leak"));
-    }
+    super::no_leak(queue.heap(), queue.stats().log.segments as u64)?;
     Ok(found)
 }
 
